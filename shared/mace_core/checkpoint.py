@@ -1,0 +1,470 @@
+"""Model files in and out: single-file checkpoints (.safetensors, .ckpt) and diffusers folders.
+
+Loading reads a file into an ldm-layout state dict (`Checkpoint`) and, on request, builds
+diffusers/transformers modules from it through `keymap`. Saving an erasure never re-converts:
+it copies the input's tensors and replaces only the edited ones, so every other tensor is
+bit-identical and keeps its dtype. Writes are atomic (temp file + rename) and refuse to touch
+the input file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from . import __version__
+from .errors import MaceError, UnsupportedModelError
+from .families import UNET_PREFIX, VAE_PREFIX, Family, TextEncoderSpec, detect_family, family_from_dict, load_family
+from .keymap import IGNORABLE_TEXT_KEYS, Entry, apply, clip_entries, unet_entries, vae_entries
+
+TOKENIZER_DIR = Path(__file__).parent / "data" / "clip_tokenizer"
+_HASH_PLACEHOLDER = "0x" + "0" * 64
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model: its family and its tensors in the original (ldm) layout.
+
+    ``tensors`` maps full file keys (e.g. ``model.diffusion_model.input_blocks.1.1...``) to CPU
+    tensors in the file's dtypes.
+    """
+
+    path: Path
+    family: Family
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    source_format: str = "safetensors"
+    _sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the input file (of model_index.json + weights for a folder), as `sha256sum` prints."""
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.path)
+        return self._sha256
+
+    @property
+    def dtype(self) -> torch.dtype:
+        key = next(k for k in self.tensors if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight"))
+        return self.tensors[key].dtype
+
+
+@dataclass
+class Components:
+    """diffusers/transformers modules built from a checkpoint (eval mode, no grad)."""
+
+    family: Family
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a .safetensors file without reading its tensors."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    return dict(_read_header(path)[0].get("__metadata__") or {})
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise UnsupportedModelError(f"{path}: file is truncated ({size} bytes); it is not a complete .safetensors file")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or 8 + n > size:
+            raise UnsupportedModelError(f"{path}: corrupt or truncated .safetensors header "
+                                        f"(header says {n} bytes, file has {size}); re-download the file")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise UnsupportedModelError(f"{path}: corrupt .safetensors header ({e})") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if ends and 8 + n + max(ends) > size:
+        raise UnsupportedModelError(f"{path}: file is truncated ({size} bytes, tensors need {8 + n + max(ends)}); "
+                                    "re-download or re-copy it")
+    return header, n
+
+
+def load_checkpoint(path: str | Path, prediction_type: str | None = None) -> Checkpoint:
+    """Read a model file or diffusers folder into an ldm-layout `Checkpoint`.
+
+    Raises `MaceError` with what was found and what is supported for anything else.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MaceError(f"model not found: {path}")
+    if path.is_dir():
+        return _load_diffusers_folder(path, prediction_type)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        header, _ = _read_header(path)
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise UnsupportedModelError(f"{path}: cannot read tensors ({e}); the file is damaged") from None
+        metadata = dict(header.get("__metadata__") or {})
+        fmt = "safetensors"
+    elif suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UnsupportedModelError(f"{path}: cannot read as a weights-only torch checkpoint ({e}). "
+                                        "Files that need pickled code are refused for safety; convert to "
+                                        ".safetensors with a trusted tool.") from None
+        tensors = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            tensors = {k: v for k, v in (tensors or {}).items() if isinstance(v, torch.Tensor)}
+        metadata, fmt = {}, "ckpt"
+    else:
+        raise UnsupportedModelError(f"{path}: unsupported file type {suffix!r}; expected .safetensors, .ckpt "
+                                    "or a diffusers folder")
+    family = detect_family(tensors.keys(), metadata, path.name, prediction_type)
+    ckpt = Checkpoint(path, family, tensors, metadata, fmt)
+    _validate(ckpt)
+    return ckpt
+
+
+def _validate(ckpt: Checkpoint) -> None:
+    """Every tensor the family needs is present with the right shape (else a clear error)."""
+    for entries, modules in _entries_and_shapes(ckpt.family):
+        for e in entries:
+            t = ckpt.tensors.get(e.file_key)
+            if t is None:
+                raise UnsupportedModelError(
+                    f"{ckpt.path.name}: looks like {ckpt.family.family} but tensor {e.file_key!r} is missing; "
+                    "the file is incomplete or of an unsupported variant (inpainting, refiner, pruned text encoder)")
+            want = e.to_file([torch.empty(modules[k], device="meta") for k in e.module_keys]).shape
+            if tuple(t.shape) != tuple(want):
+                raise UnsupportedModelError(
+                    f"{ckpt.path.name}: looks like {ckpt.family.family} but {e.file_key} has shape "
+                    f"{list(t.shape)}, expected {list(want)}; unknown layout")
+
+
+def _entries_and_shapes(fam: Family) -> list[tuple[list[Entry], dict[str, torch.Size]]]:
+    out = []
+    for comp, entries in _component_entries(fam, _meta_modules(fam)):
+        out.append((entries, {k: v.shape for k, v in comp.state_dict().items()}))
+    return out
+
+
+def _meta_modules(fam: Family) -> tuple[torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
+    with torch.device("meta"):
+        return _build_unet(fam), _build_vae(fam), [_build_text_encoder(te) for te in fam.text_encoders]
+
+
+def _build_unet(fam: Family):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**fam.unet)
+
+
+def _build_vae(fam: Family):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**fam.vae)
+
+
+def _build_text_encoder(spec: TextEncoderSpec):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(**spec.config)
+    return CLIPTextModelWithProjection(cfg) if spec.projection else CLIPTextModel(cfg)
+
+
+def _component_entries(fam: Family, modules) -> list[tuple[torch.nn.Module, list[Entry]]]:
+    unet, vae, tes = modules
+    out = [(unet, unet_entries(unet.state_dict().keys(), fam.unet, UNET_PREFIX)),
+           (vae, vae_entries(vae.state_dict().keys(), fam.vae, VAE_PREFIX))]
+    for te, spec in zip(tes, fam.text_encoders):
+        keys = [k for k in te.state_dict().keys() if not k.endswith("position_ids")]
+        out.append((te, clip_entries(keys, spec.layout, spec.prefix)))
+    return out
+
+
+def build_components(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu") -> Components:
+    """Instantiate UNet, VAE and text encoder(s) from the checkpoint's tensors (strict: every
+    module tensor must come from the file, so nothing is silently left at random init)."""
+    fam = ckpt.family
+    modules = _meta_modules(fam)
+    for module, entries in _component_entries(fam, modules):
+        sd = apply(entries, ckpt.tensors, "to_module")
+        sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in sd.items()}
+        module.load_state_dict(sd, strict=True, assign=True)
+        _materialize_buffers(module, device)
+        module.requires_grad_(False).eval()
+    unet, vae, tes = modules
+    return Components(fam, unet, vae, list(tes), [make_tokenizer(te) for te in fam.text_encoders])
+
+
+def _materialize_buffers(module: torch.nn.Module, device) -> None:
+    """Non-persistent buffers are not in any file; rebuild the known ones (CLIP position ids)."""
+    for name, buf in list(module.named_buffers()):
+        if not buf.is_meta:
+            continue
+        if not name.endswith("position_ids"):
+            raise RuntimeError(f"buffer {name} has no value after loading")
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        parent.register_buffer(attr, torch.arange(buf.shape[-1], device=device).expand(buf.shape), persistent=False)
+
+
+def make_tokenizer(spec: TextEncoderSpec):
+    """The CLIP BPE tokenizer from the shipped vocabulary (offline), with the encoder's pad token."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"),
+                         model_max_length=spec.config.get("max_position_embeddings", 77), pad_token=spec.pad_token)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers folders
+
+
+_DIFFUSERS_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
+
+
+def _load_diffusers_folder(path: Path, prediction_type: str | None) -> Checkpoint:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise UnsupportedModelError(f"{path}: a folder without model_index.json is not a diffusers model; "
+                                    f"expected {SUPPORTED_FILES}")
+    index = json.loads(index_file.read_text())
+    cls = index.get("_class_name", "?")
+    if cls not in _DIFFUSERS_PIPELINES:
+        raise UnsupportedModelError(f"{path}: diffusers pipeline {cls!r} is not supported; expected one of "
+                                    f"{sorted(_DIFFUSERS_PIPELINES)}")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+    sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    pred = prediction_type or sched.get("prediction_type", "epsilon")
+    if cls == "StableDiffusionXLPipeline":
+        base = load_family("sdxl")
+        tes = [CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True),
+               CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", local_files_only=True)]
+    else:
+        # Our own tiny folders name their family; real ones are told apart by the context width.
+        name = index.get("_mace_family") or ("sd1" if unet.config.cross_attention_dim == 768 else "sd2")
+        base = load_family("sd2-v" if name.startswith("sd2") and pred == "v_prediction" else name)
+        tes = [CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)]
+    specs = []
+    for te, spec in zip(tes, base.text_encoders):
+        cfg = {k: v for k, v in te.config.to_dict().items() if k in spec.config}
+        layer = spec.layer
+        if spec.layout == "openclip" and not spec.projection and cfg["num_hidden_layers"] == 23:
+            layer = -1  # diffusers' SD2 text encoder already dropped the last layer
+        specs.append(TextEncoderSpec(**{**spec.__dict__, "config": cfg, "layer": layer}))
+    fam = family_from_dict({**_family_dict(base), "prediction_type": pred,
+                            "unet": _public(unet.config), "vae": _public(vae.config), "text_encoders": []})
+    fam = Family(**{**fam.__dict__, "text_encoders": tuple(specs)})
+    tensors = modules_to_file_tensors(fam, unet, vae, tes)
+    return Checkpoint(path, fam, tensors, {}, "diffusers")
+
+
+SUPPORTED_FILES = ".safetensors, .ckpt or a diffusers folder (model_index.json)"
+
+
+def _public(config: Mapping) -> dict:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _family_dict(fam: Family) -> dict:
+    return json.loads(fam.to_json())
+
+
+def modules_to_file_tensors(fam: Family, unet, vae, text_encoders) -> dict[str, torch.Tensor]:
+    """ldm-layout state dict of diffusers/transformers modules (inverse of `build_components`)."""
+    out: dict[str, torch.Tensor] = {}
+    for module, entries in _component_entries(fam, (unet, vae, text_encoders)):
+        sd = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        out.update(apply(entries, sd, "to_file"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def modelspec(fam: Family, title: str, description: str = "") -> dict[str, str]:
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": fam.architecture,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if fam.is_sdxl else "https://github.com/Stability-AI/stablediffusion",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{fam.resolution}x{fam.resolution}",
+        "modelspec.date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "modelspec.description": description,
+        "modelspec.hash_sha256": _HASH_PLACEHOLDER,
+    }
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], out: str | Path,
+                      metadata: Mapping[str, str], protect: tuple[Path, ...] = ()) -> Path:
+    """Atomically write ``tensors`` to ``out``; fills ``modelspec.hash_sha256`` (sha256 of the
+    tensor data section, as kohya's sd-scripts compute it) when the metadata asks for it."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise MaceError(f"output must be a .safetensors file, got {out.name!r}")
+    for p in protect:
+        if p.exists() and out.resolve() == p.resolve():
+            raise MaceError(f"refusing to overwrite the input model {p}; choose another output name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
+        if metadata.get("modelspec.hash_sha256") == _HASH_PLACEHOLDER:
+            _fill_hash(tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def _fill_hash(path: Path) -> None:
+    """Replace the hash placeholder in the header (same length) with the data section's sha256."""
+    _, n = _read_header(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(8 + n)
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    with open(path, "r+b") as f:
+        header = f.read(8 + n)
+        pos = header.find(_HASH_PLACEHOLDER.encode())
+        f.seek(pos)
+        f.write(("0x" + h.hexdigest()).encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def data_sha256(path: str | Path) -> str:
+    """sha256 of a .safetensors data section (what ``modelspec.hash_sha256`` records)."""
+    path = Path(path)
+    _, n = _read_header(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(8 + n)
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return "0x" + h.hexdigest()
+
+
+def save_edited(ckpt: Checkpoint, edits: Mapping[str, torch.Tensor], out: str | Path,
+                metadata: Mapping[str, str]) -> Path:
+    """Write the checkpoint with ``edits`` (full file keys -> new weights) replacing its tensors.
+
+    Edited tensors are cast to the dtype of the tensor they replace; every other tensor is the
+    input's own object, so it is bit-identical. ``metadata`` is merged over the input's.
+    """
+    tensors = dict(ckpt.tensors)
+    for k, v in edits.items():
+        if k not in tensors:
+            raise KeyError(f"edit for unknown tensor {k}")
+        if tuple(v.shape) != tuple(tensors[k].shape):
+            raise ValueError(f"edit for {k} has shape {list(v.shape)}, file has {list(tensors[k].shape)}")
+        tensors[k] = v.detach().to(device="cpu", dtype=tensors[k].dtype)
+    meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith(("modelspec.", "mace."))}
+    if ckpt.family.family not in ("sd1", "sd2", "sd2-v", "sdxl") or _nonstandard(ckpt.family):
+        meta["mace.arch"] = ckpt.family.to_json()
+    meta.update(metadata)
+    return write_safetensors(tensors, out, meta, protect=(ckpt.path,))
+
+
+def _nonstandard(fam: Family) -> bool:
+    try:
+        std = load_family(fam.family)
+    except UnsupportedModelError:
+        return True
+    return std.unet != fam.unet or std.vae != fam.vae or [t.config for t in std.text_encoders] != \
+        [t.config for t in fam.text_encoders]
+
+
+def save_new_checkpoint(path: str | Path, family: str | Family, *, unet, vae, text_encoder,
+                        text_encoder_2=None, metadata: Mapping[str, str] | None = None,
+                        dtype: torch.dtype | None = None, prediction_type: str | None = None) -> Path:
+    """Write diffusers/transformers modules as an ldm-layout single file of ``family``.
+
+    The modules' configs go into ``mace.arch`` so non-standard sizes (tests, toy world) load back
+    exactly. Used to make test models and to ship the toy model.
+    """
+    base = load_family(family) if isinstance(family, str) else family
+    tes = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
+    if len(tes) != len(base.text_encoders):
+        raise ValueError(f"{base.family} needs {len(base.text_encoders)} text encoder(s), got {len(tes)}")
+    specs = tuple(TextEncoderSpec(**{**spec.__dict__, "config": {k: v for k, v in te.config.to_dict().items()
+                                                                  if k in spec.config}})
+                  for te, spec in zip(tes, base.text_encoders))
+    fam = Family(**{**base.__dict__, "unet": _public(unet.config), "vae": _public(vae.config),
+                    "text_encoders": specs, "prediction_type": prediction_type or base.prediction_type})
+    tensors = modules_to_file_tensors(fam, unet, vae, tes)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    meta = {**modelspec(fam, Path(path).stem), "mace.arch": fam.to_json(), **(metadata or {})}
+    return write_safetensors(tensors, path, meta)
+
+
+def save_new_diffusers(path: str | Path, family: str | Family, *, unet, vae, text_encoder,
+                       text_encoder_2=None) -> Path:
+    """Write modules as a diffusers pipeline folder (model_index.json, components, tokenizer)."""
+    import shutil
+
+    base = load_family(family) if isinstance(family, str) else family
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    xl = text_encoder_2 is not None
+    index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+             "_diffusers_version": "0.27.0", "_mace_family": base.family, "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
+    unet.save_pretrained(path / "unet")
+    vae.save_pretrained(path / "vae")
+    text_encoder.save_pretrained(path / "text_encoder")
+    tok_dirs = ["tokenizer"]
+    if xl:
+        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"])
+        text_encoder_2.save_pretrained(path / "text_encoder_2")
+        tok_dirs.append("tokenizer_2")
+    for d in tok_dirs:
+        (path / d).mkdir(exist_ok=True)
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copy(TOKENIZER_DIR / f, path / d / f)
+    (path / "scheduler").mkdir(exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDIMScheduler", **base.scheduler, "prediction_type": base.prediction_type}))
+    (path / "model_index.json").write_text(json.dumps(index, indent=1))
+    return path

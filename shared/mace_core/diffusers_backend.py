@@ -1,0 +1,139 @@
+"""`Backend` over diffusers/transformers modules: the CLI's, the tests' and the toy world's model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .backend import CrossAttentionLayer, TextBatch
+from .checkpoint import Checkpoint, Components, build_components, load_checkpoint
+from .families import Family, with_clip_skip
+from .keymap import attn2_name
+
+
+def alphas_cumprod(scheduler: dict) -> torch.Tensor:
+    """SD's training schedule, [num_train_timesteps] float64."""
+    n = scheduler["num_train_timesteps"]
+    b0, b1 = scheduler["beta_start"], scheduler["beta_end"]
+    if scheduler.get("beta_schedule", "scaled_linear") == "scaled_linear":
+        betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=torch.float64) ** 2
+    else:
+        betas = torch.linspace(b0, b1, n, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class DiffusersBackend:
+    """A model held as diffusers UNet/VAE and transformers CLIP text encoder(s)."""
+
+    def __init__(self, components: Components, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.components = components
+        self.family: Family = components.family
+        self.family_name = self.family.family
+        self.prediction_type = self.family.prediction_type
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.resolution = self.family.resolution
+        self.latent_channels = int(self.family.vae["latent_channels"])
+        self.vae_scale = 2 ** (len(self.family.vae["block_out_channels"]) - 1)
+        self.alphas_cumprod = alphas_cumprod(self.family.scheduler)
+        for m in self._modules():
+            m.to(self.device)
+        self._layers = self._find_layers()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, device: str = "auto", dtype: torch.dtype | None = None,
+                        clip_skip: int = 1) -> "DiffusersBackend":
+        dev = resolve_device(device)
+        dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+        if clip_skip != 1:
+            ckpt = Checkpoint(ckpt.path, with_clip_skip(ckpt.family, clip_skip), ckpt.tensors, ckpt.metadata,
+                              ckpt.source_format, ckpt._sha256)
+        return cls(build_components(ckpt, dtype=dtype, device="cpu"), dev, dtype)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kw) -> "DiffusersBackend":
+        return cls.from_checkpoint(load_checkpoint(path), **kw)
+
+    def _modules(self) -> list[torch.nn.Module]:
+        c = self.components
+        return [c.unet, c.vae, *c.text_encoders]
+
+    def _find_layers(self) -> list[CrossAttentionLayer]:
+        out = []
+        for path, mod in self.components.unet.named_modules():
+            if path.endswith("attn2"):
+                out.append(CrossAttentionLayer(attn2_name(path, self.family.unet), mod.to_q, mod.to_k, mod.to_v,
+                                               mod.heads))
+        return out
+
+    # --- text -------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.components.tokenizers[0](prompt, truncation=False).input_ids
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> TextBatch:
+        contexts, pooled, ids0 = [], None, None
+        for te, tok, spec in zip(self.components.text_encoders, self.components.tokenizers, self.family.text_encoders):
+            ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            ids0 = ids if ids0 is None else ids0
+            out = te(ids, output_hidden_states=True)
+            h = out.hidden_states[spec.layer]
+            if spec.final_norm:
+                h = _final_norm(te)(h)
+            contexts.append(h)
+            if spec.projection:
+                pooled = out.text_embeds
+        return TextBatch(torch.cat(contexts, dim=-1), ids0, pooled)
+
+    # --- UNet -------------------------------------------------------------------------------
+
+    def cross_attention(self) -> list[CrossAttentionLayer]:
+        return self._layers
+
+    def original_weights(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for layer in self._layers:
+            out[layer.k_key] = layer.to_k.weight.detach().float().cpu()
+            out[layer.v_key] = layer.to_v.weight.detach().float().cpu()
+        return out
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        unet = self.components.unet
+        kw = {}
+        if self.family.is_sdxl:
+            h, w = latents.shape[-2] * self.vae_scale, latents.shape[-1] * self.vae_scale
+            time_ids = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=self.dtype)
+            kw["added_cond_kwargs"] = {"text_embeds": text.pooled.to(self.device, self.dtype),
+                                       "time_ids": time_ids.expand(latents.shape[0], 6)}
+        return unet(latents.to(self.device, self.dtype), t.to(self.device),
+                    encoder_hidden_states=text.context.to(self.device, self.dtype), **kw).sample
+
+    # --- VAE --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.components.vae
+        z = vae.encode(images.to(self.device, self.dtype)).latent_dist.mean
+        return z * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.components.vae
+        return vae.decode(latents.to(self.device, self.dtype) / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+def _final_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    for name, mod in text_encoder.named_modules():
+        if name.endswith("final_layer_norm"):
+            return mod
+    raise AttributeError("text encoder has no final_layer_norm")
