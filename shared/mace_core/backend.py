@@ -73,6 +73,9 @@ class Backend(Protocol):
     vae_scale: int  # pixels per latent pixel
     alphas_cumprod: torch.Tensor  # [1000] float64
 
+    def text_encoder_key(self) -> str:
+        """A hash identifying the text encoder(s) and the layer read (keys the prior cache)."""
+
     def tokenize(self, prompt: str) -> list[int]:
         """Token ids of one prompt with start/end tokens and no padding."""
 

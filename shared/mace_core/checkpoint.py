@@ -110,8 +110,10 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, n
 
 
-def load_checkpoint(path: str | Path, prediction_type: str | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, prediction_type: str | None = None, family: Family | None = None) -> Checkpoint:
     """Read a model file or diffusers folder into an ldm-layout `Checkpoint`.
+
+    ``family`` overrides detection (a caller that knows the architecture of a file without metadata).
 
     Raises `MaceError` with what was found and what is supported for anything else.
     """
@@ -145,7 +147,7 @@ def load_checkpoint(path: str | Path, prediction_type: str | None = None) -> Che
     else:
         raise UnsupportedModelError(f"{path}: unsupported file type {suffix!r}; expected .safetensors, .ckpt "
                                     "or a diffusers folder")
-    family = detect_family(tensors.keys(), metadata, path.name, prediction_type)
+    family = family or detect_family(tensors.keys(), metadata, path.name, prediction_type)
     ckpt = Checkpoint(path, family, tensors, metadata, fmt)
     _validate(ckpt)
     return ckpt

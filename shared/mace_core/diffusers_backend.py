@@ -76,6 +76,13 @@ class DiffusersBackend:
 
     # --- text -------------------------------------------------------------------------------
 
+    def text_encoder_key(self) -> str:
+        from .prior import tensors_key
+
+        tensors = {f"{i}.{k}": v for i, te in enumerate(self.components.text_encoders) for k, v in te.state_dict().items()}
+        how = repr([(s.layer, s.final_norm) for s in self.family.text_encoders])
+        return tensors_key(tensors, how)
+
     def tokenize(self, prompt: str) -> list[int]:
         return self.components.tokenizers[0](prompt, truncation=False).input_ids
 

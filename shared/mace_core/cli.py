@@ -1,0 +1,302 @@
+"""The `mace` command line: info, generate, erase, fuse, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import InterruptedRun, MaceError
+
+log = logging.getLogger("mace")
+
+DTYPES = {"auto": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... or auto (cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                   help="precision of the frozen model (auto: fp16 on GPU, fp32 on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="mace",
+        description="Erase concepts (celebrities, styles, objects, nudity) from Stable Diffusion 1.x / 2.x / SDXL "
+                    "checkpoints with MACE: closed-form refinement, one LoRA per concept, closed-form fusion.",
+        epilog="Examples:\n  mace demo\n  mace info model.safetensors\n"
+               "  mace erase model.safetensors --concept 'Tom Cruise' --type celebrity --out no-tom.safetensors\n"
+               "  mace generate no-tom.safetensors --prompt 'a photo of Tom Cruise' --seed 1 --out imgs/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"mace {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="what a model file is, and what was erased from it")
+    p.add_argument("model", help=".safetensors / .ckpt file or diffusers folder")
+
+    p = sub.add_parser("generate", help="draw images (PNG + index.jsonl) for prompts and seeds")
+    p.add_argument("model")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
+    p.add_argument("--seed", type=int, default=0, help="image i of a prompt uses seed N+i")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    _common(p)
+
+    p = sub.add_parser("erase", help="erase concepts and write a new checkpoint")
+    p.add_argument("model")
+    p.add_argument("--concept", action="append", default=[],
+                   help="a concept to erase (repeatable); 'phrase | anchor | type' also works")
+    p.add_argument("--config", type=Path, help="YAML: preset, type, concepts, retain, settings")
+    p.add_argument("--preset", help="a shipped concept preset (e.g. nudity, celebrities-100, artists-100, "
+                                    "cifar10-objects)")
+    p.add_argument("--type", default=None, help="type of the --concept phrases: object, celebrity, style, "
+                                                 "explicit, toy (picks templates and defaults)")
+    p.add_argument("--anchor", help="what the --concept phrases map to (default: the type's, e.g. 'a person')")
+    p.add_argument("--retain", action="append", default=[], help="a concept to keep (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="output .safetensors")
+    p.add_argument("--work-dir", type=Path, help="erasure project folder (default: OUT.mace/ beside the output); "
+                                                  "rerunning with it resumes")
+    p.add_argument("--closed-form-only", action="store_true",
+                   help="stage 1 only: seconds, no training; weaker erasure of the concept word itself")
+    for name, typ, hlp in [
+        ("steps", int, "LoRA training steps per concept"), ("images", int, "training images per concept"),
+        ("rank", int, "LoRA rank"), ("lr", float, "LoRA learning rate"), ("seed", int, "random seed"),
+        ("batch-size", int, "LoRA batch size"), ("lam", float, "stage-1 ridge toward the original weights"),
+        ("prior", float, "general-prior strength (per token)"), ("domain", float, "retain-prior strength (per token)"),
+        ("fuse-prior", float, "general-prior strength in fusion"), ("clip-skip", int, "text-encoder layer, as in A1111"),
+        ("sample-steps", int, "DDIM steps for the training images"), ("guidance", float, "CFG for training images"),
+    ]:
+        p.add_argument(f"--{name}", type=typ, help=hlp)
+    p.add_argument("--mask", choices=["attention", "sam", "none"], help="where the concept is in training images")
+    p.add_argument("--sam-checkpoint", help="segment-anything checkpoint for --mask sam")
+    p.add_argument("--fusion", choices=["closed-form", "naive"], help="how LoRAs combine (naive = ablation)")
+    p.add_argument("--timesteps", choices=["cfis", "uniform"], help="LoRA timestep sampling")
+    p.add_argument("--prediction", choices=["epsilon", "v_prediction"], help="override SD2 prediction type")
+    _common(p)
+
+    p = sub.add_parser("fuse", help="re-fuse a subset of an erasure project (restore = leave a concept out)")
+    p.add_argument("project", type=Path)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--only", nargs="+", metavar="CONCEPT")
+    g.add_argument("--except", dest="exclude", nargs="+", metavar="CONCEPT", default=[])
+    p.add_argument("--model", help="the base model (default: the path recorded in the project)")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("demo", help="erase a shape from the shipped toy model (CPU, offline, ~1 minute)")
+    p.add_argument("--concept", default="circle")
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    _common(p)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # SIGTERM behaves like Ctrl-C: the run stops between steps and keeps what it finished.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return {"info": cmd_info, "generate": cmd_generate, "erase": cmd_erase, "fuse": cmd_fuse,
+                "demo": cmd_demo}[args.cmd](args) or 0
+    except KeyboardInterrupt:
+        print("interrupted: finished concepts are saved in the work folder; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (MaceError, InterruptedRun) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _raise_interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import load_checkpoint
+
+    ck = load_checkpoint(args.model)
+    fam = ck.family
+    n_attn2 = sum(1 for k in ck.tensors if k.endswith("attn2.to_k.weight") and k.startswith("model.diffusion_model."))
+    print(f"file:        {ck.path}")
+    print(f"family:      {fam.family} ({fam.architecture}, {fam.prediction_type})")
+    print(f"dtype:       {str(ck.dtype).removeprefix('torch.')}")
+    print(f"attn2:       {n_attn2} cross-attention layers ({2 * n_attn2} to_k/to_v weights)")
+    print(f"text width:  {fam.context_dim} ({' + '.join(str(t.width) for t in fam.text_encoders)})")
+    mace = {k: v for k, v in ck.metadata.items() if k.startswith("mace.") and k != "mace.arch"}
+    if mace:
+        concepts = json.loads(mace.get("mace.concepts", "[]"))
+        print(f"erased:      {', '.join(c['phrase'] for c in concepts) or '-'}")
+        print(f"retained:    {', '.join(json.loads(mace.get('mace.retain', '[]'))) or '-'}")
+        for k in sorted(mace):
+            if k not in ("mace.concepts", "mace.retain"):
+                print(f"{k}: {mace[k]}")
+    else:
+        print("erased:      nothing (no mace.* metadata)")
+    return 0
+
+
+def _backend(args, model=None, prediction=None):
+    from .checkpoint import load_checkpoint
+    from .diffusers_backend import DiffusersBackend
+
+    ck = load_checkpoint(model or args.model, prediction_type=prediction)
+    be = DiffusersBackend.from_checkpoint(ck, device=args.device, dtype=_dtype(args.dtype),
+                                          clip_skip=getattr(args, "clip_skip", None) or 1)
+    return ck, be
+
+
+def slug(text: str, n: int = 60) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:n] or "empty"
+
+
+def cmd_generate(args) -> int:
+    from PIL import Image
+
+    from .sampling import generate
+
+    prompts = list(args.prompt)
+    if args.prompts:
+        if not args.prompts.is_file():
+            raise MaceError(f"prompts file not found: {args.prompts}")
+        prompts += [l.strip() for l in args.prompts.read_text().splitlines() if l.strip()]
+    if not prompts:
+        raise MaceError("give at least one --prompt or a --prompts file")
+    _, be = _backend(args)
+    pairs = [(p, args.seed + i) for p in prompts for i in range(args.num_images)]
+    bar = _bar("generating", len(pairs))
+    imgs = generate(be, [p for p, _ in pairs], [s for _, s in pairs], args.steps, args.guidance, args.negative,
+                    args.size, args.batch_size, on_batch=lambda d, n: bar(d))
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "index.jsonl", "w") as idx:
+        for (p, s), img in zip(pairs, imgs):
+            name = f"{slug(p)}_{s}.png"
+            Image.fromarray(img).save(args.out / name)
+            idx.write(json.dumps({"file": name, "prompt": p, "seed": s}) + "\n")
+    print(f"wrote {len(pairs)} images to {args.out}")
+    return 0
+
+
+def _bar(label: str, total: int):
+    from tqdm import tqdm
+
+    t = tqdm(total=total, desc=label, leave=False, file=sys.stderr)
+
+    def update(done: int) -> None:
+        t.update(done - t.n)
+        if done >= total:
+            t.close()
+    return update
+
+
+class _Bars:
+    """tqdm bars keyed by stage label, as an `erase.Progress` callback."""
+
+    def __init__(self):
+        self.bars = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label not in self.bars:
+            self.bars[label] = _bar(label, total)
+        self.bars[label](done)
+
+
+def spec_from_args(args):
+    from .concepts import ErasureSpec, load_config, load_preset, make_concept, merge_specs, parse_lines
+
+    spec = ErasureSpec(())
+    if args.preset:
+        spec = merge_specs(spec, load_preset(args.preset))
+    if args.config:
+        spec = merge_specs(spec, load_config(args.config))
+    ctype = args.type or (spec.concepts[0].type if spec.concepts else "object")
+    extra = []
+    for c in args.concept:
+        parsed = parse_lines(c, ctype)
+        if len(parsed) != 1:
+            raise MaceError(f"--concept {c!r}: give one concept per flag")
+        one = parsed[0]
+        if args.anchor and "|" not in c:
+            one = make_concept(one.phrase, args.anchor, one.type)
+        extra.append(one)
+    keys = ["steps", "images", "rank", "lr", "seed", "batch_size", "lam", "prior", "domain", "fuse_prior",
+            "clip_skip", "sample_steps", "guidance", "mask", "sam_checkpoint", "fusion", "timesteps"]
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    return merge_specs(spec, ErasureSpec(tuple(extra), tuple(args.retain), overrides))
+
+
+def cmd_erase(args) -> int:
+    from .concepts import validate
+    from .erase import erase
+    from .project import Project
+
+    spec = validate(spec_from_args(args))
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise MaceError(f"--out must end in .safetensors, got {out.name!r}")
+    if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
+        raise MaceError("refusing to overwrite the input model; choose another --out")
+    ck, be = _backend(args, prediction=args.prediction)
+    work = args.work_dir or out.with_name(out.name + ".mace")
+    log.info("erasing %s from %s (%s); work folder %s", ", ".join(c.phrase for c in spec.concepts),
+             ck.path.name, ck.family.family, work)
+    res = erase(be, spec, Project(work), ck.sha256, ck.path.name, progress=_Bars(),
+                closed_form_only=args.closed_form_only)
+    _save_result(ck, res, out)
+    log.info("stages: %s", ", ".join(f"{k} {v:.1f}s" for k, v in res.report["timings"].items()))
+    if res.report["reused_loras"]:
+        log.info("reused finished LoRAs: %s", ", ".join(res.report["reused_loras"]))
+    return 0
+
+
+def _save_result(ck, res, out: Path) -> None:
+    from .checkpoint import modelspec, save_edited
+
+    names = [c["phrase"] for c in json.loads(res.metadata["mace.concepts"])]
+    desc = "concepts erased with mace: " + (", ".join(names) or "none")
+    save_edited(ck, res.weights, out, {**modelspec(ck.family, out.stem, desc), **res.metadata})
+    print(f"wrote {out} (erased: {', '.join(names) or 'nothing'})")
+
+
+def cmd_fuse(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .erase import refuse
+    from .project import Project
+
+    proj = Project(args.project)
+    m = proj.manifest()
+    ck = load_checkpoint(args.model or m["base"]["path"])
+    if ck.sha256 != m["base"]["sha256"]:
+        raise MaceError(f"{ck.path} is not the model this project was made from; pass --model with the original")
+    original = {k: v.float() for k, v in ck.tensors.items() if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
+                and k.startswith("model.diffusion_model.")}
+    res = refuse(proj, original, args.only, args.exclude)
+    _save_result(ck, res, Path(args.out))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    try:
+        from toyworld.demo import run_demo
+    except ImportError as e:
+        raise MaceError(f"the toy world is not installed ({e})") from None
+    return run_demo(args)

@@ -1,0 +1,201 @@
+"""The erasure pipeline, top to bottom: refine (stage 1), draw + mask + train (stage 2), fuse (stage 3).
+
+Hosts and the CLI call `erase` with a `Backend`, an `ErasureSpec` and a project folder; progress
+and cancellation are callbacks they supply. The result is plain data: new to_k / to_v weights
+keyed by the file's tensor names, plus the metadata that records what was done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+from . import __version__
+from .backend import Backend
+from .concepts import Concept, ErasureSpec, concept_prompts, settings_hash, train_prompt, validate
+from .errors import InterruptedRun
+from .fuse import fuse, naive_sum
+from .masks import draw_concept, phrase_token_mask, save_data
+from .prior import general_prior, mean_gram
+from .project import Project
+from .refine import ConceptStats, apply_map, concept_stats, refinement_map
+from .train import LoRA, train_lora
+
+Progress = Callable[[str, int, int], None]  # (stage label, done, total)
+
+
+@dataclass
+class ErasureResult:
+    weights: dict[str, torch.Tensor]  # file key -> new to_k / to_v weight [C, D] float32
+    metadata: dict[str, str]
+    report: dict = field(default_factory=dict)
+
+
+def concept_seed(seed: int, concept: Concept) -> int:
+    """A per-concept seed independent of run order, so a resumed run draws exactly the same."""
+    return (seed * 1_000_003 + int(hashlib.sha256(concept.phrase.encode()).hexdigest()[:8], 16)) % (2 ** 31)
+
+
+def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: str, base_name: str = "",
+          progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+          closed_form_only: bool = False) -> ErasureResult:
+    """Run all three stages for ``spec`` (resuming finished concepts from ``project``)."""
+    prog = progress or (lambda *_: None)
+    stop = should_stop or (lambda: False)
+    validate(spec, backend.tokenize)
+    project.open(base_sha256, base_name, backend.family_name, spec)
+    spec = project.spec()  # a project accumulates: earlier concepts stay erased
+    run = spec.settings_for()
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    stats = {c.phrase: _stats(backend, project, c) for c in spec.concepts}
+    priors = _priors(backend, project, spec)
+    original = backend.original_weights()
+    refined = apply_map(original, _map(list(stats.values()), run, priors))
+    timings["refine"] = time.perf_counter() - t0
+
+    loras: dict[str, LoRA] = {}
+    reused: list[str] = []
+    if not closed_form_only:
+        t0 = time.perf_counter()
+        base_delta = {k: refined[k] - original[k] for k in original}
+        for i, c in enumerate(spec.concepts):
+            h = settings_hash(spec, c)
+            lora = project.load_lora(c, h)
+            if lora is not None:
+                reused.append(c.phrase)
+            else:
+                if stop():
+                    raise InterruptedRun(f"stopped before training {c.phrase!r}; rerun to resume")
+                lora = _train_concept(backend, project, spec, c, base_delta, h, prog, stop)
+            loras[c.phrase] = lora
+            prog("concepts", i + 1, len(spec.concepts))
+        timings["train"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    weights = _fuse(original, refined, spec, stats, loras, priors, run)
+    timings["fuse"] = time.perf_counter() - t0
+    meta = erasure_metadata(spec, base_sha256, base_name, closed_form_only)
+    return ErasureResult(weights, meta, {"timings": timings, "reused_loras": reused,
+                                         "losses": {c.phrase: project.lora_losses(c) for c in spec.concepts}})
+
+
+def refuse(project: Project, original: Mapping[str, torch.Tensor], only=None, exclude=(),
+           closed_form_only: bool = False) -> ErasureResult:
+    """Re-fuse a subset of a project's concepts in closed form (no model, no training): restoring
+    X = fusing everything but X. Stage 1 is re-solved exactly from the stored sums."""
+    spec = project.spec(only, exclude)
+    m = project.manifest()
+    run = spec.settings_for() if spec.concepts else None
+    if not spec.concepts:
+        return ErasureResult({k: v.float() for k, v in original.items()},
+                             erasure_metadata(spec, m["base"]["sha256"], m["base"]["path"], closed_form_only))
+    stats = {}
+    for c in spec.concepts:
+        st = project.load_stats(c)
+        if st is None:
+            raise InterruptedRun(f"concept {c.phrase!r} has no stage-1 statistics yet; run `mace erase` on the project")
+        stats[c.phrase] = st
+    priors = project.load_priors()[0]
+    refined = apply_map(dict(original), _map(list(stats.values()), run, priors))
+    loras = {}
+    if not closed_form_only:
+        for c in spec.concepts:
+            lora = project.load_lora(c)
+            if lora is None:
+                raise InterruptedRun(f"concept {c.phrase!r} has no trained LoRA yet; resume with `mace erase`")
+            loras[c.phrase] = lora
+    weights = _fuse(original, refined, spec, stats, loras, priors, run)
+    return ErasureResult(weights, erasure_metadata(spec, m["base"]["sha256"], m["base"]["path"], closed_form_only))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _stats(backend: Backend, project: Project, c: Concept) -> ConceptStats:
+    st = project.load_stats(c)
+    if st is None:
+        st = concept_stats(backend, concept_prompts(c), concept_prompts(c, c.anchor))
+        project.save_stats(c, st)
+    return st
+
+
+def _priors(backend: Backend, project: Project, spec: ErasureSpec) -> dict[str, torch.Tensor]:
+    """Per-token general and retain-list Grams, stored in the project (re-fusion needs no model)."""
+    run = spec.settings_for()
+    priors, meta = project.load_priors()
+    changed = False
+    if (run.prior or run.fuse_prior) and "general" not in priors:
+        priors["general"] = general_prior(backend, backend.text_encoder_key())
+        changed = True
+    retain_key = hashlib.sha256(json.dumps(sorted(spec.retain)).encode()).hexdigest()
+    if spec.retain and run.domain and meta.get("retain") != retain_key:
+        prompts = [p for r in spec.retain for p in concept_prompts(spec.concepts[0], r)]
+        priors["domain"] = mean_gram(backend, prompts)
+        meta["retain"] = retain_key
+        changed = True
+    if changed:
+        project.save_priors(priors, meta)
+    return priors
+
+
+def _map(stats: list[ConceptStats], run, priors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return refinement_map(stats, run.lam, priors.get("general"), run.prior, priors.get("domain"), run.domain)
+
+
+def _train_concept(backend: Backend, project: Project, spec: ErasureSpec, c: Concept,
+                   base_delta: Mapping[str, torch.Tensor], h: str, prog: Progress, stop) -> LoRA:
+    s = spec.settings_for(c)
+    seed = concept_seed(s.seed, c)
+    prompt = train_prompt(c)
+    data = draw_concept(backend, prompt, c.phrase, [seed + i for i in range(s.images)], s.sample_steps,
+                        s.guidance, "none" if s.mask == "none" else "attention", s.mask_threshold,
+                        on_batch=lambda d, n: prog(f"drawing {c.phrase}", d, n))
+    if s.mask == "sam":
+        from .sam import refine_masks  # optional dependency, imported only when asked for
+
+        data.masks = refine_masks(data, s.sam_checkpoint, backend.vae_scale)
+    save_data(data, project.concept_dir(c))
+    prompts = [prompt] + concept_prompts(c)
+    tokens = phrase_token_mask(backend, prompts, c.phrase, with_end=True)
+
+    def on_step(i: int, n: int, loss: float) -> None:
+        prog(f"training {c.phrase}", i, n)
+        if stop():
+            raise InterruptedRun(f"stopped while training {c.phrase!r}; finished concepts are saved, rerun to resume")
+
+    lora, losses = train_lora(backend, data, prompts, tokens, base_delta, s, seed, on_step)
+    project.save_lora(c, lora, h, losses)
+    return lora
+
+
+def _fuse(original, refined, spec: ErasureSpec, stats, loras: Mapping[str, LoRA], priors, run):
+    if not loras:
+        return dict(refined)
+    if run.fusion == "naive":
+        return naive_sum(refined, [loras[c.phrase] for c in spec.concepts])
+    pairs = ((loras[c.phrase], stats[c.phrase].fusion_gram) for c in spec.concepts)
+    return fuse(original, refined, pairs, run.fuse_lam, priors.get("general"), run.fuse_prior)
+
+
+def erasure_metadata(spec: ErasureSpec, base_sha256: str, base_name: str, closed_form_only: bool = False
+                     ) -> dict[str, str]:
+    """The ``mace.*`` keys recording what was erased and how."""
+    run = spec.settings_for() if spec.concepts else None
+    return {
+        "mace.version": __version__,
+        "mace.concepts": json.dumps([{"phrase": c.phrase, "anchor": c.anchor, "type": c.type} for c in spec.concepts]),
+        "mace.retain": json.dumps(list(spec.retain)),
+        "mace.settings": json.dumps(run.to_dict() if run else {}),
+        "mace.concept_settings": json.dumps({c.phrase: spec.settings_for(c).to_dict() for c in spec.concepts}),
+        "mace.stages": "refine" if closed_form_only else "refine+lora+fuse",
+        "mace.base_sha256": base_sha256,
+        "mace.base_name": base_name,
+        "mace.clip_skip": str(run.clip_skip if run else 1),
+    }

@@ -1,0 +1,145 @@
+"""The erasure project: a run's work directory, from which any subset of concepts re-fuses.
+
+    manifest.json                 base model hash and family, retain list, overrides, concepts
+    priors.safetensors            per-token general and retain-list Gram matrices [D, D]
+    concepts/<slug>/stats.safetensors   stage-1 sums (cross, gram) and the fusion Gram
+    concepts/<slug>/lora.safetensors    the concept's LoRA (written as soon as it is trained)
+    concepts/<slug>/images/, masks/     its training data, paired by file name
+
+Every file is written atomically; a concept counts as done only once its LoRA file exists and
+its recorded settings hash matches, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from . import __version__
+from .concepts import Concept, ErasureSpec, make_concept
+from .errors import MaceError
+from .refine import ConceptStats
+from .train import LoRA
+
+FORMAT = 1
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+class Project:
+    """An erasure project folder (see module docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict:
+        if not self.exists():
+            raise MaceError(f"{self.root} is not an erasure project (no manifest.json)")
+        return json.loads(self.manifest_path.read_text())
+
+    def write_manifest(self, data: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.manifest_path.with_name(f".manifest.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, self.manifest_path)
+
+    def open(self, base_sha256: str, base_path: str, family: str, spec: ErasureSpec) -> dict:
+        """Create the project, or check it belongs to this base model and merge ``spec`` into it."""
+        if self.exists():
+            m = self.manifest()
+            if m["base"]["sha256"] != base_sha256:
+                raise MaceError(f"{self.root} was made from another model (sha256 {m['base']['sha256'][:12]}...), "
+                                f"not {base_path}; use another --work-dir")
+        else:
+            m = {"format": FORMAT, "tool": f"mace {__version__}",
+                 "base": {"sha256": base_sha256, "path": str(base_path), "family": family},
+                 "concepts": [], "retain": [], "overrides": {}}
+        known = {c["phrase"] for c in m["concepts"]}
+        for c in spec.concepts:
+            if c.phrase not in known:
+                m["concepts"].append(c.to_dict())
+        m["retain"] = sorted(set(m["retain"]) | set(spec.retain))
+        m["overrides"] = {**m["overrides"], **dict(spec.overrides)}
+        self.write_manifest(m)
+        return m
+
+    def spec(self, only: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> ErasureSpec:
+        """The project's request restricted to a subset of its concepts."""
+        m = self.manifest()
+        concepts = [make_concept(c["phrase"], c["anchor"], c["type"], c.get("prompts", ()), c.get("synonyms", ()))
+                     for c in m["concepts"]]
+        names = {c.phrase for c in concepts}
+        for n in list(only or []) + list(exclude):
+            if n not in names:
+                raise MaceError(f"{n!r} is not a concept of this project; it has: {', '.join(sorted(names))}")
+        if only is not None:
+            only = set(only)
+            concepts = [c for c in concepts if c.phrase in only]
+        concepts = [c for c in concepts if c.phrase not in set(exclude)]
+        return ErasureSpec(tuple(concepts), tuple(m["retain"]), m["overrides"])
+
+    # --- per-concept artifacts ------------------------------------------------------------
+
+    def concept_dir(self, c: Concept) -> Path:
+        return self.root / "concepts" / c.slug
+
+    def save_stats(self, c: Concept, st: ConceptStats) -> None:
+        _save({"cross": st.cross, "gram": st.gram, "fusion_gram": st.fusion_gram},
+              self.concept_dir(c) / "stats.safetensors", {"pairs": str(st.pairs), "phrase": c.phrase})
+
+    def load_stats(self, c: Concept) -> ConceptStats | None:
+        p = self.concept_dir(c) / "stats.safetensors"
+        if not p.is_file():
+            return None
+        t, meta = _load(p)
+        return ConceptStats(t["cross"], t["gram"], t["fusion_gram"], int(meta["pairs"]))
+
+    def save_lora(self, c: Concept, lora: LoRA, settings_hash: str, losses: list[float]) -> None:
+        _save(lora.state_dict(), self.concept_dir(c) / "lora.safetensors",
+              {"alpha": str(lora.alpha), "settings_hash": settings_hash, "phrase": c.phrase,
+               "losses": json.dumps([round(x, 6) for x in losses])})
+
+    def load_lora(self, c: Concept, settings_hash: str | None = None) -> LoRA | None:
+        p = self.concept_dir(c) / "lora.safetensors"
+        if not p.is_file():
+            return None
+        t, meta = _load(p)
+        if settings_hash is not None and meta.get("settings_hash") != settings_hash:
+            return None
+        return LoRA.from_state_dict(t, float(meta["alpha"]))
+
+    def lora_losses(self, c: Concept) -> list[float]:
+        p = self.concept_dir(c) / "lora.safetensors"
+        return json.loads(_load(p)[1].get("losses", "[]")) if p.is_file() else []
+
+    def save_priors(self, priors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        _save(priors, self.root / "priors.safetensors", metadata)
+
+    def load_priors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        p = self.root / "priors.safetensors"
+        return _load(p) if p.is_file() else ({}, {})

@@ -1,0 +1,105 @@
+"""Stage 1: closed-form cross-attention refinement (CFR).
+
+For every attn2 to_k / to_v weight W (d_out x D) the refinement minimises
+
+    sum_i ||W e_i - W0 e*_i||^2 + lam ||W - W0||^2 + s ||(W - W0) P^1/2||^2 + s2 ||(W - W0) Q^1/2||^2
+
+over aligned token pairs (e_i with the concept, e*_i with the anchor), with P, Q the per-token
+general and retain-list Gram matrices. Its normal equations, W A = W0 B with
+
+    A = lam I + sum_i e_i e_i^T + s P + s2 Q            (symmetric positive definite)
+    B = lam I + sum_i e*_i e_i^T + s P + s2 Q,
+
+do not involve the layer, so ONE D x D solve gives M = B A^-1 and every layer's refined weight is
+W0 M. Each concept contributes its own sums C_c = sum e* e^T and G_c = sum e e^T (`ConceptStats`),
+so the refinement of any subset of concepts is re-solved exactly (restore = drop its sums).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .backend import Backend, TextBatch
+
+
+@dataclass
+class ConceptStats:
+    """Per-concept sums over aligned token pairs, [D, D] float64: cross = sum e* e^T, gram = sum e e^T;
+    ``fusion_gram`` = sum e e^T over all T positions of the concept's prompts (stage 3)."""
+
+    cross: torch.Tensor
+    gram: torch.Tensor
+    fusion_gram: torch.Tensor
+    pairs: int
+
+
+def align(concept_ids: Sequence[int], anchor_ids: Sequence[int], context: int = 77) -> list[tuple[int, int]]:
+    """Aligned (concept position, anchor position) pairs of two tokenised prompts (with start/end).
+
+    The common prefix and the common suffix (template words, end token) pair up position by
+    position; so do the padding positions after the end token. The span that differs — the target
+    phrase and its anchor — is left out. Positions beyond the context are dropped.
+    """
+    lc, la = len(concept_ids), len(anchor_ids)
+    p = 0
+    while p < min(lc, la) and concept_ids[p] == anchor_ids[p]:
+        p += 1
+    s = 0
+    while s < min(lc, la) - p and concept_ids[lc - 1 - s] == anchor_ids[la - 1 - s]:
+        s += 1
+    pairs = [(i, i) for i in range(p)]
+    pairs += [(lc - s + j, la - s + j) for j in range(s)]
+    pairs += [(lc + j, la + j) for j in range(context - max(lc, la))]
+    return [(i, j) for i, j in pairs if i < context and j < context]
+
+
+def concept_stats(backend: Backend, prompts: Sequence[str], anchor_prompts: Sequence[str],
+                  concept_text: TextBatch | None = None) -> ConceptStats:
+    """Stage-1 and stage-3 sums of one concept from its prompts and the anchor's (same order)."""
+    ct = concept_text if concept_text is not None else backend.encode(list(prompts))
+    at = backend.encode(list(anchor_prompts))
+    d = ct.context.shape[-1]
+    cross = torch.zeros(d, d, dtype=torch.float64)
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    n = 0
+    T = ct.context.shape[1]
+    for k, (p, a) in enumerate(zip(prompts, anchor_prompts)):
+        pairs = align(backend.tokenize(p), backend.tokenize(a), T)
+        ic = torch.tensor([i for i, _ in pairs])
+        ia = torch.tensor([j for _, j in pairs])
+        e = ct.context[k, ic].double().cpu()
+        es = at.context[k, ia].double().cpu()
+        cross += es.T @ e
+        gram += e.T @ e
+        n += len(pairs)
+    allpos = ct.context.double().cpu().reshape(-1, d)
+    return ConceptStats(cross, gram, allpos.T @ allpos, n)
+
+
+def refinement_map(stats: Sequence[ConceptStats], lam: float, prior: torch.Tensor | None = None, s: float = 0.0,
+                   domain: torch.Tensor | None = None, s2: float = 0.0) -> torch.Tensor:
+    """M [D, D] float64 such that the refined weight of every layer is W0 @ M.
+
+    Solves A X = B^T with a Cholesky factorisation of the SPD matrix A (no explicit inverse);
+    M = X^T = B A^-1.
+    """
+    d = stats[0].gram.shape[0]
+    reg = lam * torch.eye(d, dtype=torch.float64)
+    if prior is not None and s:
+        reg = reg + s * prior
+    if domain is not None and s2:
+        reg = reg + s2 * domain
+    A = reg + sum(st.gram for st in stats)
+    B = reg + sum(st.cross for st in stats)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        raise ValueError("the refinement system is singular: use a ridge (lam > 0) or a prior strength > 0")
+    return torch.cholesky_solve(B.T.contiguous(), L).T
+
+
+def apply_map(weights: dict[str, torch.Tensor], m: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Refined weights W0 @ M for every to_k / to_v weight [C, D] (float32 out)."""
+    return {k: (w.double() @ m).float() for k, w in weights.items()}

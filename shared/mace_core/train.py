@@ -1,0 +1,174 @@
+"""Stage 2: one LoRA per concept, trained with the attention loss and concept-focal timesteps.
+
+The LoRA (rank r, fp32 whatever the model's dtype) sits on the to_k of every attn2 layer, on top
+of the refined weights W' (applied as hooks, the host's weights are never written). The attention
+loss only sees keys, so to_v has no LoRA: its gradient would be exactly zero.
+
+Loss: at every attn2 layer l, the softmax attention mass that the masked pixels M_l give to the
+concept's tokens S (its words, plus the end and padding positions, which carry it under causal
+attention), averaged over heads, pixels and layers — a number in [0, 1] that is read as "the
+share of the concept's attention left". (The authors sum unsquared Frobenius norms; their loss
+barely moved in 50 steps at lr 1e-5, see the method notes.) Queries are a stop-gradient: each
+layer's loss is differentiated through its own keys only, so one step is one no-grad UNet pass
+plus small per-layer products instead of a backward pass through the whole UNet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from .attention import QKCapture, token_attention, weight_deltas
+from .backend import Backend, TextBatch
+from .concepts import Settings
+from .masks import ConceptData, resize_mask
+
+
+@dataclass
+class LoRA:
+    """Rank-r factors per to_k file key: down [r, D], up [C, r]; delta = up @ down * alpha / r."""
+
+    down: dict[str, torch.Tensor]
+    up: dict[str, torch.Tensor]
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.down.values())).shape[0]
+
+    def delta(self, key: str) -> torch.Tensor:
+        return (self.up[key] @ self.down[key]) * (self.alpha / self.rank)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for k in self.down:
+            stem = k.removesuffix(".weight")
+            out[f"{stem}.lora_down.weight"] = self.down[k].detach().cpu().contiguous()
+            out[f"{stem}.lora_up.weight"] = self.up[k].detach().cpu().contiguous()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], alpha: float) -> "LoRA":
+        down = {k.removesuffix(".lora_down.weight") + ".weight": v for k, v in sd.items() if k.endswith(".lora_down.weight")}
+        up = {k.removesuffix(".lora_up.weight") + ".weight": v for k, v in sd.items() if k.endswith(".lora_up.weight")}
+        return cls(down, up, alpha)
+
+
+def cfis_pmf(t1: float = 200, t2: float = 400, gamma: float = 0.05, n: int = 1000) -> torch.Tensor:
+    """Concept-focal importance sampling: p(t) ∝ sigmoid(g (t - t1)) - sigmoid(g (t - t2)), t = 0..n-1."""
+    t = torch.arange(n, dtype=torch.float64)
+    p = torch.sigmoid(gamma * (t - t1)) - torch.sigmoid(gamma * (t - t2))
+    return p / p.sum()
+
+
+def sample_timesteps(k: int, settings: Settings, generator: torch.Generator, n: int = 1000) -> torch.Tensor:
+    if settings.timesteps == "uniform":
+        return torch.randint(0, n, (k,), generator=generator)
+    return torch.multinomial(cfis_pmf(*settings.cfis, n=n).float(), k, replacement=True, generator=generator)
+
+
+def attention_loss(cap: QKCapture, layers, lora: LoRA, base_delta: Mapping[str, torch.Tensor],
+                   text: TextBatch, k0: Mapping[str, torch.Tensor], tokens: torch.Tensor,
+                   masks: torch.Tensor) -> torch.Tensor:
+    """Mean attention mass on ``tokens`` [B, T] at masked pixels (``masks`` bool [B, h, w] latent size).
+
+    Keys are rebuilt with gradient: k = W0 c (``k0``, precomputed) + c (W' - W0 + B A)^T.
+    """
+    total = 0.0
+    ctx = text.context.float()
+    for layer in layers:
+        q = cap.q[layer.name].float()
+        key = layer.k_key
+        d = base_delta[key].to(ctx.device) + lora.delta(key)
+        k = k0[layer.name] + ctx @ d.T
+        pix = resize_mask(masks, q.shape[1]).to(q.device)
+        empty = ~pix.any(1)
+        if empty.any():  # object too small for this layer's resolution: use the whole map
+            pix[empty] = True
+        mass = token_attention(q, k, layer.heads, tokens.to(q.device), pix)  # [B, h, N]
+        total = total + (mass.sum(-1) / pix.sum(-1, keepdim=True)).mean()
+    return total / len(layers)
+
+
+def train_lora(backend: Backend, data: ConceptData, prompts: list[str], tokens: torch.Tensor,
+               base_delta: Mapping[str, torch.Tensor], settings: Settings, seed: int,
+               on_step: Callable[[int, int, float], None] | None = None) -> tuple[LoRA, list[float]]:
+    """Train one concept's LoRA. prompts: training prompts; tokens bool [len(prompts), T] the
+    positions of the loss; base_delta: W' - W0 per file key (the refined model). Returns the LoRA
+    and the loss at every step."""
+    layers = backend.cross_attention()
+    g = torch.Generator().manual_seed(seed)
+    dev = backend.device
+    r = settings.rank
+    down, up = {}, {}
+    for layer in layers:
+        c, dim = layer.to_k.weight.shape
+        bound = 1 / math.sqrt(dim)  # kaiming-uniform(a=sqrt 5) bound, as peft initialises lora_A
+        down[layer.k_key] = ((torch.rand(r, dim, generator=g) * 2 - 1) * bound).to(dev).requires_grad_()
+        up[layer.k_key] = torch.zeros(c, r, device=dev, requires_grad=True)
+    lora = LoRA(down, up, alpha=float(r))
+    params = list(down.values()) + list(up.values())
+    opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.999), weight_decay=0.01)
+    text_all = backend.encode(prompts)
+    with torch.no_grad():
+        k0_all = {layer.name: layer.to_k(text_all.context.to(dev, layer.to_k.weight.dtype)).float() for layer in layers}
+    ac = backend.alphas_cumprod.float()
+    v_deltas = {k: v.to(dev) for k, v in base_delta.items() if k.endswith("to_v.weight")}
+    losses = []
+    n, bs = data.latents.shape[0], settings.batch_size
+    for step in range(settings.steps):
+        idx = torch.randint(0, n, (bs,), generator=g)
+        pidx = torch.randint(0, len(prompts), (bs,), generator=g)
+        t = sample_timesteps(bs, settings, g, len(ac))
+        noise = torch.randn(data.latents[idx].shape, generator=g)
+        a = ac[t].view(-1, 1, 1, 1)
+        x = (a.sqrt() * data.latents[idx] + (1 - a).sqrt() * noise).to(dev)
+        text = text_all.select(pidx)
+        k_deltas = {k: (lambda k=k: (base_delta[k].to(dev) + lora.delta(k)).detach()) for k in down}
+        with torch.no_grad(), QKCapture(layers) as cap, weight_deltas(layers, {**v_deltas, **k_deltas}):
+            backend.predict(x, t.to(dev), text)
+        k0 = {name: v[pidx] for name, v in k0_all.items()}
+        loss = attention_loss(cap, layers, lora, base_delta, text, k0, tokens[pidx], data.masks[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if on_step:
+            on_step(step + 1, settings.steps, losses[-1])
+    for p in params:
+        p.requires_grad_(False)
+    return LoRA({k: v.detach().cpu() for k, v in down.items()}, {k: v.detach().cpu() for k, v in up.items()},
+                lora.alpha), losses
+
+
+@torch.no_grad()
+def measure_attention_loss(backend: Backend, data: ConceptData, prompts: list[str], tokens: torch.Tensor,
+                           deltas: Mapping[str, torch.Tensor], timesteps: list[int], seed: int = 0) -> float:
+    """The attention loss of a fixed model (weights W0 + deltas) on fixed samples, for before/after checks."""
+    layers = backend.cross_attention()
+    g = torch.Generator().manual_seed(seed)
+    dev = backend.device
+    ac = backend.alphas_cumprod.float()
+    text_all = backend.encode(prompts)
+    zero = LoRA({l.k_key: torch.zeros(1, l.to_k.weight.shape[1]) for l in layers},
+                {l.k_key: torch.zeros(l.to_k.weight.shape[0], 1) for l in layers}, 1.0)
+    full = {k: v.to(dev) for k, v in deltas.items()}
+    vals = []
+    for i in range(data.latents.shape[0]):
+        for t in timesteps:
+            pidx = torch.tensor([i % len(prompts)])
+            a = ac[t]
+            noise = torch.randn(data.latents[i:i + 1].shape, generator=g)
+            x = (a.sqrt() * data.latents[i:i + 1] + (1 - a).sqrt() * noise).to(dev)
+            text = text_all.select(pidx)
+            with QKCapture(layers) as cap, weight_deltas(layers, full):
+                backend.predict(x, torch.tensor([t], device=dev), text)
+            k0 = {l.name: l.to_k(text.context.to(dev, l.to_k.weight.dtype)).float() for l in layers}
+            kd = {k: v for k, v in full.items() if k.endswith("to_k.weight")}
+            kd.update({l.k_key: torch.zeros_like(l.to_k.weight, dtype=torch.float32) for l in layers if l.k_key not in kd})
+            vals.append(float(attention_loss(cap, layers, zero, kd, text, k0, tokens[pidx], data.masks[i:i + 1])))
+    return sum(vals) / len(vals)

@@ -1,0 +1,254 @@
+"""Model files in and out: key maps against real checkpoints, round trips, bit-identity, metadata,
+and every bad input with a clear message and no file changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mace_core.checkpoint import (Checkpoint, build_components, data_sha256, load_checkpoint, modelspec,
+                                  save_edited)
+from mace_core.errors import MaceError, UnsupportedModelError
+from mace_core.families import detect_family, load_family
+from mace_core.synthetic import tiny_family
+from tiny import FAMILIES, file_digest, tiny_file, tiny_folder, tiny_modules
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
+
+
+def _reference(files):
+    out = {}
+    for f, prefix in files:
+        for line in (REFERENCE / f).read_text().split("\n"):
+            key, shape = line.rsplit(" ", 1)
+            out[prefix + key] = tuple(int(x) for x in shape.strip("[]").split(",") if x)
+    return out
+
+
+REF_FILES = {
+    "sd1": [("UNET-v1-SD.txt", "model.diffusion_model."), ("CLIP-v1-SD.txt", "cond_stage_model.transformer.text_model."),
+            ("VAE-v1-SD.txt", "first_stage_model.")],
+    "sd2": [("UNET-v2-SD.txt", "model.diffusion_model."), ("CLIP-v2-SD.txt", "cond_stage_model.model."),
+            ("VAE-v1-SD.txt", "first_stage_model.")],
+    "sdxl": [("UNET-XL-SD.txt", "model.diffusion_model."),
+             ("CLIP-v1-SD.txt", "conditioner.embedders.0.transformer.text_model."),
+             ("CLIP-XL-SD.txt", "conditioner.embedders.1.model."), ("VAE-v1-SD.txt", "first_stage_model.")],
+}
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference/keys not present")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_key_maps_match_real_checkpoints(name):
+    """Every tensor our full-size modules need maps to a real checkpoint key of the same shape."""
+    from mace_core.checkpoint import _component_entries, _meta_modules
+
+    fam = load_family(name)
+    ours = {}
+    for module, entries in _component_entries(fam, _meta_modules(fam)):
+        sd = module.state_dict()
+        for e in entries:
+            ours[e.file_key] = tuple(e.to_file([sd[k] for k in e.module_keys]).shape)
+    ref = _reference(REF_FILES[name])
+    assert set(ours) <= set(ref), sorted(set(ours) - set(ref))[:5]
+    assert {k: v for k, v in ref.items() if k in ours} == ours
+    # what real files have and we do not need is only text-encoder extras
+    extra = set(ref) - set(ours)
+    assert all(k.endswith(("position_ids", "logit_scale", "text_projection")) for k in extra), extra
+    n_attn2 = sum(k.endswith("attn2.to_k.weight") for k in ours)
+    assert n_attn2 == {"sd1": 16, "sd2": 16, "sdxl": 70}[name]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("layout", ["single", "diffusers"])
+def test_round_trip_modules_exact(name, layout):
+    """file -> modules reproduces the modules that were written, tensor for tensor."""
+    path = tiny_file(name) if layout == "single" else tiny_folder(name)
+    ck = load_checkpoint(path)
+    assert ck.family.family == name
+    comp = build_components(ck)
+    unet, vae, tes = tiny_modules(name)
+    for a, b in zip([unet, vae, *tes], [comp.unet, comp.vae, *comp.text_encoders]):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_single_file_and_folder_agree(name):
+    a, b = load_checkpoint(tiny_file(name)), load_checkpoint(tiny_folder(name))
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def _kv_edits(ck: Checkpoint, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = [k for k in ck.tensors if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    return {k: torch.randn(ck.tensors[k].shape, generator=g) for k in keys}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_edit_save_load_bit_identity(tmp_path, name, dtype):
+    src = tiny_file(name, dtype)
+    before = file_digest(src)
+    ck = load_checkpoint(src)
+    edits = _kv_edits(ck)
+    out = save_edited(ck, edits, tmp_path / "out.safetensors", {"mace.test": "1"})
+    assert file_digest(src) == before  # the input is never modified
+    got = load_file(str(out))
+    orig = load_file(str(src))
+    assert got.keys() == orig.keys()
+    for k, t in orig.items():
+        assert got[k].dtype == t.dtype, k
+        if k in edits:
+            assert torch.equal(got[k], edits[k].to(t.dtype)), k
+            assert not torch.equal(got[k], t)
+        else:
+            assert torch.equal(got[k], t), k  # bit-identical, same dtype
+    # and the written file is a loadable model again, with the edits in its modules
+    again = build_components(load_checkpoint(out))
+    layer_k = [k for k in edits if "to_k" in k][0]
+    assert any(torch.equal(m.weight.float(), edits[layer_k].to(getattr(torch, dtype)).float())
+               for n, m in again.unet.named_modules() if n.endswith("attn2.to_k"))
+
+
+def test_metadata_modelspec_and_hash(tmp_path):
+    ck = load_checkpoint(tiny_file("sd1"))
+    meta = {**modelspec(ck.family, "erased", "erased things"), "mace.concepts": json.dumps([{"phrase": "cat"}])}
+    out = save_edited(ck, _kv_edits(ck), tmp_path / "o.safetensors", meta)
+    m = load_checkpoint(out).metadata
+    assert m["modelspec.sai_model_spec"] == "1.0.0"
+    assert m["modelspec.architecture"] == "stable-diffusion-v1"
+    assert m["modelspec.title"] == "erased"
+    assert m["modelspec.hash_sha256"] == data_sha256(out)
+    assert m["modelspec.hash_sha256"] != "0x" + "0" * 64
+    assert json.loads(m["mace.concepts"]) == [{"phrase": "cat"}]
+    # the tiny model's architecture travels with it, so it reloads without guessing
+    assert load_checkpoint(out).family == ck.family
+
+
+def test_refuses_to_overwrite_input(tmp_path):
+    src = tmp_path / "model.safetensors"
+    shutil.copy(tiny_file("sd1"), src)
+    before = file_digest(src)
+    ck = load_checkpoint(src)
+    with pytest.raises(MaceError, match="refusing to overwrite the input model"):
+        save_edited(ck, _kv_edits(ck), src, {})
+    assert file_digest(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temp files left
+
+
+def test_ckpt_loads_weights_only(tmp_path):
+    sd = load_file(str(tiny_file("sd1")))
+    good = tmp_path / "m.ckpt"
+    torch.save({"state_dict": sd}, good)
+    ck = load_checkpoint(good, family=tiny_family("sd1"))  # a .ckpt has no metadata to name a tiny arch
+    assert ck.family.family == "sd1" and ck.source_format == "ckpt"
+    assert torch.equal(ck.tensors[next(iter(sd))], sd[next(iter(sd))])
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    bad = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": sd, "x": Evil()}, bad)
+    with pytest.raises(UnsupportedModelError, match="weights-only"):
+        load_checkpoint(bad)
+
+
+def _write(path, tensors, metadata=None):
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("keys,match", [
+    ({"double_blocks.0.img_attn.qkv.weight": [4, 4]}, "FLUX"),
+    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": [4, 4]}, "SD3"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": [4, 4]}, "LoRA"),
+    ({"encoder.down.0.block.0.conv1.weight": [4, 4]}, "VAE-only"),
+    ({"something.else": [4]}, "unknown model layout"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": [4, 4]}, "no text encoder"),
+])
+def test_unsupported_files_are_named(tmp_path, keys, match):
+    p = _write(tmp_path / "x.safetensors", {k: torch.zeros(s) for k, s in keys.items()})
+    before = file_digest(p)
+    with pytest.raises(UnsupportedModelError, match=match):
+        load_checkpoint(p)
+    assert file_digest(p) == before
+
+
+def test_truncated_and_corrupt_files(tmp_path):
+    data = Path(tiny_file("sd1")).read_bytes()
+    t = tmp_path / "trunc.safetensors"
+    t.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UnsupportedModelError, match="truncated"):
+        load_checkpoint(t)
+    c = tmp_path / "corrupt.safetensors"
+    c.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}")
+    with pytest.raises(UnsupportedModelError, match="corrupt"):
+        load_checkpoint(c)
+    with pytest.raises(MaceError, match="not found"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    with pytest.raises(UnsupportedModelError, match="unsupported file type"):
+        load_checkpoint(shutil.copy(c, tmp_path / "model.bin2"))
+
+
+def test_wrong_shape_is_unknown_layout(tmp_path):
+    sd = load_file(str(tiny_file("sd1")))
+    meta = load_checkpoint(tiny_file("sd1")).metadata
+    key = next(k for k in sd if k.endswith("attn2.to_k.weight"))
+    sd[key] = torch.zeros(3, 3)
+    p = _write(tmp_path / "x.safetensors", sd, meta)
+    with pytest.raises(UnsupportedModelError, match="unknown layout"):
+        load_checkpoint(p)
+
+
+def test_missing_tensor_is_reported(tmp_path):
+    sd = load_file(str(tiny_file("sd2")))
+    meta = load_checkpoint(tiny_file("sd2")).metadata
+    key = next(k for k in sd if k.startswith("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"))
+    del sd[key]
+    p = _write(tmp_path / "x.safetensors", sd, meta)
+    with pytest.raises(UnsupportedModelError, match="is missing"):
+        load_checkpoint(p)
+
+
+def test_family_detection_of_real_key_names():
+    sd1 = ["model.diffusion_model.x", "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"]
+    assert detect_family(sd1).family == "sd1"
+    old = ["model.diffusion_model.x", "cond_stage_model.transformer.embeddings.token_embedding.weight"]
+    assert detect_family(old).text_encoders[0].prefix == "cond_stage_model.transformer."
+    sd2 = ["model.diffusion_model.x", "cond_stage_model.model.transformer.resblocks.0.ln_1.weight"]
+    assert detect_family(sd2).family == "sd2"
+    assert detect_family(sd2, name_hint="v2-1_768-v-ema.safetensors").prediction_type == "v_prediction"
+    assert detect_family(sd2, {"modelspec.architecture": "stable-diffusion-v2-768-v"}).family == "sd2-v"
+    xl = ["model.diffusion_model.x", "conditioner.embedders.0.transformer.text_model.a",
+          "conditioner.embedders.1.model.transformer.resblocks.0.ln_1.weight"]
+    assert detect_family(xl).family == "sdxl"
+    with pytest.raises(UnsupportedModelError, match="refiner"):
+        detect_family(["model.diffusion_model.x", "conditioner.embedders.0.model.ln_final.weight"])
+
+
+def test_text_encoder_prefix_independent_of_transformers_version():
+    """transformers >= 5.6 drops `text_model.` in CLIPTextModel; the file keys must not change."""
+    from mace_core.keymap import clip_entries
+
+    with_prefix = clip_entries(["text_model.embeddings.token_embedding.weight"], "hf", "cond.")
+    without = clip_entries(["embeddings.token_embedding.weight"], "hf", "cond.")
+    assert with_prefix[0].file_key == without[0].file_key == "cond.embeddings.token_embedding.weight"
+
+
+def test_tokenizer_is_clip_bpe():
+    from mace_core.checkpoint import make_tokenizer
+
+    tok = make_tokenizer(load_family("sd1").text_encoders[0])
+    assert tok.model_max_length == 77
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tok) == 49408
