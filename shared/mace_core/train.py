@@ -136,7 +136,7 @@ def train_lora(backend: Backend, data: ConceptData, prompts: list[str], tokens: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if on_step:
             on_step(step + 1, settings.steps, losses[-1])
     for p in params:

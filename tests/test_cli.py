@@ -1,0 +1,149 @@
+"""The `mace` command line end to end on tiny models: info, generate, erase (+ resume after a
+kill), fuse subsets (restore), and clear errors for bad requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mace_core.checkpoint import load_checkpoint
+from mace_core.cli import main
+from mace_core.concepts import ErasureSpec, make_concept
+from mace_core.diffusers_backend import DiffusersBackend
+from mace_core.erase import erase, refuse
+from mace_core.project import Project
+from tiny import file_digest, tiny_file
+
+FAST = ["--images", "2", "--sample-steps", "3", "--steps", "6", "--device", "cpu"]
+SHARED = Path(__file__).resolve().parents[1] / "shared"
+
+
+def _kv(path):
+    return {k: v for k, v in load_file(str(path)).items() if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
+
+
+def test_info_reports_family_and_erasure(tmp_path, capsys):
+    assert main(["info", str(tiny_file("sdxl"))]) == 0
+    out = capsys.readouterr().out
+    assert "sdxl" in out and "nothing" in out and "text width:  64 (32 + 32)" in out
+
+
+def test_erase_two_concepts_end_to_end(tmp_path, capsys):
+    src = tiny_file("sd1")
+    before = file_digest(src)
+    out = tmp_path / "erased.safetensors"
+    rc = main(["erase", str(src), "--concept", "cat", "--concept", "dog | a horse", "--retain", "house",
+               "--out", str(out), *FAST])
+    assert rc == 0
+    assert file_digest(src) == before
+    meta = load_checkpoint(out).metadata
+    concepts = json.loads(meta["mace.concepts"])
+    assert [c["phrase"] for c in concepts] == ["cat", "dog"]
+    assert concepts[1]["anchor"] == "a horse" and concepts[0]["anchor"] == "a scene"
+    assert json.loads(meta["mace.retain"]) == ["house"]
+    assert json.loads(meta["mace.settings"])["steps"] == 6
+    assert meta["mace.base_sha256"] == load_checkpoint(src).sha256
+    new, old = _kv(out), _kv(src)
+    assert all(not torch.equal(new[k], old[k]) for k in old)  # every K/V edited
+    # the work folder is an erasure project with one LoRA per concept
+    proj = Project(tmp_path / "erased.safetensors.mace")
+    assert [c["phrase"] for c in proj.manifest()["concepts"]] == ["cat", "dog"]
+    assert main(["info", str(out)]) == 0
+    assert "erased:      cat, dog" in capsys.readouterr().out
+
+
+def _erase_cmd(src, out, work):
+    return [sys.executable, "-m", "mace_core", "erase", str(src), "--concept", "cat", "--concept", "dog",
+            "--concept", "house", "--out", str(out), "--work-dir", str(work), "--images", "2", "--sample-steps", "3",
+            "--steps", "25", "--device", "cpu"]
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    src = tiny_file("sd1")
+    env = {**os.environ, "PYTHONPATH": str(SHARED), "MACE_CACHE": str(tmp_path / "cache")}
+    work = tmp_path / "work"
+    first = work / "concepts" / make_concept("cat").slug / "lora.safetensors"
+    proc = subprocess.Popen(_erase_cmd(src, tmp_path / "a.safetensors", work), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert first.exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert not (tmp_path / "a.safetensors").exists()
+    assert b"rerun" in err
+    # resume, then compare with an uninterrupted run in a fresh folder
+    subprocess.run(_erase_cmd(src, tmp_path / "a.safetensors", work), env=env, check=True, capture_output=True)
+    subprocess.run(_erase_cmd(src, tmp_path / "b.safetensors", tmp_path / "fresh"), env=env, check=True,
+                   capture_output=True)
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "no concepts"),
+    (["--concept", "cat", "--concept", "Cat"], "listed twice"),
+    (["--concept", "cat", "--retain", "cat"], "both erased and retained"),
+    (["--concept", "cat " * 80], "too long"),
+    (["--concept", "cat", "--type", "sculpture"], "unknown concept type"),
+    (["--concept", "cat", "--mask", "sam"], "--sam-checkpoint"),
+])
+def test_bad_requests_fail_clearly(tmp_path, capsys, args, message):
+    out = tmp_path / "o.safetensors"
+    assert main(["erase", str(tiny_file("sd1")), *args, "--out", str(out), "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_erase_refuses_missing_model_and_bad_output(tmp_path, capsys):
+    assert main(["erase", str(tmp_path / "nope.safetensors"), "--concept", "cat", "--out",
+                 str(tmp_path / "o.safetensors")]) == 2
+    assert "model not found" in capsys.readouterr().err
+    assert main(["erase", str(tiny_file("sd1")), "--concept", "cat", "--out", str(tmp_path / "o.ckpt")]) == 2
+    assert ".safetensors" in capsys.readouterr().err
+
+
+def test_generate_writes_deterministic_pngs_and_index(tmp_path):
+    args = ["generate", str(tiny_file("sd1")), "--prompt", "a cat", "--prompt", "a dog", "--seed", "5",
+            "--num-images", "2", "--steps", "3", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b"), "--batch-size", "1"]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "a" / "index.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in rows] == [("a cat", 5), ("a cat", 6), ("a dog", 5), ("a dog", 6)]
+    imgs = {r["file"]: np.asarray(Image.open(tmp_path / "a" / r["file"])) for r in rows}
+    for r in rows:  # same seed -> same image, whatever the batch size
+        assert np.array_equal(imgs[r["file"]], np.asarray(Image.open(tmp_path / "b" / r["file"])))
+    assert not np.array_equal(imgs[rows[0]["file"]], imgs[rows[1]["file"]])  # seed N+1 differs
+
+
+def test_restore_is_exact_for_stage_one(tmp_path):
+    """Erase {X, Y}; restoring X equals a fresh {Y}-only stage 1 to solver precision."""
+    ck = load_checkpoint(tiny_file("sd1"))
+    be = DiffusersBackend.from_checkpoint(ck, device="cpu")
+    over = {"lam": 1.0}
+    x, y = make_concept("cat"), make_concept("dog")
+    both = erase(be, ErasureSpec((x, y), (), over), Project(tmp_path / "xy"), ck.sha256, closed_form_only=True)
+    only_y = erase(be, ErasureSpec((y,), (), over), Project(tmp_path / "y"), ck.sha256, closed_form_only=True)
+    original = be.original_weights()
+    restored = refuse(Project(tmp_path / "xy"), original, exclude=["cat"], closed_form_only=True)
+    for k in original:
+        rel = (restored.weights[k] - only_y.weights[k]).norm() / only_y.weights[k].norm()
+        assert rel < 1e-6, k
+    assert [c["phrase"] for c in json.loads(restored.metadata["mace.concepts"])] == ["dog"]
+    # restoring everything gives back the base weights exactly
+    nothing = refuse(Project(tmp_path / "xy"), original, exclude=["cat", "dog"], closed_form_only=True)
+    assert all(torch.equal(nothing.weights[k], original[k]) for k in original)

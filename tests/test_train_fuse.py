@@ -1,0 +1,109 @@
+"""Stage 2 (CFIS, LoRA with the attention loss) and stage 3 (closed-form fusion vs naive sum)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy import stats
+
+from mace_core.checkpoint import load_checkpoint
+from mace_core.concepts import Settings
+from mace_core.diffusers_backend import DiffusersBackend
+from mace_core.fuse import fuse, naive_sum
+from mace_core.masks import draw_concept, phrase_token_mask
+from mace_core.train import LoRA, cfis_pmf, measure_attention_loss, sample_timesteps, train_lora
+from tiny import tiny_file
+
+
+def test_cfis_samples_follow_the_pdf():
+    s = Settings()
+    t = sample_timesteps(200_000, s, torch.Generator().manual_seed(0))
+    pmf = cfis_pmf(*s.cfis)
+    counts = torch.bincount(t, minlength=1000).double()
+    # chi-square on 20 bins of 50 timesteps
+    obs = counts.reshape(20, 50).sum(1)
+    exp = pmf.reshape(20, 50).sum(1) * len(t)
+    keep = exp > 5
+    p = stats.chisquare(obs[keep].numpy(), exp[keep].numpy() * obs[keep].sum().item() / exp[keep].sum().item()).pvalue
+    assert p > 1e-3
+    frac = ((t >= 200) & (t <= 400)).double().mean().item()
+    assert abs(frac - 0.86) < 0.01
+    # and the pdf itself: 86% of the mass in [200, 400], symmetric bump, nothing near t = 999
+    assert abs(pmf[200:401].sum().item() - 0.864) < 0.002
+    assert pmf[999] < 1e-6
+
+
+def test_uniform_timesteps_when_asked():
+    t = sample_timesteps(100_000, Settings(timesteps="uniform"), torch.Generator().manual_seed(0))
+    counts = torch.bincount(t, minlength=1000).reshape(20, 50).sum(1).double()
+    assert stats.chisquare(counts.numpy()).pvalue > 1e-3
+    assert ((t >= 200) & (t <= 400)).double().mean().item() < 0.25
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return DiffusersBackend.from_checkpoint(load_checkpoint(tiny_file("sd1")), device="cpu")
+
+
+def test_lora_training_lowers_attention_loss_substantially(backend):
+    s = Settings(steps=40, lr=2e-2, images=2, sample_steps=4, guidance=3.0)
+    prompt = "a photo of a cat"
+    data = draw_concept(backend, prompt, "cat", [1, 2], s.sample_steps, s.guidance)
+    assert data.masks.any() and data.masks.shape == data.latents.shape[:1] + data.latents.shape[2:]
+    prompts = [prompt, "a cat in a garden"]
+    tokens = phrase_token_mask(backend, prompts, "cat", with_end=True)
+    zero = {k: torch.zeros_like(v) for k, v in backend.original_weights().items()}
+    before_state = {k: v.clone() for k, v in backend.components.unet.state_dict().items()}
+    lora, losses = train_lora(backend, data, prompts, tokens, zero, s, seed=0)
+    ts = [250, 350]
+    before = measure_attention_loss(backend, data, prompts, tokens, zero, ts)
+    trained = {k: lora.delta(k) for k in lora.down}
+    after = measure_attention_loss(backend, data, prompts, tokens, trained, ts)
+    assert after < 0.7 * before, (before, after)  # >= 30% lower, not merely lower
+    # only to_k LoRA factors exist; the model's own weights are untouched
+    assert all(k.endswith("attn2.to_k.weight") for k in lora.down)
+    after_state = backend.components.unet.state_dict()
+    assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+
+
+def _lora(keys_shapes, rank, g, scale=1.0):
+    down = {k: torch.randn(rank, d, generator=g) for k, (c, d) in keys_shapes.items()}
+    up = {k: torch.randn(c, rank, generator=g) * scale for k, (c, d) in keys_shapes.items()}
+    return LoRA(down, up, float(rank))
+
+
+def test_fusion_single_concept_reproduces_its_lora():
+    g = torch.Generator().manual_seed(0)
+    d, c = 16, 8
+    w0 = {"a.to_k.weight": torch.randn(c, d, generator=g), "a.to_v.weight": torch.randn(c, d, generator=g)}
+    w1 = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in w0.items()}
+    lora = _lora({"a.to_k.weight": (c, d)}, 1, g)
+    e = torch.randn(10, d, generator=g, dtype=torch.float64)  # fewer than d: the fit is exact on their span
+    G = e.T @ e
+    fused = fuse(w0, w1, [(lora, G)], lam=1e-8)
+    target = w1["a.to_k.weight"].double() + lora.delta("a.to_k.weight").double()
+    err = (e @ fused["a.to_k.weight"].double().T - e @ target.T).norm() / (e @ target.T).norm()
+    assert err < 1e-5
+    # no LoRA on to_v and no prior: fusion leaves the refined weight as it is
+    assert torch.allclose(fused["a.to_v.weight"], w1["a.to_v.weight"], atol=1e-5)
+
+
+def test_fusion_preserves_each_concept_far_better_than_naive_sum():
+    g = torch.Generator().manual_seed(3)
+    d, c, k = 48, 16, 5
+    key = "x.to_k.weight"
+    w0 = {key: torch.randn(c, d, generator=g)}
+    w1 = {key: w0[key].clone()}
+    concepts = []
+    for _ in range(k):
+        e = torch.randn(8, d, generator=g, dtype=torch.float64)  # each concept's own embeddings
+        concepts.append((_lora({key: (c, d)}, 1, g), e))
+    fused = fuse(w0, w1, [(lo, e.T @ e) for lo, e in concepts], lam=1e-3)[key].double()
+    naive = naive_sum(w1, [lo for lo, _ in concepts])[key].double()
+
+    def err(w):
+        return sum(((e @ w.T) - e @ (w1[key].double() + lo.delta(key).double()).T).norm() ** 2
+                   for lo, e in concepts) ** 0.5
+
+    assert err(fused) < 0.05 * err(naive), (err(fused), err(naive))
+
