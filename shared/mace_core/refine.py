@@ -61,20 +61,15 @@ def concept_stats(backend: Backend, prompts: Sequence[str], anchor_prompts: Sequ
     """Stage-1 and stage-3 sums of one concept from its prompts and the anchor's (same order)."""
     ct = concept_text if concept_text is not None else backend.encode(list(prompts))
     at = backend.encode(list(anchor_prompts))
-    d = ct.context.shape[-1]
-    cross = torch.zeros(d, d, dtype=torch.float64)
-    gram = torch.zeros(d, d, dtype=torch.float64)
-    n = 0
-    T = ct.context.shape[1]
+    d, T = ct.context.shape[-1], ct.context.shape[1]
+    ic, ia = [], []
     for k, (p, a) in enumerate(zip(prompts, anchor_prompts)):
-        pairs = align(backend.tokenize(p), backend.tokenize(a), T)
-        ic = torch.tensor([i for i, _ in pairs])
-        ia = torch.tensor([j for _, j in pairs])
-        e = ct.context[k, ic].double().cpu()
-        es = at.context[k, ia].double().cpu()
-        cross += es.T @ e
-        gram += e.T @ e
-        n += len(pairs)
+        for i, j in align(backend.tokenize(p), backend.tokenize(a), T):
+            ic.append(k * T + i)
+            ia.append(k * T + j)
+    e = ct.context.reshape(-1, d)[torch.tensor(ic)].double().cpu()
+    es = at.context.reshape(-1, d)[torch.tensor(ia)].double().cpu()
+    cross, gram, n = es.T @ e, e.T @ e, len(ic)
     allpos = ct.context.double().cpu().reshape(-1, d)
     return ConceptStats(cross, gram, allpos.T @ allpos, n)
 

@@ -1,0 +1,119 @@
+"""Per-stage wall time and peak memory of an erasure, for growing numbers of concepts.
+
+    python benchmarks/run.py                          # tiny SD1 architecture on CPU (seconds)
+    python benchmarks/run.py --arch sd1 --device cuda # full-size SD1.5 architecture, random weights
+    python benchmarks/run.py --arch sdxl --device cuda --counts 1 10 100 1000 --full-counts 1 10
+
+Speed and memory do not depend on weight values, so full-size architectures are built from their
+configs with random weights. "closed form" = stage-1 statistics + solve + stage-3 fusion (no
+training); "full" adds drawing images, attention masks and LoRA training per concept. Peak memory
+is the process RSS (sampled) on CPU and torch.cuda.max_memory_allocated on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shared"))
+
+import torch  # noqa: E402
+
+from mace_core.checkpoint import Components, make_tokenizer  # noqa: E402
+from mace_core.concepts import ErasureSpec, make_concept  # noqa: E402
+from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
+from mace_core.erase import erase  # noqa: E402
+from mace_core.families import load_family  # noqa: E402
+from mace_core.project import Project  # noqa: E402
+from mace_core.synthetic import random_modules, tiny_family  # noqa: E402
+
+WORDS = ("amber basil cedar delta ember fjord garnet harbor indigo juniper kestrel lagoon meadow nimbus "
+         "orchid pepper quartz raven saffron tundra umber velvet willow xenon yarrow zephyr").split()
+
+
+def concept_names(n: int) -> list[str]:
+    """n distinct two-word phrases (deterministic)."""
+    return [f"{WORDS[i % len(WORDS)]} {WORDS[(i // len(WORDS)) % len(WORDS)]} {i}" for i in range(n)]
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def measure(device: torch.device, out: dict):
+    """Wall time and peak memory (GPU allocated, or sampled CPU RSS) of the block."""
+    peak = [_rss()]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.01):
+            peak[0] = max(peak[0], _rss())
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out["seconds"] = time.perf_counter() - t0
+        stop.set()
+        th.join()
+        out["peak_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak[0]) / 2 ** 30
+
+
+def build(arch: str, device: torch.device, dtype: torch.dtype) -> DiffusersBackend:
+    fam = tiny_family("sd1") if arch == "tiny" else load_family(arch)
+    if arch == "toy":
+        from toyworld import TOY_MODEL
+        return DiffusersBackend.from_file(TOY_MODEL, device=str(device), dtype=dtype)
+    unet, vae, tes = random_modules(fam, seed=0, dtype=dtype)
+    comp = Components(fam, unet, vae, tes, [make_tokenizer(t) for t in fam.text_encoders])
+    return DiffusersBackend(comp, device, dtype)
+
+
+def run(args) -> None:
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    be = build(args.arch, device, dtype)
+    print(f"# {args.arch} on {device} ({torch.get_num_threads()} threads), dtype {str(dtype)[6:]}")
+    print("| concepts | mode | refine s | train s | fuse s | total s | peak GB |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    plans = [(n, True) for n in args.counts] + [(n, False) for n in args.full_counts]
+    for n, closed in plans:
+        over = {"steps": args.steps, "images": args.images, "sample_steps": args.sample_steps, "lam": 1.0}
+        spec = ErasureSpec(tuple(make_concept(p, "a thing") for p in concept_names(n)), (), over)
+        with tempfile.TemporaryDirectory() as d:
+            m: dict = {}
+            with measure(device, m):
+                res = erase(be, spec, Project(d), "bench", closed_form_only=closed)
+            t = res.report["timings"]
+            print(f"| {n} | {'closed form' if closed else 'full'} | {t['refine']:.2f} | {t.get('train', 0):.2f} | "
+                  f"{t['fuse']:.2f} | {m['seconds']:.2f} | {m['peak_gb']:.2f} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="tiny", choices=["tiny", "toy", "sd1", "sd2", "sdxl"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--counts", type=int, nargs="*", default=[1, 10, 100], help="closed-form runs")
+    ap.add_argument("--full-counts", type=int, nargs="*", default=[1, 10], help="full MACE runs")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--sample-steps", type=int, default=30)
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()
