@@ -7,7 +7,7 @@ import torch
 
 from mace_core.checkpoint import load_checkpoint
 from mace_core.diffusers_backend import DiffusersBackend
-from mace_core.refine import ConceptStats, align, apply_map, concept_stats, refinement_map
+from mace_core.refine import ConceptStats, align, apply_map, concept_stats, context_map, refinement_map
 from tiny import tiny_file
 
 
@@ -57,7 +57,7 @@ def test_closed_form_equals_least_squares(lam, s, s2):
     p = torch.randn(40, d, generator=g, dtype=torch.float64)
     q = torch.randn(25, d, generator=g, dtype=torch.float64)
     P, Q = p.T @ p / len(p), q.T @ q / len(q)  # per-token Grams
-    m = refinement_map([st1, st2], lam, P, s, Q, s2)
+    m = refinement_map([st1.cross, st2.cross], [st1.gram, st2.gram], lam, P, s, Q, s2)
     w = w0 @ m
     # independent: stack every term as rows of one least-squares problem in W^T
     rows_x = [e1, e2, (lam ** 0.5) * torch.eye(d, dtype=torch.float64),
@@ -74,7 +74,7 @@ def test_singular_system_is_a_clear_error():
     st = ConceptStats(torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64),
                       torch.zeros(4, 4, dtype=torch.float64), 0)
     with pytest.raises(ValueError, match="singular"):
-        refinement_map([st], 0.0)
+        refinement_map([st.cross], [st.gram], 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +99,15 @@ def test_concept_stats_gather_aligned_embeddings(backend):
 
 
 def test_refinement_moves_concept_context_to_anchor_and_keeps_prior(backend):
-    from mace_core.prior import mean_gram
+    from mace_core.prior import mean_grams
 
     prompts = [f"a photo of a {w}" for w in ("cat",)] + ["a cat on a sofa", "the cat sleeps", "my cat"]
     anchors = [p.replace("cat", "dog") for p in prompts]
     st = concept_stats(backend, prompts, anchors)
     others = ["a red car", "a house by the sea", "a bowl of fruit", "a man walking", "a mountain lake"]
-    P = mean_gram(backend, others)
+    P = mean_grams(backend, others)["context"]
     w0 = backend.original_weights()
-    m = refinement_map([st], lam=0.01, prior=P, s=50.0)
+    m = context_map([st], lam=0.01, prior=P, s=50.0)
     w = apply_map(w0, m)
     ct, at = backend.encode(prompts), backend.encode(anchors)
     pos = backend.tokenize(prompts[0]).index(2368)

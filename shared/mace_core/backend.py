@@ -86,7 +86,9 @@ class Backend(Protocol):
         """Every attn2 layer, in UNet order."""
 
     def original_weights(self) -> dict[str, torch.Tensor]:
-        """to_k / to_v weights of the unedited model, by file key, fp32 on CPU."""
+        """Weights stage 1 edits, unedited, by file key, fp32 on CPU: every attn2 to_k / to_v, and for
+        SDXL the added-condition projection ``...label_emb.0.0.weight`` (its first P columns read
+        the pooled text embedding)."""
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """UNet output (eps or v) for latents [B, c, h, w] at timesteps t [B]."""

@@ -279,7 +279,7 @@ def _save_result(ck, res, out: Path) -> None:
 
 def cmd_fuse(args) -> int:
     from .checkpoint import load_checkpoint
-    from .erase import refuse
+    from .erase import POOLED_SUFFIX, refuse
     from .project import Project
 
     proj = Project(args.project)
@@ -287,8 +287,8 @@ def cmd_fuse(args) -> int:
     ck = load_checkpoint(args.model or m["base"]["path"])
     if ck.sha256 != m["base"]["sha256"]:
         raise MaceError(f"{ck.path} is not the model this project was made from; pass --model with the original")
-    original = {k: v.float() for k, v in ck.tensors.items() if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
-                and k.startswith("model.diffusion_model.")}
+    original = {k: v.float() for k, v in ck.tensors.items() if k.startswith("model.diffusion_model.") and
+                k.endswith(("attn2.to_k.weight", "attn2.to_v.weight", POOLED_SUFFIX))}
     res = refuse(proj, original, args.only, args.exclude)
     _save_result(ck, res, Path(args.out))
     return 0

@@ -12,6 +12,8 @@ from .checkpoint import Checkpoint, Components, build_components, load_checkpoin
 from .families import Family, with_clip_skip
 from .keymap import attn2_name
 
+POOLED_KEY = "model.diffusion_model.label_emb.0.0.weight"
+
 
 def alphas_cumprod(scheduler: dict) -> torch.Tensor:
     """SD's training schedule, [num_train_timesteps] float64."""
@@ -112,6 +114,8 @@ class DiffusersBackend:
         for layer in self._layers:
             out[layer.k_key] = layer.to_k.weight.detach().float().cpu()
             out[layer.v_key] = layer.to_v.weight.detach().float().cpu()
+        if self.family.is_sdxl:
+            out[POOLED_KEY] = self.components.unet.add_embedding.linear_1.weight.detach().float().cpu()
         return out
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:

@@ -21,12 +21,13 @@ from .concepts import Concept, ErasureSpec, concept_prompts, settings_hash, trai
 from .errors import InterruptedRun
 from .fuse import fuse, naive_sum
 from .masks import draw_concept, phrase_token_mask, save_data
-from .prior import general_prior, mean_gram
+from .prior import general_prior, mean_grams
 from .project import Project
-from .refine import ConceptStats, apply_map, concept_stats, refinement_map
+from .refine import ConceptStats, apply_map, apply_pooled, concept_stats, context_map, pooled_map
 from .train import LoRA, train_lora
 
 Progress = Callable[[str, int, int], None]  # (stage label, done, total)
+POOLED_SUFFIX = "label_emb.0.0.weight"  # SDXL's added-condition projection (pooled text + size ids)
 
 
 @dataclass
@@ -57,14 +58,14 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
     stats = {c.phrase: _stats(backend, project, c) for c in spec.concepts}
     priors = _priors(backend, project, spec)
     original = backend.original_weights()
-    refined = apply_map(original, _map(list(stats.values()), run, priors))
+    refined = refine_weights(original, list(stats.values()), run, priors)
     timings["refine"] = time.perf_counter() - t0
 
     loras: dict[str, LoRA] = {}
     reused: list[str] = []
     if not closed_form_only:
         t0 = time.perf_counter()
-        base_delta = {k: refined[k] - original[k] for k in original}
+        base_delta = {k: refined[k] - original[k] for k in original if not k.endswith(POOLED_SUFFIX)}
         for i, c in enumerate(spec.concepts):
             h = settings_hash(spec, c)
             lora = project.load_lora(c, h)
@@ -103,7 +104,7 @@ def refuse(project: Project, original: Mapping[str, torch.Tensor], only=None, ex
             raise InterruptedRun(f"concept {c.phrase!r} has no stage-1 statistics yet; run `mace erase` on the project")
         stats[c.phrase] = st
     priors = project.load_priors()[0]
-    refined = apply_map(dict(original), _map(list(stats.values()), run, priors))
+    refined = refine_weights(original, list(stats.values()), run, priors)
     loras = {}
     if not closed_form_only:
         for c in spec.concepts:
@@ -127,17 +128,20 @@ def _stats(backend: Backend, project: Project, c: Concept) -> ConceptStats:
 
 
 def _priors(backend: Backend, project: Project, spec: ErasureSpec) -> dict[str, torch.Tensor]:
-    """Per-token general and retain-list Grams, stored in the project (re-fusion needs no model)."""
+    """Per-token general and retain-list Grams ("general", "domain", and their "_pooled" twins for
+    SDXL), stored in the project so that re-fusion needs no model."""
     run = spec.settings_for()
     priors, meta = project.load_priors()
     changed = False
     if (run.prior or run.fuse_prior) and "general" not in priors:
-        priors["general"] = general_prior(backend, backend.text_encoder_key())
+        for name, g in general_prior(backend, backend.text_encoder_key()).items():
+            priors["general" if name == "context" else "general_pooled"] = g
         changed = True
     retain_key = hashlib.sha256(json.dumps(sorted(spec.retain)).encode()).hexdigest()
     if spec.retain and run.domain and meta.get("retain") != retain_key:
         prompts = [p for r in spec.retain for p in concept_prompts(spec.concepts[0], r)]
-        priors["domain"] = mean_gram(backend, prompts)
+        for name, g in mean_grams(backend, prompts).items():
+            priors["domain" if name == "context" else "domain_pooled"] = g
         meta["retain"] = retain_key
         changed = True
     if changed:
@@ -145,8 +149,18 @@ def _priors(backend: Backend, project: Project, spec: ErasureSpec) -> dict[str, 
     return priors
 
 
-def _map(stats: list[ConceptStats], run, priors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return refinement_map(stats, run.lam, priors.get("general"), run.prior, priors.get("domain"), run.domain)
+def refine_weights(original: Mapping[str, torch.Tensor], stats: list[ConceptStats], run,
+                   priors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stage 1 for every K/V weight (and SDXL's pooled projection, keys ending in ``POOLED_SUFFIX``)."""
+    kv = {k: v for k, v in original.items() if not k.endswith(POOLED_SUFFIX)}
+    m = context_map(stats, run.lam, prior=priors.get("general"), s=run.prior, domain=priors.get("domain"),
+                    s2=run.domain)
+    out = apply_map(kv, m)
+    for k in set(original) - set(kv):
+        mp = pooled_map(stats, run.lam, prior=priors.get("general_pooled"), s=run.prior,
+                        domain=priors.get("domain_pooled"), s2=run.domain)
+        out[k] = apply_pooled(original[k], mp)
+    return out
 
 
 def _train_concept(backend: Backend, project: Project, spec: ErasureSpec, c: Concept,
@@ -176,12 +190,16 @@ def _train_concept(backend: Backend, project: Project, spec: ErasureSpec, c: Con
 
 
 def _fuse(original, refined, spec: ErasureSpec, stats, loras: Mapping[str, LoRA], priors, run):
+    """Stage 3 over the K/V weights; SDXL's pooled projection has no LoRA and keeps its stage-1 value."""
     if not loras:
         return dict(refined)
+    kv = {k: v for k, v in refined.items() if not k.endswith(POOLED_SUFFIX)}
     if run.fusion == "naive":
-        return naive_sum(refined, [loras[c.phrase] for c in spec.concepts])
-    pairs = ((loras[c.phrase], stats[c.phrase].fusion_gram) for c in spec.concepts)
-    return fuse(original, refined, pairs, run.fuse_lam, priors.get("general"), run.fuse_prior)
+        fused = naive_sum(kv, [loras[c.phrase] for c in spec.concepts])
+    else:
+        pairs = ((loras[c.phrase], stats[c.phrase].fusion_gram) for c in spec.concepts)
+        fused = fuse(original, kv, pairs, run.fuse_lam, priors.get("general"), run.fuse_prior)
+    return {**refined, **fused}
 
 
 def erasure_metadata(spec: ErasureSpec, base_sha256: str, base_name: str, closed_form_only: bool = False

@@ -26,37 +26,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MACE_CACHE", Path.home() / ".cache" / "mace"))
 
 
-def gram(backend: Backend, prompts: Sequence[str], batch_size: int = 64,
-         on_batch: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, int]:
-    """(sum of e e^T over all T positions of all prompts [D, D] float64, number of embeddings)."""
-    d = None
-    total = None
-    n = 0
+def mean_grams(backend: Backend, prompts: Sequence[str], batch_size: int = 64,
+               on_batch: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Per-embedding Gram matrices of ``prompts``, float64: "context" [D, D] over all T positions
+    of every prompt and, for SDXL, "pooled" [P, P] over the prompts' pooled embeddings."""
+    sums: dict[str, torch.Tensor] = {}
+    counts = {"context": 0, "pooled": 0}
     for s in range(0, len(prompts), batch_size):
-        ctx = backend.encode(list(prompts[s:s + batch_size])).context.double().cpu()
-        e = ctx.reshape(-1, ctx.shape[-1])
-        total = e.T @ e if total is None else total + e.T @ e
-        n += e.shape[0]
-        d = e.shape[-1]
+        text = backend.encode(list(prompts[s:s + batch_size]))
+        parts = {"context": text.context.double().cpu().reshape(-1, text.context.shape[-1])}
+        if text.pooled is not None:
+            parts["pooled"] = text.pooled.double().cpu()
+        for name, e in parts.items():
+            sums[name] = sums[name] + e.T @ e if name in sums else e.T @ e
+            counts[name] += e.shape[0]
         if on_batch:
             on_batch(min(s + batch_size, len(prompts)), len(prompts))
-    if total is None:
-        return torch.zeros(d or 0, d or 0, dtype=torch.float64), 0
-    return total, n
-
-
-def mean_gram(backend: Backend, prompts: Sequence[str], **kw) -> torch.Tensor:
-    """Per-token Gram matrix [D, D] float64 (zeros when there are no prompts)."""
-    g, n = gram(backend, prompts, **kw)
-    if n == 0:
-        d = backend.encode([""]).context.shape[-1]
-        return torch.zeros(d, d, dtype=torch.float64)
-    return g / n
+    return {name: g / counts[name] for name, g in sums.items()}
 
 
 def general_prior(backend: Backend, text_key: str, n_captions: int = 6000,
-                  on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """The cached per-token general prior [D, D] float64 for the text encoder identified by ``text_key``."""
+                  on_batch: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """The cached per-token general prior ("context" [D, D], SDXL also "pooled" [P, P]) for the
+    text encoder identified by ``text_key``."""
     from safetensors.torch import load_file, save_file
 
     from .corpus import general_captions
@@ -65,15 +57,15 @@ def general_prior(backend: Backend, text_key: str, n_captions: int = 6000,
     path = cache_dir() / "prior" / f"{key}.safetensors"
     if path.is_file():
         try:
-            return load_file(str(path))["gram"]
+            return load_file(str(path))
         except Exception:  # a damaged cache entry is recomputed, never trusted
             path.unlink(missing_ok=True)
-    g = mean_gram(backend, general_captions(n_captions), on_batch=on_batch)
+    grams = mean_grams(backend, general_captions(n_captions), on_batch=on_batch)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({"gram": g.contiguous()}, str(tmp), metadata={"captions": str(n_captions)})
+    save_file({k: v.contiguous() for k, v in grams.items()}, str(tmp), metadata={"captions": str(n_captions)})
     os.replace(tmp, path)
-    return g
+    return grams
 
 
 def tensors_key(tensors: dict[str, torch.Tensor], how: str) -> str:

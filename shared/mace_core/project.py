@@ -109,15 +109,14 @@ class Project:
         return self.root / "concepts" / c.slug
 
     def save_stats(self, c: Concept, st: ConceptStats) -> None:
-        _save({"cross": st.cross, "gram": st.gram, "fusion_gram": st.fusion_gram},
-              self.concept_dir(c) / "stats.safetensors", {"pairs": str(st.pairs), "phrase": c.phrase})
+        _save(st.tensors(), self.concept_dir(c) / "stats.safetensors", {"pairs": str(st.pairs), "phrase": c.phrase})
 
     def load_stats(self, c: Concept) -> ConceptStats | None:
         p = self.concept_dir(c) / "stats.safetensors"
         if not p.is_file():
             return None
         t, meta = _load(p)
-        return ConceptStats(t["cross"], t["gram"], t["fusion_gram"], int(meta["pairs"]))
+        return ConceptStats(pairs=int(meta["pairs"]), **t)
 
     def save_lora(self, c: Concept, lora: LoRA, settings_hash: str, losses: list[float]) -> None:
         _save(lora.state_dict(), self.concept_dir(c) / "lora.safetensors",

@@ -13,6 +13,11 @@ general and retain-list Gram matrices. Its normal equations, W A = W0 B with
 do not involve the layer, so ONE D x D solve gives M = B A^-1 and every layer's refined weight is
 W0 M. Each concept contributes its own sums C_c = sum e* e^T and G_c = sum e e^T (`ConceptStats`),
 so the refinement of any subset of concepts is re-solved exactly (restore = drop its sums).
+
+SDXL also feeds the pooled text embedding to the UNet outside cross-attention, through the
+added-condition projection (ldm ``label_emb.0.0``, [1280, 2816] whose first P = 1280 columns read
+the pooled embedding). The same closed form, on (concept, anchor) pooled pairs with a pooled-caption
+prior, edits those columns, so the concept cannot leak through that path.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ class ConceptStats:
     gram: torch.Tensor
     fusion_gram: torch.Tensor
     pairs: int
+    pooled_cross: torch.Tensor | None = None  # [P, P] SDXL: sum over prompts of pooled(anchor) pooled^T
+    pooled_gram: torch.Tensor | None = None  # [P, P]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"cross": self.cross, "gram": self.gram, "fusion_gram": self.fusion_gram}
+        if self.pooled_gram is not None:
+            out.update(pooled_cross=self.pooled_cross, pooled_gram=self.pooled_gram)
+        return out
 
 
 def align(concept_ids: Sequence[int], anchor_ids: Sequence[int], context: int = 77) -> list[tuple[int, int]]:
@@ -71,28 +84,49 @@ def concept_stats(backend: Backend, prompts: Sequence[str], anchor_prompts: Sequ
     es = at.context.reshape(-1, d)[torch.tensor(ia)].double().cpu()
     cross, gram, n = es.T @ e, e.T @ e, len(ic)
     allpos = ct.context.double().cpu().reshape(-1, d)
-    return ConceptStats(cross, gram, allpos.T @ allpos, n)
+    pooled = {}
+    if ct.pooled is not None:
+        pc, pa = ct.pooled.double().cpu(), at.pooled.double().cpu()
+        pooled = {"pooled_cross": pa.T @ pc, "pooled_gram": pc.T @ pc}
+    return ConceptStats(cross, gram, allpos.T @ allpos, n, **pooled)
 
 
-def refinement_map(stats: Sequence[ConceptStats], lam: float, prior: torch.Tensor | None = None, s: float = 0.0,
-                   domain: torch.Tensor | None = None, s2: float = 0.0) -> torch.Tensor:
+def refinement_map(crosses: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], lam: float,
+                   prior: torch.Tensor | None = None, s: float = 0.0, domain: torch.Tensor | None = None,
+                   s2: float = 0.0) -> torch.Tensor:
     """M [D, D] float64 such that the refined weight of every layer is W0 @ M.
 
-    Solves A X = B^T with a Cholesky factorisation of the SPD matrix A (no explicit inverse);
-    M = X^T = B A^-1.
+    ``crosses`` / ``grams``: each concept's sum e* e^T and e e^T. Solves A X = B^T with a Cholesky
+    factorisation of the SPD matrix A (no explicit inverse); M = X^T = B A^-1.
     """
-    d = stats[0].gram.shape[0]
+    d = grams[0].shape[0]
     reg = lam * torch.eye(d, dtype=torch.float64)
     if prior is not None and s:
         reg = reg + s * prior
     if domain is not None and s2:
         reg = reg + s2 * domain
-    A = reg + sum(st.gram for st in stats)
-    B = reg + sum(st.cross for st in stats)
+    A = reg + sum(grams)
+    B = reg + sum(crosses)
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
         raise ValueError("the refinement system is singular: use a ridge (lam > 0) or a prior strength > 0")
     return torch.cholesky_solve(B.T.contiguous(), L).T
+
+
+def context_map(stats: Sequence[ConceptStats], lam: float, **priors) -> torch.Tensor:
+    return refinement_map([st.cross for st in stats], [st.gram for st in stats], lam, **priors)
+
+
+def pooled_map(stats: Sequence[ConceptStats], lam: float, **priors) -> torch.Tensor:
+    return refinement_map([st.pooled_cross for st in stats], [st.pooled_gram for st in stats], lam, **priors)
+
+
+def apply_pooled(weight: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The added-condition projection [C, P + extra] with its first P (pooled) columns refined."""
+    p = m.shape[0]
+    out = weight.float().clone()
+    out[:, :p] = (weight[:, :p].double() @ m).float()
+    return out
 
 
 def apply_map(weights: dict[str, torch.Tensor], m: torch.Tensor) -> dict[str, torch.Tensor]:
