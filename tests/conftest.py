@@ -1,0 +1,58 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:  # `import comfyui_harness` also if tests/ becomes a package
+    sys.path.insert(0, _TESTS)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real ComfyUI (see tests/comfyui_harness.py)
+
+
+@pytest.fixture(scope="session")
+def comfyui(tmp_path_factory):
+    """ComfyUI 0.3.75 running in this process on CPU, this repository installed as the custom
+    node folder ``mace``; ``comfyui.run(graph)`` executes API-format prompt graphs."""
+    import comfyui_harness
+
+    try:
+        return comfyui_harness.start_comfyui(tmp_path_factory.mktemp("comfyui"))
+    except comfyui_harness.ComfyUIUnavailable as e:
+        pytest.skip(str(e))
+
+
+@dataclass
+class TinySD1:
+    """A tiny SD1-layout checkpoint in ComfyUI's checkpoints folder and the modules it holds."""
+
+    path: Path
+    name: str  # what CheckpointLoaderSimple's ckpt_name takes
+    model_class: type  # the comfy.supported_models class registered for it
+    text_encoder: Any  # transformers CLIPTextModel
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(comfyui, tmp_path_factory) -> TinySD1:
+    """Random tiny SD1 (UNet 32/64 channels, 2-layer 32-wide text encoder) with the VAE sizes
+    ComfyUI's loader accepts unaided (SD's own VAE), written by
+    ``mace_core.checkpoint.save_new_checkpoint`` and loadable with CheckpointLoaderSimple."""
+    import comfyui_harness as h
+    from mace_core.checkpoint import save_new_checkpoint
+
+    te, unet, vae = h.make_tiny_sd1_modules(seed=0, vae="sd")
+    path = Path(save_new_checkpoint(str(tmp_path_factory.mktemp("tiny_sd1") / "tiny-sd1.safetensors"),
+                                    family="sd1", unet=unet, vae=vae, text_encoder=te))
+    cls = h.register_from_checkpoint(path)
+    name = comfyui.add_model(path)
+    return TinySD1(path=path, name=name, model_class=cls, text_encoder=te, unet=unet, vae=vae)
