@@ -101,6 +101,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the base model (default: the path recorded in the project)")
     p.add_argument("--out", type=Path, required=True)
 
+    p = sub.add_parser("add", help="add concepts to an erasure project: trains only them, then re-fuses")
+    p.add_argument("project", type=Path)
+    p.add_argument("--concept", action="append", default=[], required=True)
+    p.add_argument("--type", default=None)
+    p.add_argument("--anchor")
+    p.add_argument("--model", help="the base model (default: the path recorded in the project)")
+    p.add_argument("--out", type=Path, required=True)
+    _common(p)
+
+    p = sub.add_parser("export-lora", help="the erasure as a kohya-format LoRA (loads in A1111, Forge, ComfyUI)")
+    p.add_argument("erased", help="the erased checkpoint")
+    p.add_argument("--base", required=True, help="the model it was erased from")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--target-error", type=float, default=0.01,
+                   help="max relative error of each reconstructed weight (Frobenius), default 1%%")
+    p.add_argument("--max-rank", type=int)
+
+    p = sub.add_parser("apply", help="apply an exported erasure LoRA to another checkpoint of the same family")
+    p.add_argument("erasure", help="a LoRA written by `mace export-lora`")
+    p.add_argument("base", help="the checkpoint to apply it to (e.g. a fine-tune)")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("card", help="write a model card (README.md) for sharing an erased model on a hub")
+    p.add_argument("model", type=Path)
+    p.add_argument("--out", type=Path, help="default: README.md beside the model")
+    p.add_argument("--eval", type=Path, help="a metrics .md to embed")
+    p.add_argument("--grid", help="an image (path or URL) to show")
+    p.add_argument("--license", default="creativeml-openrail-m")
+
     p = sub.add_parser("demo", help="erase a shape from the shipped toy model (CPU, offline, ~1 minute)")
     p.add_argument("--concept", default="circle")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
@@ -116,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM behaves like Ctrl-C: the run stops between steps and keeps what it finished.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return {"info": cmd_info, "generate": cmd_generate, "erase": cmd_erase, "fuse": cmd_fuse,
+        return {"info": cmd_info, "generate": cmd_generate, "erase": cmd_erase, "fuse": cmd_fuse, "add": cmd_add,
+                "export-lora": cmd_export_lora, "apply": cmd_apply, "card": cmd_card,
                 "demo": cmd_demo}[args.cmd](args) or 0
     except KeyboardInterrupt:
         print("interrupted: finished concepts are saved in the work folder; rerun the same command to resume",
@@ -291,6 +321,94 @@ def cmd_fuse(args) -> int:
                 k.endswith(("attn2.to_k.weight", "attn2.to_v.weight", POOLED_SUFFIX))}
     res = refuse(proj, original, args.only, args.exclude)
     _save_result(ck, res, Path(args.out))
+    return 0
+
+
+def cmd_add(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .concepts import ErasureSpec, make_concept, parse_lines
+    from .diffusers_backend import DiffusersBackend
+    from .erase import erase
+    from .project import Project
+
+    proj = Project(args.project)
+    m = proj.manifest()
+    ck = load_checkpoint(args.model or m["base"]["path"])
+    if ck.sha256 != m["base"]["sha256"]:
+        raise MaceError(f"{ck.path} is not the model this project was made from; pass --model with the original")
+    new = []
+    for c in args.concept:
+        one = parse_lines(c, args.type or "object")[0]
+        new.append(make_concept(one.phrase, args.anchor, one.type) if args.anchor and "|" not in c else one)
+    be = DiffusersBackend.from_checkpoint(ck, device=args.device, dtype=_dtype(args.dtype))
+    res = erase(be, ErasureSpec(tuple(new)), proj, ck.sha256, ck.path.name, progress=_Bars())
+    # stage 1 is re-solved with every concept; LoRAs of earlier concepts are reused as trained
+    log.info("re-solved stage 1 for all concepts; reused LoRAs: %s", ", ".join(res.report["reused_loras"]) or "none")
+    _save_result(ck, res, Path(args.out))
+    return 0
+
+
+def cmd_export_lora(args) -> int:
+    from .checkpoint import load_checkpoint, write_safetensors
+    from .share import export_lora
+
+    erased, base = load_checkpoint(args.erased), load_checkpoint(args.base)
+    if erased.family.family != base.family.family:
+        raise MaceError(f"{args.erased} is {erased.family.family}, {args.base} is {base.family.family}")
+    exp = export_lora(erased.tensors, base.tensors, args.target_error, args.max_rank)
+    meta = {k: v for k, v in erased.metadata.items() if k.startswith("mace.") and k != "mace.arch"}
+    meta.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": base.family.architecture + "/lora",
+                 "modelspec.title": Path(args.out).stem, "mace.lora_max_rel_error": f"{exp.max_rel_error:.6f}",
+                 "mace.lora_ranks": json.dumps(sorted(set(exp.ranks.values()))),
+                 "mace.text_encoder_sha256": _text_hash(base)})
+    write_safetensors(exp.tensors, args.out, meta, protect=(erased.path, base.path))
+    size = Path(args.out).stat().st_size
+    print(f"wrote {args.out}: {len(exp.ranks)} tensors, ranks {min(exp.ranks.values())}-{max(exp.ranks.values())}, "
+          f"max relative error {100 * exp.max_rel_error:.3f}%, {size / 2 ** 20:.2f} MiB")
+    return 0
+
+
+def _text_hash(ck) -> str:
+    from .prior import tensors_key
+
+    prefixes = tuple(te.prefix for te in ck.family.text_encoders)
+    return tensors_key({k: v for k, v in ck.tensors.items() if k.startswith(prefixes)}, "")
+
+
+def cmd_apply(args) -> int:
+    from safetensors.torch import load_file
+
+    from .checkpoint import load_checkpoint, read_metadata, save_edited
+    from .share import lora_deltas
+
+    lora, lmeta = load_file(args.erasure), read_metadata(args.erasure)
+    ck = load_checkpoint(args.base)
+    deltas = lora_deltas(lora, [k for k in ck.tensors if k.startswith("model.diffusion_model.")])
+    if not deltas:
+        raise MaceError(f"{args.erasure} has no LoRA tensors for the UNet of {args.base}")
+    if lmeta.get("mace.text_encoder_sha256") and lmeta["mace.text_encoder_sha256"] != _text_hash(ck):
+        log.warning("warning: %s has a different text encoder than the model the erasure was computed on; "
+                    "the erasure may be weaker. Re-run `mace erase` on this model for a full-strength result.",
+                    args.base)
+    edits = {k: ck.tensors[k].float() + d for k, d in deltas.items()}
+    meta = {k: v for k, v in lmeta.items() if k.startswith("mace.") and k not in ("mace.lora_ranks",)}
+    meta["mace.applied_to"] = ck.path.name
+    save_edited(ck, edits, args.out, meta)
+    print(f"wrote {args.out} ({len(edits)} tensors changed)")
+    return 0
+
+
+def cmd_card(args) -> int:
+    from .checkpoint import read_metadata
+    from .share import model_card
+
+    meta = read_metadata(args.model)
+    if "mace.concepts" not in meta:
+        raise MaceError(f"{args.model} has no mace.* metadata: it was not written by `mace erase`")
+    eval_md = args.eval.read_text() if args.eval else None
+    out = args.out or args.model.with_name("README.md")
+    out.write_text(model_card(meta, args.model.stem, eval_md, args.grid, args.license))
+    print(f"wrote {out}")
     return 0
 
 
