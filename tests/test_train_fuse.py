@@ -107,3 +107,40 @@ def test_fusion_preserves_each_concept_far_better_than_naive_sum():
 
     assert err(fused) < 0.05 * err(naive), (err(fused), err(naive))
 
+
+
+def _abo_setup(backend, prompt):
+    # 4 px images (2x2 latents): the random tiny UNet's output ignores the text at larger sizes
+    data = draw_concept(backend, prompt, "cat", [1, 2], 3, 3.0, mask_mode="none", size=4)
+    zero = {k: torch.zeros_like(v) for k, v in backend.original_weights().items()}
+    return data, zero
+
+
+def test_abo_loss_is_zero_for_the_frozen_model_when_alternative_is_the_concept(backend):
+    prompt = "a photo of a cat"
+    data, zero = _abo_setup(backend, prompt)
+    s = Settings(objective="abo", alternative=prompt, abo_scale=1.0, steps=1, lr=1e-2)
+    tokens = phrase_token_mask(backend, [prompt], "cat")
+    _, losses = train_lora(backend, data, [prompt], tokens, zero, s, seed=0)
+    assert losses[0] == 0.0
+
+
+def test_abo_training_lowers_its_loss_and_keeps_the_unconditional_prediction(backend):
+    from mace_core.attention import weight_deltas
+    from mace_core.backend import TextBatch
+
+    prompt = "a photo of a cat"
+    data, zero = _abo_setup(backend, prompt)
+    s = Settings(objective="abo", alternative="a photo of a dog", steps=40, lr=1e-2, abo_lambda=10.0)
+    tokens = phrase_token_mask(backend, [prompt], "cat")
+    lora, losses = train_lora(backend, data, [prompt], tokens, zero, s, seed=0)
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert any(k.endswith("to_v.weight") for k in lora.down)  # abo trains values too
+    x = data.latents + 0.5 * torch.randn(data.latents.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([300, 300])
+    unc = TextBatch.cat([backend.encode([""])] * 2)
+    with torch.no_grad():
+        u0 = backend.predict(x, t, unc)
+        with weight_deltas(backend.cross_attention(), {k: lora.delta(k) for k in lora.down}):
+            u1 = backend.predict(x, t, unc)
+    assert (u1 - u0).norm() / u0.norm() < 0.05

@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam-checkpoint", help="segment-anything checkpoint for --mask sam")
     p.add_argument("--fusion", choices=["closed-form", "naive"], help="how LoRAs combine (naive = ablation)")
     p.add_argument("--timesteps", choices=["cfis", "uniform"], help="LoRA timestep sampling")
+    p.add_argument("--objective", choices=["mace", "abo"],
+                   help="stage-2 loss: mace (attention loss, default) or abo (All-but-One: turn the concept into "
+                        "--alternative while keeping the unconditional prediction)")
+    p.add_argument("--alternative", help="abo: what the erased concept should become, e.g. 'a cow'")
     p.add_argument("--prediction", choices=["epsilon", "v_prediction"], help="override SD2 prediction type")
     _common(p)
 
@@ -269,7 +273,8 @@ def spec_from_args(args):
             one = make_concept(one.phrase, args.anchor, one.type)
         extra.append(one)
     keys = ["steps", "images", "rank", "lr", "seed", "batch_size", "lam", "prior", "domain", "fuse_prior",
-            "clip_skip", "sample_steps", "guidance", "mask", "sam_checkpoint", "fusion", "timesteps"]
+            "clip_skip", "sample_steps", "guidance", "mask", "sam_checkpoint", "fusion", "timesteps", "objective",
+            "alternative"]
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     return merge_specs(spec, ErasureSpec(tuple(extra), tuple(args.retain), overrides))
 

@@ -43,6 +43,10 @@ class Settings:
     mask_threshold: float = 0.5  # fraction of the attention map's max kept as the concept's region
     timesteps: str = "cfis"  # cfis | uniform
     cfis: tuple[float, float, float] = (200.0, 400.0, 0.05)  # t1, t2, gamma
+    objective: str = "mace"  # mace (attention loss) | abo (All-but-One: guide toward `alternative`)
+    alternative: str = ""  # abo: what the concept should turn into ("" = nothing in particular)
+    abo_scale: float = 1.0  # abo: s, strength of the alternative's guidance direction
+    abo_lambda: float = 1.0  # abo: weight keeping the unconditional prediction unchanged
     # stage 3: fusion
     fusion: str = "closed-form"  # closed-form | naive
     fuse_lam: float = 1e-3
@@ -58,6 +62,8 @@ class Settings:
             raise MaceError("--mask sam needs --sam-checkpoint PATH (a segment-anything ViT checkpoint)")
         if self.timesteps not in ("cfis", "uniform"):
             raise MaceError(f"timesteps must be cfis or uniform, got {self.timesteps!r}")
+        if self.objective not in ("mace", "abo"):
+            raise MaceError(f"objective must be mace or abo, got {self.objective!r}")
         if self.fusion not in ("closed-form", "naive"):
             raise MaceError(f"fusion must be closed-form or naive, got {self.fusion!r}")
         for name in ("rank", "steps", "images", "batch_size", "sample_steps"):
@@ -276,5 +282,6 @@ def settings_hash(spec: ErasureSpec, concept: Concept) -> str:
     """Identity of a concept's stage-2 work: what changes its LoRA changes this hash."""
     s = spec.settings_for(concept).to_dict()
     stage2 = {k: s[k] for k in ("rank", "steps", "lr", "batch_size", "images", "sample_steps", "guidance", "mask",
-                                "mask_threshold", "timesteps", "cfis", "seed", "clip_skip")}
+                                "mask_threshold", "timesteps", "cfis", "seed", "clip_skip", "objective", "alternative",
+                                "abo_scale", "abo_lambda")}
     return hashlib.sha256(json.dumps([concept.to_dict(), stage2], sort_keys=True).encode()).hexdigest()[:16]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from .attention import QKCapture, token_attention, weight_deltas
 from .backend import Backend, TextBatch
@@ -93,30 +94,42 @@ def attention_loss(cap: QKCapture, layers, lora: LoRA, base_delta: Mapping[str, 
     return total / len(layers)
 
 
+def init_lora(layers, keys: list[str], rank: int, g: torch.Generator, device) -> LoRA:
+    """Factors for ``keys``: down kaiming-uniform (as peft initialises lora_A), up zero (delta 0 at start)."""
+    shapes = {key: mod.weight.shape for layer in layers for key, mod in ((layer.k_key, layer.to_k),
+                                                                          (layer.v_key, layer.to_v))}
+    down, up = {}, {}
+    for key in keys:
+        c, dim = shapes[key]
+        bound = 1 / math.sqrt(dim)
+        down[key] = ((torch.rand(rank, dim, generator=g) * 2 - 1) * bound).to(device).requires_grad_()
+        up[key] = torch.zeros(c, rank, device=device, requires_grad=True)
+    return LoRA(down, up, alpha=float(rank))
+
+
 def train_lora(backend: Backend, data: ConceptData, prompts: list[str], tokens: torch.Tensor,
                base_delta: Mapping[str, torch.Tensor], settings: Settings, seed: int,
                on_step: Callable[[int, int, float], None] | None = None) -> tuple[LoRA, list[float]]:
-    """Train one concept's LoRA. prompts: training prompts; tokens bool [len(prompts), T] the
-    positions of the loss; base_delta: W' - W0 per file key (the refined model). Returns the LoRA
-    and the loss at every step."""
+    """Train one concept's LoRA on the refined model (base_delta = W' - W0 per file key).
+
+    prompts: training prompts; tokens bool [len(prompts), T]: the positions of the attention loss.
+    ``settings.objective`` picks the loss: "mace" (attention loss, to_k LoRA) or "abo" (All-but-One:
+    guidance toward ``settings.alternative`` with the unconditional prediction held, to_k and to_v
+    LoRA). Returns the LoRA and the loss at every step.
+    """
     layers = backend.cross_attention()
     g = torch.Generator().manual_seed(seed)
     dev = backend.device
-    r = settings.rank
-    down, up = {}, {}
-    for layer in layers:
-        c, dim = layer.to_k.weight.shape
-        bound = 1 / math.sqrt(dim)  # kaiming-uniform(a=sqrt 5) bound, as peft initialises lora_A
-        down[layer.k_key] = ((torch.rand(r, dim, generator=g) * 2 - 1) * bound).to(dev).requires_grad_()
-        up[layer.k_key] = torch.zeros(c, r, device=dev, requires_grad=True)
-    lora = LoRA(down, up, alpha=float(r))
-    params = list(down.values()) + list(up.values())
+    abo = settings.objective == "abo"
+    keys = [l.k_key for l in layers] + ([l.v_key for l in layers] if abo else [])
+    lora = init_lora(layers, keys, settings.rank, g, dev)
+    params = list(lora.down.values()) + list(lora.up.values())
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.999), weight_decay=0.01)
     text_all = backend.encode(prompts)
-    with torch.no_grad():
-        k0_all = {layer.name: layer.to_k(text_all.context.to(dev, layer.to_k.weight.dtype)).float() for layer in layers}
+    base = {k: v.to(dev) for k, v in base_delta.items()}
+    loss_fn = (_abo_loss(backend, layers, lora, base, text_all, settings) if abo
+               else _mace_loss(backend, layers, lora, base, text_all, tokens, data))
     ac = backend.alphas_cumprod.float()
-    v_deltas = {k: v.to(dev) for k, v in base_delta.items() if k.endswith("to_v.weight")}
     losses = []
     n, bs = data.latents.shape[0], settings.batch_size
     for step in range(settings.steps):
@@ -126,12 +139,7 @@ def train_lora(backend: Backend, data: ConceptData, prompts: list[str], tokens: 
         noise = torch.randn(data.latents[idx].shape, generator=g)
         a = ac[t].view(-1, 1, 1, 1)
         x = (a.sqrt() * data.latents[idx] + (1 - a).sqrt() * noise).to(dev)
-        text = text_all.select(pidx)
-        k_deltas = {k: (lambda k=k: (base_delta[k].to(dev) + lora.delta(k)).detach()) for k in down}
-        with torch.no_grad(), QKCapture(layers) as cap, weight_deltas(layers, {**v_deltas, **k_deltas}):
-            backend.predict(x, t.to(dev), text)
-        k0 = {name: v[pidx] for name, v in k0_all.items()}
-        loss = attention_loss(cap, layers, lora, base_delta, text, k0, tokens[pidx], data.masks[idx])
+        loss = loss_fn(x, t.to(dev), idx, pidx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -139,10 +147,50 @@ def train_lora(backend: Backend, data: ConceptData, prompts: list[str], tokens: 
         losses.append(float(loss.detach()))
         if on_step:
             on_step(step + 1, settings.steps, losses[-1])
-    for p in params:
-        p.requires_grad_(False)
-    return LoRA({k: v.detach().cpu() for k, v in down.items()}, {k: v.detach().cpu() for k, v in up.items()},
-                lora.alpha), losses
+    return LoRA({k: v.detach().cpu() for k, v in lora.down.items()},
+                {k: v.detach().cpu() for k, v in lora.up.items()}, lora.alpha), losses
+
+
+def _lora_deltas(lora: LoRA, base: Mapping[str, torch.Tensor]) -> dict:
+    """Hook deltas: W' - W0 everywhere, plus the LoRA where it has factors (re-evaluated per call)."""
+    out: dict = dict(base)
+    for k in lora.down:
+        out[k] = lambda k=k: base[k] + lora.delta(k)
+    return out
+
+
+def _mace_loss(backend, layers, lora, base, text_all, tokens, data):
+    dev = backend.device
+    with torch.no_grad():
+        k0_all = {l.name: l.to_k(text_all.context.to(dev, l.to_k.weight.dtype)).float() for l in layers}
+
+    def loss(x, t, idx, pidx):
+        text = text_all.select(pidx)
+        with torch.no_grad(), QKCapture(layers) as cap, weight_deltas(layers, _lora_deltas(lora, base)):
+            backend.predict(x, t, text)
+        k0 = {name: v[pidx] for name, v in k0_all.items()}
+        return attention_loss(cap, layers, lora, base, text, k0, tokens[pidx], data.masks[idx])
+    return loss
+
+
+def _abo_loss(backend, layers, lora, base, text_all, settings):
+    """|| [eps(x,c) - eps(x,0)] - s [eps0(x,alt) - eps0(x,0)] ||^2 + lambda || eps(x,0) - eps0(x,0) ||^2,
+    eps with the refined weights + LoRA, eps0 the frozen original model; no alternative: target 0."""
+    empty = backend.encode([""])
+    alt = backend.encode([settings.alternative]) if settings.alternative else None
+
+    def loss(x, t, idx, pidx):
+        b = x.shape[0]
+        text, unc = text_all.select(pidx), TextBatch.cat([empty] * b)
+        with torch.no_grad():
+            u0 = backend.predict(x, t, unc).float()
+            target = (settings.abo_scale * (backend.predict(x, t, TextBatch.cat([alt] * b)).float() - u0)
+                      if alt is not None else torch.zeros_like(u0))
+        with weight_deltas(layers, _lora_deltas(lora, base)):
+            ec = backend.predict(x, t, text).float()
+            eu = backend.predict(x, t, unc).float()
+        return F.mse_loss(ec - eu, target) + settings.abo_lambda * F.mse_loss(eu, u0)
+    return loss
 
 
 @torch.no_grad()
