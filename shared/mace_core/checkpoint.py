@@ -358,17 +358,12 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], out: str | Path,
 
 def _fill_hash(path: Path) -> None:
     """Replace the hash placeholder in the header (same length) with the data section's sha256."""
+    digest = data_sha256(path)
     _, n = _read_header(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(8 + n)
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
     with open(path, "r+b") as f:
         header = f.read(8 + n)
-        pos = header.find(_HASH_PLACEHOLDER.encode())
-        f.seek(pos)
-        f.write(("0x" + h.hexdigest()).encode())
+        f.seek(header.find(_HASH_PLACEHOLDER.encode()))
+        f.write(digest.encode())
         f.flush()
         os.fsync(f.fileno())
 
@@ -385,13 +380,9 @@ def data_sha256(path: str | Path) -> str:
     return "0x" + h.hexdigest()
 
 
-def save_edited(ckpt: Checkpoint, edits: Mapping[str, torch.Tensor], out: str | Path,
-                metadata: Mapping[str, str]) -> Path:
-    """Write the checkpoint with ``edits`` (full file keys -> new weights) replacing its tensors.
-
-    Edited tensors are cast to the dtype of the tensor they replace; every other tensor is the
-    input's own object, so it is bit-identical. ``metadata`` is merged over the input's.
-    """
+def with_edits(ckpt: Checkpoint, edits: Mapping[str, torch.Tensor]) -> Checkpoint:
+    """The checkpoint with ``edits`` (file key -> weight) in place, each cast to the dtype it replaces;
+    other tensors are shared, not copied."""
     tensors = dict(ckpt.tensors)
     for k, v in edits.items():
         if k not in tensors:
@@ -399,6 +390,17 @@ def save_edited(ckpt: Checkpoint, edits: Mapping[str, torch.Tensor], out: str | 
         if tuple(v.shape) != tuple(tensors[k].shape):
             raise ValueError(f"edit for {k} has shape {list(v.shape)}, file has {list(tensors[k].shape)}")
         tensors[k] = v.detach().to(device="cpu", dtype=tensors[k].dtype)
+    return Checkpoint(ckpt.path, ckpt.family, tensors, ckpt.metadata, ckpt.source_format, ckpt._sha256)
+
+
+def save_edited(ckpt: Checkpoint, edits: Mapping[str, torch.Tensor], out: str | Path,
+                metadata: Mapping[str, str]) -> Path:
+    """Write the checkpoint with ``edits`` (full file keys -> new weights) replacing its tensors.
+
+    Edited tensors are cast to the dtype of the tensor they replace; every other tensor is the
+    input's own object, so it is bit-identical. ``metadata`` is merged over the input's.
+    """
+    tensors = with_edits(ckpt, edits).tensors
     meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith(("modelspec.", "mace."))}
     if ckpt.family.family not in ("sd1", "sd2", "sd2-v", "sdxl") or _nonstandard(ckpt.family):
         meta["mace.arch"] = ckpt.family.to_json()

@@ -254,8 +254,23 @@ class _Bars:
         self.bars[label](done)
 
 
+def _cli_concepts(values: list[str], ctype: str, anchor: str | None) -> list:
+    """--concept values ('phrase', 'phrase | anchor', 'phrase | anchor | type'); --anchor fills in
+    the anchor of those that give none."""
+    from .concepts import make_concept, parse_lines
+
+    out = []
+    for c in values:
+        parsed = parse_lines(c, ctype)
+        if len(parsed) != 1:
+            raise MaceError(f"--concept {c!r}: give one concept per flag")
+        one = parsed[0]
+        out.append(make_concept(one.phrase, anchor, one.type) if anchor and "|" not in c else one)
+    return out
+
+
 def spec_from_args(args):
-    from .concepts import ErasureSpec, load_config, load_preset, make_concept, merge_specs, parse_lines
+    from .concepts import ErasureSpec, load_config, load_preset, merge_specs
 
     spec = ErasureSpec(())
     if args.preset:
@@ -263,15 +278,7 @@ def spec_from_args(args):
     if args.config:
         spec = merge_specs(spec, load_config(args.config))
     ctype = args.type or (spec.concepts[0].type if spec.concepts else "object")
-    extra = []
-    for c in args.concept:
-        parsed = parse_lines(c, ctype)
-        if len(parsed) != 1:
-            raise MaceError(f"--concept {c!r}: give one concept per flag")
-        one = parsed[0]
-        if args.anchor and "|" not in c:
-            one = make_concept(one.phrase, args.anchor, one.type)
-        extra.append(one)
+    extra = _cli_concepts(args.concept, ctype, args.anchor)
     keys = ["steps", "images", "rank", "lr", "seed", "batch_size", "lam", "prior", "domain", "fuse_prior",
             "clip_skip", "sample_steps", "guidance", "mask", "sam_checkpoint", "fusion", "timesteps", "objective",
             "alternative"]
@@ -290,17 +297,37 @@ def cmd_erase(args) -> int:
         raise MaceError(f"--out must end in .safetensors, got {out.name!r}")
     if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
         raise MaceError("refusing to overwrite the input model; choose another --out")
+    rank = _init_distributed(args)
     ck, be = _backend(args, prediction=args.prediction)
     work = args.work_dir or out.with_name(out.name + ".mace")
     log.info("erasing %s from %s (%s); work folder %s", ", ".join(c.phrase for c in spec.concepts),
              ck.path.name, ck.family.family, work)
     res = erase(be, spec, Project(work), ck.sha256, ck.path.name, progress=_Bars(),
                 closed_form_only=args.closed_form_only)
+    if rank != 0:
+        return 0
     _save_result(ck, res, out)
     log.info("stages: %s", ", ".join(f"{k} {v:.1f}s" for k, v in res.report["timings"].items()))
     if res.report["reused_loras"]:
         log.info("reused finished LoRAs: %s", ", ".join(res.report["reused_loras"]))
     return 0
+
+
+def _init_distributed(args) -> int:
+    """Join a torchrun / accelerate launch group (gloo on CPU, nccl on GPU); returns this rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()
 
 
 def _save_result(ck, res, out: Path) -> None:
@@ -312,9 +339,9 @@ def _save_result(ck, res, out: Path) -> None:
     print(f"wrote {out} (erased: {', '.join(names) or 'nothing'})")
 
 
-def cmd_fuse(args) -> int:
+def _project_and_base(args):
+    """The erasure project of ``args.project`` and its base model (checked by hash)."""
     from .checkpoint import load_checkpoint
-    from .erase import POOLED_SUFFIX, refuse
     from .project import Project
 
     proj = Project(args.project)
@@ -322,6 +349,13 @@ def cmd_fuse(args) -> int:
     ck = load_checkpoint(args.model or m["base"]["path"])
     if ck.sha256 != m["base"]["sha256"]:
         raise MaceError(f"{ck.path} is not the model this project was made from; pass --model with the original")
+    return proj, ck
+
+
+def cmd_fuse(args) -> int:
+    from .erase import POOLED_SUFFIX, refuse
+
+    proj, ck = _project_and_base(args)
     original = {k: v.float() for k, v in ck.tensors.items() if k.startswith("model.diffusion_model.") and
                 k.endswith(("attn2.to_k.weight", "attn2.to_v.weight", POOLED_SUFFIX))}
     res = refuse(proj, original, args.only, args.exclude)
@@ -330,21 +364,12 @@ def cmd_fuse(args) -> int:
 
 
 def cmd_add(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .concepts import ErasureSpec, make_concept, parse_lines
+    from .concepts import ErasureSpec
     from .diffusers_backend import DiffusersBackend
     from .erase import erase
-    from .project import Project
 
-    proj = Project(args.project)
-    m = proj.manifest()
-    ck = load_checkpoint(args.model or m["base"]["path"])
-    if ck.sha256 != m["base"]["sha256"]:
-        raise MaceError(f"{ck.path} is not the model this project was made from; pass --model with the original")
-    new = []
-    for c in args.concept:
-        one = parse_lines(c, args.type or "object")[0]
-        new.append(make_concept(one.phrase, args.anchor, one.type) if args.anchor and "|" not in c else one)
+    proj, ck = _project_and_base(args)
+    new = _cli_concepts(args.concept, args.type or "object", args.anchor)
     be = DiffusersBackend.from_checkpoint(ck, device=args.device, dtype=_dtype(args.dtype))
     res = erase(be, ErasureSpec(tuple(new)), proj, ck.sha256, ck.path.name, progress=_Bars())
     # stage 1 is re-solved with every concept; LoRAs of earlier concepts are reused as trained

@@ -45,16 +45,30 @@ def concept_seed(seed: int, concept: Concept) -> int:
 def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: str, base_name: str = "",
           progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
           closed_form_only: bool = False) -> ErasureResult:
-    """Run all three stages for ``spec`` (resuming finished concepts from ``project``)."""
+    """Run all three stages for ``spec`` (resuming finished concepts from ``project``).
+
+    Under torch.distributed (``torchrun`` / ``accelerate launch``) each rank computes and trains
+    its share of the concepts (concept i on rank i mod world) into the shared project; every rank
+    then fuses (closed form, seconds) and the caller writes the output on rank 0.
+    """
     prog = progress or (lambda *_: None)
     stop = should_stop or (lambda: False)
+    rank, world, barrier = _world()
     validate(spec, backend.tokenize)
-    project.open(base_sha256, base_name, backend.family_name, spec)
+    if rank == 0:
+        project.open(base_sha256, base_name, backend.family_name, spec)
+    barrier()
     spec = project.spec()  # a project accumulates: earlier concepts stay erased
+    mine = [c for i, c in enumerate(spec.concepts) if i % world == rank]
     run = spec.settings_for()
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
+    for c in mine:
+        _stats(backend, project, c)
+    if rank == 0:
+        _priors(backend, project, spec)
+    barrier()
     stats = {c.phrase: _stats(backend, project, c) for c in spec.concepts}
     priors = _priors(backend, project, spec)
     original = backend.original_weights()
@@ -66,17 +80,17 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
     if not closed_form_only:
         t0 = time.perf_counter()
         base_delta = {k: refined[k] - original[k] for k in original if not k.endswith(POOLED_SUFFIX)}
-        for i, c in enumerate(spec.concepts):
+        for i, c in enumerate(mine):
             h = settings_hash(spec, c)
-            lora = project.load_lora(c, h)
-            if lora is not None:
+            if project.load_lora(c, h) is not None:
                 reused.append(c.phrase)
             else:
                 if stop():
                     raise InterruptedRun(f"stopped before training {c.phrase!r}; rerun to resume")
-                lora = _train_concept(backend, project, spec, c, base_delta, h, prog, stop)
-            loras[c.phrase] = lora
-            prog("concepts", i + 1, len(spec.concepts))
+                _train_concept(backend, project, spec, c, base_delta, h, prog, stop)
+            prog("concepts", i + 1, len(mine))
+        barrier()
+        loras = {c.phrase: project.load_lora(c, settings_hash(spec, c)) for c in spec.concepts}
         timings["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -85,6 +99,15 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
     meta = erasure_metadata(spec, base_sha256, base_name, closed_form_only)
     return ErasureResult(weights, meta, {"timings": timings, "reused_loras": reused,
                                          "losses": {c.phrase: project.lora_losses(c) for c in spec.concepts}})
+
+
+def _world() -> tuple[int, int, Callable[[], None]]:
+    """(rank, world size, barrier) when torch.distributed is initialised, else (0, 1, no-op)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist.barrier
+    return 0, 1, lambda: None
 
 
 def refuse(project: Project, original: Mapping[str, torch.Tensor], only=None, exclude=(),
