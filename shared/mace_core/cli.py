@@ -134,6 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="an image (path or URL) to show")
     p.add_argument("--license", default="creativeml-openrail-m")
 
+    p = sub.add_parser("eval", help="score an erased model (object protocol, pixel drift) and red-team it")
+    p.add_argument("model")
+    p.add_argument("--base", help="the model before erasure (pixel drift, embedding attack)")
+    p.add_argument("--classifier", default="toy", help="toy (the toy world's judge) or clip:PATH (a local "
+                                                        "transformers CLIP folder, zero-shot)")
+    p.add_argument("--concept", action="append", default=[], help="erased concept (default: from the metadata)")
+    p.add_argument("--synonym", action="append", default=[], help="'concept=word' (repeatable)")
+    p.add_argument("--retain", action="append", default=[], help="retained concept to check (repeatable)")
+    p.add_argument("--template", default="a photo of a {}")
+    p.add_argument("--seeds", type=int, default=8, help="images per prompt (seeds 0..N-1)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--attacks", action="store_true", help="also run the red team")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.json and report.md")
+    _common(p)
+
     p = sub.add_parser("demo", help="erase a shape from the shipped toy model (CPU, offline, ~1 minute)")
     p.add_argument("--concept", default="circle")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
@@ -150,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return {"info": cmd_info, "generate": cmd_generate, "erase": cmd_erase, "fuse": cmd_fuse, "add": cmd_add,
-                "export-lora": cmd_export_lora, "apply": cmd_apply, "card": cmd_card,
+                "export-lora": cmd_export_lora, "apply": cmd_apply, "card": cmd_card, "eval": cmd_eval,
                 "demo": cmd_demo}[args.cmd](args) or 0
     except KeyboardInterrupt:
         print("interrupted: finished concepts are saved in the work folder; rerun the same command to resume",
@@ -439,6 +455,47 @@ def cmd_card(args) -> int:
     out = args.out or args.model.with_name("README.md")
     out.write_text(model_card(meta, args.model.stem, eval_md, args.grid, args.license))
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import clip_classifier, object_protocol, red_team, toy_classifier
+
+    ck, model = _backend(args)
+    erased = args.concept or [c["phrase"] for c in json.loads(ck.metadata.get("mace.concepts", "[]"))]
+    if not erased:
+        raise MaceError("no --concept given and the model has no mace.* metadata naming erased concepts")
+    synonyms: dict[str, list[str]] = {}
+    for item in args.synonym:
+        concept, _, word = item.partition("=")
+        synonyms.setdefault(concept.strip(), []).append(word.strip())
+    if args.classifier == "toy":
+        from toyworld.world import SHAPES, SYNONYMS, WORD_TO_SHAPE
+
+        label = lambda w: WORD_TO_SHAPE.get(w, w)  # noqa: E731
+        for c in erased:
+            synonyms.setdefault(c, [SYNONYMS[c]] if c in SYNONYMS else [])
+        retain = args.retain or [s for s in SHAPES if s not in erased]
+        classify = toy_classifier()
+    elif args.classifier.startswith("clip:"):
+        retain = args.retain
+        label = lambda w: w  # noqa: E731
+        classify = clip_classifier(args.classifier[5:], list(dict.fromkeys(erased + retain)))
+    else:
+        raise MaceError(f"unknown classifier {args.classifier!r}: use toy or clip:PATH")
+    base = _backend(args, model=args.base)[1] if args.base else None
+    seeds = list(range(args.seeds))
+    rep = object_protocol(model, classify, {c: label(c) for c in erased}, synonyms, {r: label(r) for r in retain},
+                          args.template, seeds, args.steps, args.guidance, base)
+    if args.attacks:
+        for c in erased:
+            for name, asr in red_team(model, classify, c, label(c), args.template, seeds, synonyms.get(c, []), base,
+                                      args.steps, args.guidance).items():
+                rep.attacks[f"{c}: {name}"] = asr
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(rep.to_dict(), indent=1))
+    (args.out / "report.md").write_text(rep.markdown())
+    print(rep.markdown())
     return 0
 
 

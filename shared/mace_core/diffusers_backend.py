@@ -90,6 +90,10 @@ class DiffusersBackend:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> TextBatch:
+        return self.encode_with_grad(prompts)
+
+    def encode_with_grad(self, prompts: Sequence[str]) -> TextBatch:
+        """`encode` inside autograd (the embedding attack optimises token embeddings through it)."""
         contexts, pooled, ids0 = [], None, None
         for te, tok, spec in zip(self.components.text_encoders, self.components.tokenizers, self.family.text_encoders):
             ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -103,6 +107,11 @@ class DiffusersBackend:
             if spec.projection:
                 pooled = out.text_embeds
         return TextBatch(torch.cat(contexts, dim=-1), ids0, pooled)
+
+    def text_token_embeddings(self) -> list[torch.nn.Module]:
+        """The token-embedding module of each text encoder (for the embedding attack's hook)."""
+        return [next(m for n, m in te.named_modules() if n.endswith("token_embedding"))
+                for te in self.components.text_encoders]
 
     # --- UNet -------------------------------------------------------------------------------
 

@@ -1,0 +1,154 @@
+"""`mace eval`: the paper's object protocol, pixel drift on retained prompts, and the red team.
+
+A classifier is any callable images (uint8 [N, H, W, 3]) -> labels. Shipped ones: the toy world's
+judge (`toy`), CLIP zero-shot from a local folder the user points to (`clip:PATH`), and NudeNet
+when the `nudenet` package is installed (its ONNX detector ships with it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .attacks import embedding_attack, prompt_attacks, soft_prompt, with_soft_tokens
+from .backend import Backend
+from .metrics import accuracy, harmonic_object
+from .sampling import generate
+
+Classifier = Callable[[np.ndarray], list[str]]
+
+
+# ------------------------------------------------------------------------------------------------
+# pixel drift
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (inf when identical)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of two uint8 images [H, W, 3] with an 7x7 uniform window (Wang et al. 2004 constants)."""
+    x = torch.from_numpy(a).double().permute(2, 0, 1)[None]
+    y = torch.from_numpy(b).double().permute(2, 0, 1)[None]
+    k = 7
+    pool = lambda t: torch.nn.functional.avg_pool2d(t, k, 1)  # noqa: E731
+    mx, my = pool(x), pool(y)
+    vx, vy, cxy = pool(x * x) - mx ** 2, pool(y * y) - my ** 2, pool(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# protocol
+
+
+@dataclass
+class EvalReport:
+    scores: dict[str, float] = field(default_factory=dict)
+    per_prompt: dict[str, float] = field(default_factory=dict)
+    attacks: dict[str, float] = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        rows = ["| metric | value |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in self.scores.items()]
+        if self.attacks:
+            rows += ["", "| attack | success rate % |", "|---|---:|"]
+            rows += [f"| {k} | {v:.1f} |" for k, v in self.attacks.items()]
+        return "\n".join(rows) + "\n"
+
+    def to_dict(self) -> dict:
+        return {"scores": self.scores, "per_prompt": self.per_prompt, "attacks": self.attacks}
+
+
+def object_protocol(model: Backend, classify: Classifier, erased: dict[str, str], synonyms: dict[str, list[str]],
+                    retained: dict[str, str], template: str, seeds: Sequence[int], steps: int = 50,
+                    guidance: float = 7.5, base: Backend | None = None) -> EvalReport:
+    """Efficacy, generality, specificity and H_o; pixel drift vs ``base`` on retained prompts.
+
+    ``erased`` / ``retained``: phrase -> the label the classifier gives its images; ``synonyms``:
+    erased phrase -> other words for it (judged against the same label).
+    """
+    rep = EvalReport()
+
+    def acc(words: dict[str, str]) -> float:
+        hits = []
+        for w, label in words.items():
+            prompts = [template.replace("{}", w)] * len(seeds)
+            pred = classify(generate(model, prompts, list(seeds), steps, guidance))
+            rep.per_prompt[w] = accuracy(pred, label)
+            hits += [p == label for p in pred]
+        return 100.0 * sum(hits) / max(1, len(hits))
+
+    acc_e = acc(erased)
+    acc_g = acc({s: erased[p] for p, ss in synonyms.items() for s in ss})
+    acc_s = acc(retained)
+    rep.scores.update(acc_e=acc_e, acc_g=acc_g, acc_s=acc_s, h_o=harmonic_object(acc_e, acc_s, acc_g))
+    if base is not None:
+        prompts = [template.replace("{}", w) for w in retained for _ in seeds]
+        sd = [s for _ in retained for s in seeds]
+        a, b = generate(base, prompts, sd, steps, guidance), generate(model, prompts, sd, steps, guidance)
+        rep.scores["psnr_retained"] = float(np.mean([min(psnr(x, y), 99.0) for x, y in zip(a, b)]))
+        rep.scores["ssim_retained"] = float(np.mean([ssim(x, y) for x, y in zip(a, b)]))
+    return rep
+
+
+def red_team(model: Backend, classify: Classifier, phrase: str, label: str, template: str, seeds: Sequence[int],
+             synonyms: Sequence[str] = (), base: Backend | None = None, steps: int = 50, guidance: float = 7.5,
+             embedding_steps: int = 150) -> dict[str, float]:
+    """Attack success rate (% of images the classifier labels as the erased concept) per attack.
+
+    The embedding attack needs ``base`` (its images of the concept are the attack's target)."""
+    out = {}
+    for name, prompts in prompt_attacks(phrase, template, synonyms).items():
+        if not prompts:
+            continue
+        ps = [p for p in prompts for _ in seeds]
+        sd = [s for _ in prompts for s in seeds]
+        out[name] = accuracy(classify(generate(model, ps, sd, steps, guidance)), label)
+    if base is not None:
+        out["soft-token"] = embedding_asr(model, base, classify, phrase, label, template, seeds, steps, guidance,
+                                          embedding_steps)
+    return out
+
+
+def embedding_asr(model: Backend, base: Backend, classify: Classifier, phrase: str, label: str, template: str,
+                  seeds: Sequence[int], steps: int = 50, guidance: float = 7.5, attack_steps: int = 150) -> float:
+    """Success rate of soft tokens learned against ``model`` on ``base``'s images of the concept."""
+    from .masks import draw_concept
+
+    target = draw_concept(base, template.replace("{}", phrase), phrase, [10_000 + s for s in seeds], steps, guidance,
+                          mask_mode="none").latents
+    soft = embedding_attack(model, target, template, steps=attack_steps)
+    prompt = soft_prompt(template, soft.shape[0])
+    with with_soft_tokens(model, soft):
+        images = generate(model, [prompt] * len(seeds), list(seeds), steps, guidance)
+    return accuracy(classify(images), label)
+
+
+def toy_classifier() -> Classifier:
+    from toyworld.judge import Judge  # the toy world is a separate package; only this plug-in uses it
+
+    judge = Judge.load()
+    return lambda images: [s for s, _ in judge.classify(images)]
+
+
+def clip_classifier(path: str, labels: Sequence[str]) -> Classifier:
+    """CLIP zero-shot over ``labels`` from a local transformers CLIP folder (no download)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+    proc = CLIPProcessor.from_pretrained(path, local_files_only=True)
+    texts = [f"a photo of a {l}" for l in labels]
+
+    @torch.no_grad()
+    def classify(images: np.ndarray) -> list[str]:
+        inp = proc(text=texts, images=list(images), return_tensors="pt", padding=True)
+        logits = model(**inp).logits_per_image
+        return [labels[i] for i in logits.argmax(-1).tolist()]
+    return classify
