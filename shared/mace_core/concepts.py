@@ -47,6 +47,8 @@ class Settings:
     alternative: str = ""  # abo: what the concept should turn into ("" = nothing in particular)
     abo_scale: float = 1.0  # abo: s, strength of the alternative's guidance direction
     abo_lambda: float = 1.0  # abo: weight keeping the unconditional prediction unchanged
+    robust_rounds: int = 0  # adversarial hardening rounds after the erasure (harden.py)
+    attack_steps: int = 100  # optimisation steps of each round's soft-token attack
     # stage 3: fusion
     fusion: str = "closed-form"  # closed-form | naive
     fuse_lam: float = 1e-3

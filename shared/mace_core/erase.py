@@ -17,9 +17,10 @@ import torch
 
 from . import __version__
 from .backend import Backend
-from .concepts import Concept, ErasureSpec, concept_prompts, settings_hash, train_prompt, validate
+from .concepts import Concept, ErasureSpec, concept_prompts, get_type, settings_hash, train_prompt, validate
 from .errors import InterruptedRun
 from .fuse import fuse, naive_sum
+from .harden import adversarial_stats
 from .masks import draw_concept, phrase_token_mask, save_data
 from .prior import general_prior, mean_grams
 from .project import Project
@@ -96,8 +97,29 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
     t0 = time.perf_counter()
     weights = _fuse(original, refined, spec, stats, loras, priors, run)
     timings["fuse"] = time.perf_counter() - t0
+    rounds: list[dict] = []
+    if run.robust_rounds and not closed_form_only:
+        t0 = time.perf_counter()
+        for r in range(run.robust_rounds):
+            deltas = {k: weights[k] - original[k] for k in original if not k.endswith(POOLED_SUFFIX)}
+            for c in mine:
+                if stats[c.phrase].hardened > r:
+                    continue  # done before an interruption
+                if stop():
+                    raise InterruptedRun(f"stopped while hardening {c.phrase!r}; rerun to resume")
+                adv, loss = adversarial_stats(backend, deltas, project.load_latents(c),
+                                              get_type(c.type).train_prompt, c.anchor, run.attack_steps,
+                                              concept_seed(run.seed, c) + r)
+                project.save_stats(c, stats[c.phrase].add(adv, r + 1))
+                rounds.append({"round": r + 1, "concept": c.phrase, "attack_loss": loss})
+                prog("hardening", r + 1, run.robust_rounds)
+            barrier()
+            stats = {c.phrase: project.load_stats(c) for c in spec.concepts}
+            weights = _fuse(original, refine_weights(original, list(stats.values()), run, priors), spec, stats,
+                            loras, priors, run)
+        timings["harden"] = time.perf_counter() - t0
     meta = erasure_metadata(spec, base_sha256, base_name, closed_form_only)
-    return ErasureResult(weights, meta, {"timings": timings, "reused_loras": reused,
+    return ErasureResult(weights, meta, {"timings": timings, "reused_loras": reused, "robust": rounds,
                                          "losses": {c.phrase: project.lora_losses(c) for c in spec.concepts}})
 
 
@@ -199,6 +221,7 @@ def _train_concept(backend: Backend, project: Project, spec: ErasureSpec, c: Con
 
         data.masks = refine_masks(data, s.sam_checkpoint, backend.vae_scale)
     save_data(data, project.concept_dir(c))
+    project.save_latents(c, data.latents)
     prompts = [prompt] + concept_prompts(c)
     tokens = phrase_token_mask(backend, prompts, c.phrase, with_end=True)
 

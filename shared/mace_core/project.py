@@ -109,14 +109,21 @@ class Project:
         return self.root / "concepts" / c.slug
 
     def save_stats(self, c: Concept, st: ConceptStats) -> None:
-        _save(st.tensors(), self.concept_dir(c) / "stats.safetensors", {"pairs": str(st.pairs), "phrase": c.phrase})
+        _save(st.tensors(), self.concept_dir(c) / "stats.safetensors",
+              {"pairs": str(st.pairs), "phrase": c.phrase, "hardened": str(st.hardened)})
 
     def load_stats(self, c: Concept) -> ConceptStats | None:
         p = self.concept_dir(c) / "stats.safetensors"
         if not p.is_file():
             return None
         t, meta = _load(p)
-        return ConceptStats(pairs=int(meta["pairs"]), **t)
+        return ConceptStats(pairs=int(meta["pairs"]), hardened=int(meta.get("hardened", 0)), **t)
+
+    def save_latents(self, c: Concept, latents: torch.Tensor) -> None:
+        _save({"latents": latents.float()}, self.concept_dir(c) / "latents.safetensors")
+
+    def load_latents(self, c: Concept) -> torch.Tensor:
+        return _load(self.concept_dir(c) / "latents.safetensors")[0]["latents"]
 
     def save_lora(self, c: Concept, lora: LoRA, settings_hash: str, losses: list[float]) -> None:
         _save(lora.state_dict(), self.concept_dir(c) / "lora.safetensors",

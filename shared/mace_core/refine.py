@@ -41,6 +41,12 @@ class ConceptStats:
     pairs: int
     pooled_cross: torch.Tensor | None = None  # [P, P] SDXL: sum over prompts of pooled(anchor) pooled^T
     pooled_gram: torch.Tensor | None = None  # [P, P]
+    hardened: int = 0  # adversarial rounds already added (harden.py)
+
+    def add(self, other: "ConceptStats", hardened: int) -> "ConceptStats":
+        """These sums plus another set of token pairs (e.g. an attack's), pooled sums unchanged."""
+        return ConceptStats(self.cross + other.cross, self.gram + other.gram, self.fusion_gram + other.fusion_gram,
+                            self.pairs + other.pairs, self.pooled_cross, self.pooled_gram, hardened)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"cross": self.cross, "gram": self.gram, "fusion_gram": self.fusion_gram}

@@ -1,0 +1,48 @@
+"""Robust erasure: adversarial rounds add the attack's embeddings to the concept's stage-1 sums
+and re-solve, so the hardened model maps them onto the anchor better than the plain one."""
+
+from __future__ import annotations
+
+import torch
+
+from mace_core.checkpoint import load_checkpoint
+from mace_core.concepts import ErasureSpec, make_concept
+from mace_core.diffusers_backend import DiffusersBackend
+from mace_core.erase import erase
+from mace_core.project import Project
+from tiny import tiny_file
+
+FAST = {"images": 2, "sample_steps": 3, "steps": 4, "lam": 1.0}
+
+
+def _residual(w, w0, cross, gram):
+    """sum_i ||W e_i - W0 e*_i||^2 up to a constant, from the sums C = sum e* e^T and G = sum e e^T."""
+    w, w0 = w.double(), w0.double()
+    return float(torch.trace(w @ gram @ w.T) - 2 * torch.trace(w0 @ cross @ w.T))
+
+
+def test_hardening_maps_the_attack_onto_the_anchor(tmp_path):
+    ck = load_checkpoint(tiny_file("sd1"))
+    be = DiffusersBackend.from_checkpoint(ck, device="cpu")
+    cat = make_concept("cat")
+    plain = erase(be, ErasureSpec((cat,), (), FAST), Project(tmp_path / "plain"), ck.sha256)
+    proj = Project(tmp_path / "robust")
+    hard = erase(be, ErasureSpec((cat,), (), {**FAST, "robust_rounds": 1, "attack_steps": 15}), proj, ck.sha256)
+    assert [r["round"] for r in hard.report["robust"]] == [1]
+    st_plain = Project(tmp_path / "plain").load_stats(cat)
+    st_hard = proj.load_stats(cat)
+    assert st_hard.hardened == 1 and st_hard.pairs > st_plain.pairs
+    adv_cross, adv_gram = st_hard.cross - st_plain.cross, st_hard.gram - st_plain.gram
+    original = be.original_weights()
+    worse = better = 0
+    for k in original:
+        if "to_k" not in k:
+            continue
+        r_plain = _residual(plain.weights[k], original[k], adv_cross, adv_gram)
+        r_hard = _residual(hard.weights[k], original[k], adv_cross, adv_gram)
+        better += r_hard < r_plain
+        worse += r_hard >= r_plain
+    assert better > worse  # the attack's prompt now says "anchor" in most layers
+    # a rerun resumes: the finished round is not repeated
+    again = erase(be, ErasureSpec((cat,), (), {**FAST, "robust_rounds": 1, "attack_steps": 15}), proj, ck.sha256)
+    assert again.report["robust"] == [] and proj.load_stats(cat).hardened == 1
