@@ -1,0 +1,541 @@
+"""The A1111/Forge tab (`sd_webui_extension/`, `scripts/mace_tab.py`) and its standalone app.
+
+- output/project name validation, and the form -> request mapping against the CLI's;
+- the Blocks build without a web UI, under the dev venv's current gradio and (subprocess) under
+  gradio 3.41.2, A1111 1.10's pin, in `.cache/gradio341-venv` (created by .ci/run);
+- `scripts/mace_tab.py` registering the tab against a stand-in of A1111's `modules`, and an erase /
+  interrupt / resume / re-fuse run through the A1111 host on a tiny model;
+- a real browser: the standalone app served on localhost with a tiny SD1 model, driven by
+  headless Debian Chromium through Playwright (never a downloaded browser); screenshot kept in
+  `test-artifacts/webui.png`.
+
+Where gradio, Playwright or /usr/bin/chromium are missing the UI tests skip, except under CI
+(`CI` set), where .ci/run installs them and a missing one is a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import runpy
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from mace_core.errors import InterruptedRun, MaceError  # noqa: E402
+from sd_webui_extension import actions  # noqa: E402
+from sd_webui_extension.host import StandaloneHost  # noqa: E402
+from sd_webui_extension.names import validate_output_name, validate_project_name  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+GRADIO341_VENV = REPO / ".cache" / "gradio341-venv"
+ARTIFACTS = REPO / "test-artifacts"
+TINY_SETTINGS = {"steps": "3", "images": "1", "sample_steps": "2"}
+
+
+def _unavailable(msg: str):
+    """Skip locally; under CI (where .ci/run installs the UI test tools) fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{msg} (CI: .ci/run should have installed it)")
+    pytest.skip(msg)
+
+
+def _need_gradio():
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        _unavailable("gradio is not installed in this venv (see the '#webui' block of requirements-dev.txt)")
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread: on a shared 2-core machine this is many times faster for tiny models."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny_model(tmp_path) -> Path:
+    from tiny import tiny_file
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    return Path(shutil.copy(tiny_file("sd1"), folder / "tiny-sd1.safetensors"))
+
+
+def _erased(path: Path) -> list[str]:
+    from mace_core.checkpoint import read_metadata
+
+    return [c["phrase"] for c in json.loads(read_metadata(path)["mace.concepts"])]
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) names and the form
+
+
+@pytest.mark.parametrize("bad", ["../x", "..", "/abs/x", "/etc/passwd", "a/b", "a\\b", "..\\x", "C:x", ".hidden",
+                                 "", "   ", "x.ckpt", "x.pt", "con", "nul.safetensors", "x\x00y", "a|b", "x.",
+                                 ".safetensors", "a" * 300])
+def test_output_name_rejects(tmp_path, bad):
+    with pytest.raises(MaceError):
+        validate_output_name(bad, tmp_path)
+
+
+def test_output_name_plain_names_get_the_suffix_and_stay_in_the_folder(tmp_path):
+    assert validate_output_name("no-cat", tmp_path) == tmp_path / "no-cat.safetensors"
+    assert validate_output_name(" no cat.safetensors ", tmp_path) == tmp_path / "no cat.safetensors"
+    assert validate_output_name("v1.5-no-cat", tmp_path) == tmp_path / "v1.5-no-cat.safetensors"
+
+
+def test_output_name_existing_needs_overwrite_and_the_input_is_never_overwritten(tmp_path):
+    (tmp_path / "out.safetensors").write_bytes(b"x")
+    with pytest.raises(MaceError, match="already exists"):
+        validate_output_name("out", tmp_path)
+    assert validate_output_name("out", tmp_path, overwrite=True) == tmp_path / "out.safetensors"
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"x")
+    with pytest.raises(MaceError, match="input model"):
+        validate_output_name("model.safetensors", tmp_path, overwrite=True, protect=(model,))
+
+
+@pytest.mark.parametrize("bad", ["../p", "/p", "a/b", "", ".p"])
+def test_project_name_rejects_paths(bad):
+    with pytest.raises(MaceError):
+        validate_project_name(bad)
+    assert validate_project_name(" my project ") == "my project"
+
+
+def test_form_means_the_same_request_as_the_cli():
+    from mace_core import cli
+
+    form = actions.EraseForm(concepts="cat\nVan Gogh | art | style  # comment\n\n", ctype="object",
+                             preset="nudity", retain="dog\n  Tom Hanks \n", mask="none",
+                             numbers={"steps": "3", "lr": "1e-3", "images": " 2 ", "seed": "", "prior": "5",
+                                      "robust_rounds": ""})
+    spec = actions.build_spec(form)
+    argv = ["erase", "m.safetensors", "--out", "o.safetensors", "--preset", "nudity", "--type", "object",
+            "--concept", "cat", "--concept", "Van Gogh | art | style", "--retain", "dog", "--retain", "Tom Hanks",
+            "--mask", "none", "--steps", "3", "--lr", "1e-3", "--images", "2", "--prior", "5"]
+    assert spec == cli.spec_from_args(cli.build_parser().parse_args(argv))
+    if actions.core_has_setting("objective"):  # issue 9's options, when the core has them
+        form.objective, form.alternative = "abo", "a cow"
+        argv += ["--objective", "abo", "--alternative", "a cow"]
+    if actions.core_has_setting("robust_rounds"):  # issue 12's
+        form.numbers["robust_rounds"] = "2"
+        argv += ["--robust"]
+    assert actions.build_spec(form) == cli.spec_from_args(cli.build_parser().parse_args(argv))
+    assert [c.phrase for c in spec.concepts][-2:] == ["cat", "Van Gogh"]
+
+
+@pytest.mark.parametrize("numbers,match", [({"steps": "many"}, "LoRA steps"), ({"lr": "inf"}, "finite"),
+                                           ({"rank": "1.5"}, "integer"), ({"steps": "0"}, "at least 1")])
+def test_form_reports_bad_numbers(numbers, match):
+    with pytest.raises(MaceError, match=match):
+        actions.build_spec(actions.EraseForm(concepts="cat", numbers=numbers))
+
+
+def test_form_needs_a_concept_and_no_concept_erased_and_kept():
+    with pytest.raises(MaceError, match="nothing to erase"):
+        actions.build_spec(actions.EraseForm(concepts="  \n# only a comment\n"))
+    with pytest.raises(MaceError, match="both erased and retained"):
+        actions.build_spec(actions.EraseForm(concepts="cat", retain="cat"))
+
+
+def test_packages_import_without_gradio_torch_or_the_web_ui():
+    code = ("import sys; import sd_webui_extension, sd_webui_extension.names, sd_webui_extension.host, "
+            "sd_webui_extension.actions, sd_webui_extension.a1111; "
+            "bad = [m for m in ('gradio', 'torch', 'modules') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "shared")])}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# A stand-in for A1111's `modules` package: just the names the A1111 host and script use.
+
+FAKE_A1111 = {
+    "modules/__init__.py": "",
+    "modules/script_callbacks.py": """
+        ui_tabs_callbacks = []
+        def on_ui_tabs(fn):
+            ui_tabs_callbacks.append(fn)
+    """,
+    "modules/paths.py": "import os\nmodels_path = os.environ['FAKE_A1111_MODELS']\n",
+    "modules/call_queue.py": "import threading\nqueue_lock = threading.Lock()\n",
+    "modules/devices.py": "calls = []\ndef torch_gc():\n    calls.append(1)\n",
+    "modules/shared.py": """
+        import os, types
+        class _Opts:
+            sd_model_checkpoint = None
+            CLIP_stop_at_last_layers = 1
+            def set(self, key, value):
+                setattr(self, key, value)
+                return True
+        class _State:
+            interrupted = False
+            job = ""
+            job_count = 0
+            sampling_step = 0
+            sampling_steps = 0
+            textinfo = None
+            jobs = []
+            def begin(self, job="(unknown)"):
+                self.interrupted = False
+                self.job = job
+                self.jobs.append(job)
+            def end(self):
+                self.job = ""
+            def interrupt(self):
+                self.interrupted = True
+        opts = _Opts()
+        state = _State()
+        cmd_opts = types.SimpleNamespace(ckpt_dir=None)
+        sd_model = None
+    """,
+    "modules/sd_models.py": """
+        import os, types
+        model_path = os.path.join(os.environ['FAKE_A1111_MODELS'], 'Stable-diffusion')
+        checkpoints_list = {}
+        def list_models():
+            checkpoints_list.clear()
+            for name in sorted(os.listdir(model_path)):
+                if name.endswith(('.safetensors', '.ckpt')):
+                    title = f"{name} [0123456789]"
+                    checkpoints_list[title] = types.SimpleNamespace(
+                        title=title, filename=os.path.join(model_path, name), name=name, model_name=name)
+        def checkpoint_tiles():
+            return sorted(checkpoints_list)
+        def get_closet_checkpoint_match(search):
+            for info in checkpoints_list.values():
+                if search in info.title:
+                    return info
+            return None
+        list_models()
+    """,
+}
+
+
+def write_fake_a1111(root: Path, models: Path) -> Path:
+    for rel, src in FAKE_A1111.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(textwrap.dedent(src))
+    (models / "Stable-diffusion").mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture
+def fake_a1111(tmp_path, monkeypatch, tiny_model):
+    """A1111's `modules` importable, its checkpoint folder holding the tiny model (loaded)."""
+    models = tmp_path / "webui-models"
+    root = write_fake_a1111(tmp_path / "fake-webui", models)
+    shutil.copy(tiny_model, models / "Stable-diffusion" / tiny_model.name)
+    monkeypatch.setenv("FAKE_A1111_MODELS", str(models))
+    monkeypatch.syspath_prepend(str(root))
+    for name in [m for m in sys.modules if m == "modules" or m.startswith("modules.")]:
+        monkeypatch.delitem(sys.modules, name)
+    shared = importlib.import_module("modules.shared")
+    sd_models = importlib.import_module("modules.sd_models")
+    shared.opts.sd_model_checkpoint = next(iter(sd_models.checkpoints_list))
+    yield models
+    for name in [m for m in sys.modules if m == "modules" or m.startswith("modules.")]:
+        del sys.modules[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) the Blocks build without a web UI
+
+
+UI_ELEM_IDS = {"mace_checkpoint", "mace_concepts", "mace_type", "mace_preset", "mace_retain", "mace_out_name",
+               "mace_overwrite", "mace_closed_form", "mace_steps", "mace_rank", "mace_lr", "mace_images", "mace_seed",
+               "mace_mask", "mace_prior", "mace_domain", "mace_erase", "mace_interrupt", "mace_gallery",
+               "mace_output_path", "mace_load", "mace_project_list", "mace_project_concepts", "mace_refuse",
+               "mace_objective", "mace_alternative", "mace_robust_rounds"}
+
+# Run in any venv with gradio (and PyYAML): builds the Blocks with the standalone host and through
+# scripts/mace_tab.py with the stand-in `modules`, prints JSON.
+BUILD_SCRIPT = r"""
+import json, os, runpy, sys, warnings
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+import gradio as gr
+from sd_webui_extension.host import StandaloneHost
+from sd_webui_extension.ui import build_ui
+
+def elem_ids(blocks):
+    cfg = blocks.get_config_file() if hasattr(blocks, "get_config_file") else blocks.config
+    return sorted({c.get("props", {}).get("elem_id") for c in cfg["components"]} - {None})
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    standalone = build_ui(StandaloneHost(sys.argv[1]))
+    ns = runpy.run_path(sys.argv[2])
+    from modules import script_callbacks
+    tabs = [t for fn in script_callbacks.ui_tabs_callbacks for t in fn()]
+ours = [f"{w.category.__name__}: {w.message}" for w in caught
+        if "sd_webui_extension" in str(w.filename) or "mace_tab" in str(w.filename) or "kwarg" in str(w.message)]
+print(json.dumps({"gradio": gr.__version__, "standalone": elem_ids(standalone),
+                  "tabs": [[type(b).__name__, title, elem] for b, title, elem in tabs],
+                  "a1111": elem_ids(tabs[0][0]), "warnings": ours}))
+"""
+
+
+def _check_build(out: dict) -> None:
+    assert not out["warnings"], out["warnings"]
+    assert UI_ELEM_IDS <= set(out["standalone"]), UI_ELEM_IDS - set(out["standalone"])
+    assert out["tabs"] == [["Blocks", "MACE", "mace_tab"]]
+    assert UI_ELEM_IDS <= set(out["a1111"])
+
+
+def _run_build(python: str, tmp_path: Path, tiny_model: Path) -> dict:
+    models = tmp_path / "build-models"
+    root = write_fake_a1111(tmp_path / "build-webui", models)
+    shutil.copy(tiny_model, models / "Stable-diffusion" / tiny_model.name)
+    script = tmp_path / "build_ui.py"
+    script.write_text(BUILD_SCRIPT)
+    env = {**os.environ, "FAKE_A1111_MODELS": str(models), "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONPATH": os.pathsep.join([str(root), str(REPO), str(REPO / "shared")])}
+    r = subprocess.run([python, str(script), str(tiny_model), str(REPO / "scripts" / "mace_tab.py")], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_blocks_build_under_current_gradio(tmp_path, tiny_model):
+    _need_gradio()
+    out = _run_build(sys.executable, tmp_path, tiny_model)
+    assert int(out["gradio"].split(".")[0]) >= 4
+    _check_build(out)
+
+
+def test_blocks_build_under_gradio_3_41(tmp_path, tiny_model):
+    python = GRADIO341_VENV / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"no gradio 3.41.2 venv at {GRADIO341_VENV}: .ci/run creates it; by hand: python3.11 -m venv "
+                    f"{GRADIO341_VENV} && {GRADIO341_VENV}/bin/pip install -r <(sed -n 's/^#gradio341 //p' "
+                    f"requirements-dev.txt)")
+    out = _run_build(str(python), tmp_path, tiny_model)
+    assert out["gradio"] == "3.41.2"
+    _check_build(out)
+
+
+def test_a1111_script_registers_the_tab_in_process(fake_a1111):
+    _need_gradio()
+    from modules import script_callbacks
+
+    runpy.run_path(str(REPO / "scripts" / "mace_tab.py"))
+    on_ui_tabs = script_callbacks.ui_tabs_callbacks[-1]
+    (blocks, title, elem_id), = on_ui_tabs()
+    assert (type(blocks).__name__, title, elem_id) == ("Blocks", "MACE", "mace_tab")
+    host = on_ui_tabs.__globals__["_HOST"]
+    assert host.list_checkpoints() == ["tiny-sd1.safetensors [0123456789]"]
+    assert host.current_checkpoint() == "tiny-sd1.safetensors [0123456789]"
+    assert host.checkpoint_path(host.current_checkpoint()) == fake_a1111 / "Stable-diffusion" / "tiny-sd1.safetensors"
+    assert host.checkpoint_folder() == fake_a1111 / "Stable-diffusion"
+    assert host.projects_folder() == fake_a1111 / "mace"
+
+
+# ---------------------------------------------------------------------------------------------
+# Erase, interrupt, resume, load and re-fuse through the A1111 host (no browser)
+
+
+def test_a1111_host_erase_interrupt_resume_refuse(fake_a1111, one_thread):
+    from modules import devices, shared
+
+    from sd_webui_extension.a1111 import A1111Host
+
+    host = A1111Host(device="cpu")
+    form = actions.EraseForm(checkpoint=host.current_checkpoint(), concepts="cat\ndog", out_name="no-pets",
+                             previews=False, numbers=dict(TINY_SETTINGS))
+
+    def press_webui_interrupt(label, done, total):  # A1111's own Interrupt button, during dog's training
+        if label == "training dog":
+            shared.state.interrupt()
+
+    with pytest.raises(InterruptedRun):
+        actions.run_erase(host, form, progress=press_webui_interrupt)
+    out = fake_a1111 / "Stable-diffusion" / "no-pets.safetensors"
+    assert not out.exists()
+    assert "cat (object" in actions.project_summary(host.projects_folder(), "no-pets")
+    assert shared.state.jobs == ["MACE erase"] and shared.state.job == "" and devices.calls
+
+    labels = []
+    res = actions.run_erase(host, form, progress=lambda label, d, n: labels.append(label))
+    assert res.path == out and _erased(out) == ["cat", "dog"]
+    assert not any(label == "training cat" for label in labels), "cat's finished LoRA is reused"
+    assert "Reused finished LoRAs: cat" in res.message
+    assert shared.state.textinfo.startswith("MACE: ")
+    assert actions.list_projects(host.projects_folder()) == ["no-pets"]
+
+    with pytest.raises(MaceError, match="already exists"):
+        actions.run_erase(host, form)
+
+    assert "Selected" in host.load_checkpoint(out)
+    assert shared.opts.sd_model_checkpoint == "no-pets.safetensors [0123456789]"
+
+    only_dog = actions.refuse_project(host, "no-pets", ["dog"], "only-dog", False)
+    assert _erased(only_dog.path) == ["dog"]
+    restored = actions.refuse_project(host, "no-pets", [], "restored", False)
+    assert _erased(restored.path) == [] and "restored" in restored.message
+
+
+def test_standalone_host_interrupt_flag_stops_a_run(tiny_model, one_thread):
+    host = StandaloneHost(tiny_model, device="cpu")
+    form = actions.EraseForm(checkpoint=tiny_model.name, concepts="cat", out_name="x", previews=False,
+                             numbers=dict(TINY_SETTINGS))
+
+    def interrupt(label, done, total):  # the tab's Interrupt button
+        if label.startswith("training"):
+            host.interrupt()
+
+    with pytest.raises(InterruptedRun):
+        actions.run_erase(host, form, progress=interrupt)
+    assert not (tiny_model.parent / "x.safetensors").exists()
+    assert host.should_stop()  # until the next run's job() clears it
+    res = actions.run_erase(host, form)
+    assert _erased(res.path) == ["cat"]
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) the real browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _standalone_app(model: Path, log: Path):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "shared")]),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sd_webui_extension", "--model", str(model), "--port",
+                                 str(port), "--device", "cpu"], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the standalone app exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"the standalone app did not answer on {url}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _box(page, elem_id: str):
+    """The text field of a gradio Textbox (a textarea or an input, by gradio version)."""
+    return page.locator(f"#{elem_id}").locator("textarea, input").first
+
+
+def _wait_status(page, timeout: float, want: tuple[str, ...]) -> str:
+    """The status text once it shows one of ``want`` (or an error)."""
+    status = ""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = page.locator("#mace_status").inner_text()
+        if any(w in status for w in want + ("rror",)):
+            break
+        time.sleep(0.5)
+    return status
+
+
+def test_browser_erase_in_the_standalone_app(tiny_model, tmp_path):
+    _need_gradio()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("playwright is not installed in this venv (see the '#webui' block of requirements-dev.txt)")
+    if not CHROMIUM.exists():
+        _unavailable(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does it)")
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")  # never fetch a browser build
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = tmp_path / "app.log"
+    blocked: list[str] = []
+
+    def local_only(route):  # the page may not reach anything but the app (fonts, CDNs, telemetry)
+        url = route.request.url
+        if url.startswith(("http://127.0.0.1", "http://localhost", "data:", "blob:")):
+            route.continue_()
+        else:
+            blocked.append(url)
+            route.abort()
+
+    with _standalone_app(tiny_model, log) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                     args=["--headless", "--no-sandbox", "--disable-gpu",
+                                           "--disable-background-networking", "--disable-component-update",
+                                           "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.route("**/*", local_only)
+            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+            _box(page, "mace_concepts").wait_for(timeout=60_000)
+            _box(page, "mace_concepts").fill("cat")
+            _box(page, "mace_out_name").fill("tiny-no-cat")
+            page.get_by_text("Advanced settings").first.click()
+            _box(page, "mace_images").fill(TINY_SETTINGS["images"])
+            _box(page, "mace_sample_steps").fill(TINY_SETTINGS["sample_steps"])
+
+            # A long run, stopped with the Interrupt button: nothing written, the project kept.
+            _box(page, "mace_steps").fill("100000")
+            page.locator("#mace_erase").click()
+            deadline = time.time() + 120
+            while "training" not in page.locator("#mace_status").inner_text() and time.time() < deadline:
+                time.sleep(0.3)  # the progress bar: the run has started (a run clears stale interrupts)
+            page.locator("#mace_interrupt").click()
+            status = _wait_status(page, 120, ("Interrupted",))
+            assert "Interrupted" in status, f"status: {status!r}\napp log:\n{log.read_text()[-3000:]}"
+            assert not (tiny_model.parent / "tiny-no-cat.safetensors").exists()
+
+            # The real run.
+            _box(page, "mace_steps").fill(TINY_SETTINGS["steps"])
+            page.locator("#mace_erase").click()
+            status = _wait_status(page, 150, ("Wrote",))
+            page.locator("#mace_gallery img").first.wait_for(timeout=30_000)
+            page.wait_for_timeout(500)  # let the images paint before the screenshot
+            page.screenshot(path=str(ARTIFACTS / "webui.png"), full_page=True)
+            assert "Wrote" in status, f"status: {status!r}\napp log:\n{log.read_text()[-3000:]}"
+            assert page.locator("#mace_gallery img").count() >= 4  # before | after, erased and kept rows
+            shown_path = _box(page, "mace_output_path").input_value()
+        finally:
+            browser.close()
+    out = tiny_model.parent / "tiny-no-cat.safetensors"
+    assert shown_path == str(out)
+    assert out.is_file()
+    assert _erased(out) == ["cat"]
+    assert (tiny_model.parent / "mace" / "tiny-no-cat" / "manifest.json").is_file()
