@@ -19,6 +19,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NEVER = {"torch", "torchvision", "torchaudio", "xformers"}
+# Newer releases that import names an older installed package lacks, although their metadata
+# allows it: (installed package, below this version, cap for the package we install).
+COMPAT = [("transformers", "4.46", "diffusers<=0.31.0")]
 
 
 def requirements(path: Path = HERE / "requirements.txt") -> list[str]:
@@ -48,6 +51,13 @@ def satisfied(req: str) -> bool:
     return not m or _version_tuple(have) >= _version_tuple(m.group(1))
 
 
+def _installed_below(pkg: str, version: str) -> bool:
+    try:
+        return _version_tuple(metadata.version(pkg)) < _version_tuple(version)
+    except metadata.PackageNotFoundError:
+        return False
+
+
 def constraints() -> str:
     """`name==version` for every installed distribution: what pip must not move."""
     lines = set()
@@ -66,11 +76,12 @@ def main() -> int:
     # a package that is installed but too old is not constrained to its version: that is the one
     # allowed to move; everything else stays
     names = {_name(r) for r in missing}
+    caps = [cap for pkg, below, cap in COMPAT if _name(cap) in names and _installed_below(pkg, below)]
     pinned = "".join(l + "\n" for l in constraints().splitlines() if l.split("==")[0] not in names)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(pinned)
         cfile = f.name
-    args = ["install", *missing, "-c", cfile]
+    args = ["install", *missing, *caps, "-c", cfile]
     print(f"[mace] installing {', '.join(missing)} (every installed package kept at its version)")
     try:
         import launch  # A1111 / Forge

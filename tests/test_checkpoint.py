@@ -194,6 +194,7 @@ def test_truncated_and_corrupt_files(tmp_path):
     c.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}")
     with pytest.raises(UnsupportedModelError, match="corrupt"):
         load_checkpoint(c)
+    assert t.read_bytes() == data[: len(data) // 2] and c.read_bytes().endswith(b"{not json!!!!!!}")
     with pytest.raises(MaceError, match="not found"):
         load_checkpoint(tmp_path / "missing.safetensors")
     with pytest.raises(UnsupportedModelError, match="unsupported file type"):
@@ -252,3 +253,27 @@ def test_tokenizer_is_clip_bpe():
     assert tok.model_max_length == 77
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert len(tok) == 49408
+
+
+def test_sd2_768_v_round_trip_and_prediction(tmp_path):
+    from mace_core.checkpoint import save_new_checkpoint
+    from mace_core.diffusers_backend import DiffusersBackend
+    from mace_core.sampling import to_x0_eps
+
+    fam = tiny_family("sd2")
+    unet, vae, tes = tiny_modules("sd2")
+    p = save_new_checkpoint(tmp_path / "v.safetensors", "sd2-v", unet=unet, vae=vae, text_encoder=tes[0],
+                            prediction_type="v_prediction")
+    ck = load_checkpoint(p)
+    assert ck.family.family == "sd2-v" and ck.family.prediction_type == "v_prediction"
+    assert ck.metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v"
+    assert all(ck.family.unet[k] == v for k, v in fam.unet.items())
+    be = DiffusersBackend.from_checkpoint(ck, device="cpu")
+    # v = sqrt(a) eps - sqrt(1-a) x0 must give back x0 and eps exactly
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    a = torch.tensor(0.3)
+    x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    rx0, reps = to_x0_eps(be, x, v, a)
+    assert torch.allclose(rx0, x0, atol=1e-6) and torch.allclose(reps, eps, atol=1e-6)

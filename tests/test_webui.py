@@ -2,15 +2,15 @@
 
 - output/project name validation, and the form -> request mapping against the CLI's;
 - the Blocks build without a web UI, under the dev venv's current gradio and (subprocess) under
-  gradio 3.41.2, A1111 1.10's pin, in `.cache/gradio341-venv` (created by .ci/run);
+  gradio 3.41.2, A1111 1.10's pin, in `.cache/gradio341-venv` (built on first use);
 - `scripts/mace_tab.py` registering the tab against a stand-in of A1111's `modules`, and an erase /
   interrupt / resume / re-fuse run through the A1111 host on a tiny model;
 - a real browser: the standalone app served on localhost with a tiny SD1 model, driven by
   headless Debian Chromium through Playwright (never a downloaded browser); screenshot kept in
   `test-artifacts/webui.png`.
 
-Where gradio, Playwright or /usr/bin/chromium are missing the UI tests skip, except under CI
-(`CI` set), where .ci/run installs them and a missing one is a failure.
+gradio and Playwright are dev requirements; /usr/bin/chromium comes from Debian (.ci/run installs
+it). Where one is missing the UI tests skip, except under CI (`CI` set), where it is a failure.
 """
 
 from __future__ import annotations
@@ -324,12 +324,25 @@ def test_blocks_build_under_current_gradio(tmp_path, tiny_model):
     _check_build(out)
 
 
-def test_blocks_build_under_gradio_3_41(tmp_path, tiny_model):
+def _gradio341_python() -> Path:
+    """A1111 1.10's gradio in its own venv, built once from the '#gradio341' pins and cached."""
+    pins = "".join(l[len("#gradio341 "):] + "\n" for l in (REPO / "requirements-dev.txt").read_text().splitlines()
+                   if l.startswith("#gradio341 "))
     python = GRADIO341_VENV / "bin" / "python"
-    if not python.exists():
-        pytest.skip(f"no gradio 3.41.2 venv at {GRADIO341_VENV}: .ci/run creates it; by hand: python3.11 -m venv "
-                    f"{GRADIO341_VENV} && {GRADIO341_VENV}/bin/pip install -r <(sed -n 's/^#gradio341 //p' "
-                    f"requirements-dev.txt)")
+    stamp = GRADIO341_VENV / "pins.txt"
+    if not (python.exists() and stamp.exists() and stamp.read_text() == pins):
+        shutil.rmtree(GRADIO341_VENV, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(GRADIO341_VENV)], check=True)
+        req = GRADIO341_VENV / "requirements.txt"
+        req.write_text(pins)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(req)], check=True,
+                       capture_output=True, timeout=1200)
+        stamp.write_text(pins)
+    return python
+
+
+def test_blocks_build_under_gradio_3_41(tmp_path, tiny_model):
+    python = _gradio341_python()
     out = _run_build(str(python), tmp_path, tiny_model)
     assert out["gradio"] == "3.41.2"
     _check_build(out)

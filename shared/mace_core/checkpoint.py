@@ -219,6 +219,9 @@ def build_components(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
     for module, entries in _component_entries(fam, modules):
         sd = apply(entries, ckpt.tensors, "to_module")
         sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in sd.items()}
+        for k, buf in module.state_dict().items():
+            if k.endswith("position_ids") and k not in sd:  # persistent in transformers < 4.31, never in files we need
+                sd[k] = torch.arange(buf.shape[-1], device=device).expand(buf.shape)
         module.load_state_dict(sd, strict=True, assign=True)
         _materialize_buffers(module, device)
         module.requires_grad_(False).eval()
