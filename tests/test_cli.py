@@ -101,6 +101,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     (["--concept", "cat " * 80], "too long"),
     (["--concept", "cat", "--type", "sculpture"], "unknown concept type"),
     (["--concept", "cat", "--mask", "sam"], "--sam-checkpoint"),
+    (["--concept", "cat", "--mask", "sam", "--sam-checkpoint", "sam_vit_b.pth", *FAST], "segment-anything"),
 ])
 def test_bad_requests_fail_clearly(tmp_path, capsys, args, message):
     out = tmp_path / "o.safetensors"
