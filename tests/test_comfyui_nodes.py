@@ -1,0 +1,396 @@
+"""MACE's ComfyUI nodes (mace_nodes/) inside a real ComfyUI 0.3.75 (tests/comfyui_harness.py) on a tiny SD1.
+
+Host vs CLI tolerance. The same model, concepts, settings and seed erased by the node graph and by
+`mace erase` (in-process, same file) give cross-attention weights that agree to
+
+    ||W_comfy - W_cli||_F <= TOL_WEIGHT * ||W_cli||_F   and   <= TOL_EDIT * ||W_cli - W_0||_F
+
+for every edited to_k / to_v tensor. The difference comes from ComfyUI holding the CLIP text encoder in
+fp16 (also on CPU): its embeddings differ from the CLI's fp32 ones by ~1e-3 relative, which moves the
+stage-1 statistics, the drawn training images and the LoRAs a little. Measured here (2 concepts,
+1-2 images, 4 steps, CPU): <= 9.1e-4 of the weight and <= 2.3e-3 of the edit (the test prints its
+numbers); the bounds leave ~5x headroom.
+Every other UNet and VAE tensor the host writes is bit-identical to the input; the text encoder comes
+back as ComfyUI holds it (fp16-rounded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import comfyui_harness as h  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOL_WEIGHT = 5e-3
+TOL_EDIT = 1e-2
+FAST = {"steps": 4, "images": 1, "sample_steps": 2, "seed": 7}
+OURS = ("MACELoadConcepts", "MACERefine", "MACETrainLoRAs", "MACEFuse", "MACEEraseConcepts", "MACERefuse",
+        "MACESaveCheckpoint")
+
+
+def _is_kv(key: str) -> bool:
+    return key.startswith("model.diffusion_model.") and key.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
+
+
+@pytest.fixture(scope="module")
+def tiny64(comfyui, tmp_path_factory):
+    """A tiny SD1 whose family says 64 px images (so the CLI draws 64 px training images, like the nodes
+    with resolution=64): an 8x8 latent keeps stage 2 to seconds on a CPU."""
+    from mace_core.checkpoint import save_new_checkpoint
+    from mace_core.families import load_family
+
+    te, unet, vae = h.make_tiny_sd1_modules(seed=0, vae="sd")
+    fam = dataclasses.replace(load_family("sd1"), resolution=64)
+    path = Path(save_new_checkpoint(tmp_path_factory.mktemp("tiny64") / "tiny64-sd1.safetensors", family=fam,
+                                    unet=unet, vae=vae, text_encoder=te))
+    h.register_from_checkpoint(path)
+    return SimpleNamespace(path=path, name=comfyui.add_model(path))
+
+
+def _concepts(text: str, project: str, default_type: str = "object", retain: str = "", **kw) -> dict:
+    return {"class_type": "MACELoadConcepts",
+            "inputs": {"concepts": text, "default_type": default_type, "preset": "none", "retain": retain,
+                       "config_file": "", "project": project, **kw}}
+
+
+def _train(model, steps=FAST["steps"], **kw) -> dict:
+    return {"class_type": "MACETrainLoRAs",
+            "inputs": {"model": model, "clip": ["1", 1], "vae": ["1", 2], "steps": steps, "rank": 0, "lr": 0.0,
+                       "images": FAST["images"], "sample_steps": FAST["sample_steps"], "guidance": 0.0,
+                       "mask": "type default", "training_seed": FAST["seed"], "resolution": 64, **kw}}
+
+
+def _sampler(model, latent) -> dict:
+    return {"class_type": "KSampler",
+            "inputs": {"model": model, "positive": ["10", 0], "negative": ["11", 0], "latent_image": latent,
+                       "seed": 5, "steps": 3, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
+                       "denoise": 1.0}}
+
+
+def _prompt_nodes(text="a photo of a cat") -> dict:
+    return {"10": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}},
+            "11": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+            "12": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+
+
+def _reference_graph(name: str) -> dict:
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}}, **_prompt_nodes(),
+            "13": _sampler(["1", 0], ["12", 0])}
+
+
+def _executed(out) -> list[str]:
+    return [d.get("node") for e, d in out.messages if e == "executing" and d.get("node") is not None]
+
+
+@pytest.fixture(scope="module")
+def run(comfyui, tiny64, tmp_path_factory):
+    """One graph (Load Checkpoint -> Load Concepts -> Refine -> Train LoRAs -> Fuse -> KSampler + both
+    savers, with the original MODEL sampled before and after) and the CLI on the same file."""
+    from mace_core.cli import main
+
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
+        "2": _concepts("cat\ndog | a horse  # mapped to a horse", "e2e", retain="house"),
+        "3": {"class_type": "MACERefine", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["2", 0]}},
+        "4": _train(["3", 0]),
+        "5": {"class_type": "MACEFuse", "inputs": {"model": ["1", 0], "loras": ["4", 0]}},
+        "6": {"class_type": "MACESaveCheckpoint", "inputs": {"model": ["5", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                             "filename_prefix": "checkpoints/mace-e2e"}},
+        "7": {"class_type": "CheckpointSave", "inputs": {"model": ["5", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                         "filename_prefix": "checkpoints/builtin-e2e"}},
+        **_prompt_nodes(),
+        "13": _sampler(["1", 0], ["12", 0]),  # the original MODEL, before
+        "14": _sampler(["5", 0], ["12", 0]),  # the erased MODEL
+        "15": {"class_type": "LatentMultiply", "inputs": {"samples": ["14", 0], "multiplier": 0.0}},
+        "16": _sampler(["1", 0], ["15", 0]),  # the original MODEL again, forced after the erased one
+        # an output node right after "before": ComfyUI then runs that sampler first (outputs-first order)
+        "17": {"class_type": "SaveLatent", "inputs": {"samples": ["13", 0], "filename_prefix": "latents/before"}},
+        "19": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
+    }
+    reference = comfyui.run(_reference_graph(tiny64.name))["13"][0]["samples"]
+    out = comfyui.run(graph, extra_data={"client_id": "mace-tests"})  # a client id: "executing" events are sent
+    work = tmp_path_factory.mktemp("cli")
+    cli_out = work / "cli-erased.safetensors"
+    rc = main(["erase", str(tiny64.path), "--concept", "cat", "--concept", "dog | a horse", "--retain", "house",
+               "--type", "object", "--steps", str(FAST["steps"]), "--images", str(FAST["images"]),
+               "--sample-steps", str(FAST["sample_steps"]), "--seed", str(FAST["seed"]), "--device", "cpu",
+               "--out", str(cli_out), "--work-dir", str(work / "project")])
+    assert rc == 0
+    return SimpleNamespace(graph=graph, out=out, reference=reference, cli_out=cli_out, cli_work=work / "project")
+
+
+def _builtin_file(comfyui, prefix: str) -> Path:
+    files = sorted((comfyui.output_dir / "checkpoints").glob(f"{prefix}_*.safetensors"))
+    assert files, f"no {prefix}_*.safetensors written"
+    return files[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_nodes_are_registered_under_their_own_names(comfyui):
+    import nodes as comfy_nodes
+
+    for name in OURS:
+        cls = comfyui.node_classes[name]
+        assert "mace_nodes" in cls.__module__ and cls.CATEGORY == "MACE", name
+        assert cls.DESCRIPTION and name in comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS
+    # ComfyUI's own save nodes are untouched by ours
+    for builtin in ("CheckpointSave", "SaveImage", "LoraLoader", "LoraLoaderModelOnly"):
+        assert "mace_nodes" not in comfyui.node_classes[builtin].__module__
+    assert comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS["MACESaveCheckpoint"] == "Save Erased Checkpoint (MACE)"
+    # the repository root only re-exports; nothing of gradio / A1111 on ComfyUI's import path
+    src = (REPO / "__init__.py").read_text() + "".join(p.read_text() for p in (REPO / "mace_nodes").glob("*.py"))
+    assert not re.search(r"^\s*(import|from)\s+(gradio|modules|launch|scripts)\b", src, re.M)
+
+
+def test_graph_erases_and_matches_the_cli(comfyui, tiny64, run):
+    from mace_core.checkpoint import load_checkpoint
+
+    saved = Path(run.out["6"][0])
+    assert saved.parent == comfyui.output_dir / "checkpoints" and saved.name.startswith("mace-e2e_")
+    assert run.out.ui["6"]["text"] == [str(saved)]
+    base = load_checkpoint(tiny64.path)
+    # ComfyUI's writer does not record the tiny test architecture (a real SD1 file needs no hint)
+    ours = load_checkpoint(saved, family=base.family)
+    cli = load_checkpoint(run.cli_out)
+
+    meta = ours.metadata
+    assert [c["phrase"] for c in json.loads(meta["mace.concepts"])] == ["cat", "dog"]
+    assert json.loads(meta["mace.concepts"])[1]["anchor"] == "a horse"
+    assert json.loads(meta["mace.retain"]) == ["house"]
+    assert meta["mace.stages"] == "refine+lora+fuse" and meta["mace.host"] == "ComfyUI"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.description"] == "concepts erased with mace: cat, dog"
+    assert meta["modelspec.hash_sha256"].startswith("0x") and set(meta["modelspec.hash_sha256"][2:]) != {"0"}
+    assert meta["mace.base_sha256"] == cli.metadata["mace.base_sha256"] == base.sha256  # straight from the file
+    assert json.loads(meta["mace.settings"]) == json.loads(cli.metadata["mace.settings"])
+
+    kv = [k for k in base.tensors if _is_kv(k)]
+    assert len(kv) == 8
+    worst_w = worst_e = 0.0
+    for k in kv:
+        w0, wc, wo = base.tensors[k].float(), cli.tensors[k].float(), ours.tensors[k].float()
+        edit = (wc - w0).norm()
+        assert edit > 1e-3 * w0.norm(), f"{k} was not edited"
+        diff = (wo - wc).norm()
+        worst_w, worst_e = max(worst_w, float(diff / wc.norm())), max(worst_e, float(diff / edit))
+    print(f"host vs CLI: max ||dW||/||W|| = {worst_w:.2e}, max ||dW||/||W_cli - W0|| = {worst_e:.2e}")
+    assert worst_w <= TOL_WEIGHT and worst_e <= TOL_EDIT, (worst_w, worst_e)
+
+    for k, t in base.tensors.items():
+        if _is_kv(k):
+            continue
+        if k.startswith(("model.diffusion_model.", "first_stage_model.")):
+            assert torch.equal(ours.tensors[k], t), k
+        elif t.is_floating_point():
+            torch.testing.assert_close(ours.tensors[k].float(), t.half().float(), rtol=0, atol=0)
+
+    # ComfyUI's built-in CheckpointSave writes the same erased weights
+    builtin = load_checkpoint(_builtin_file(comfyui, "builtin-e2e"), family=base.family)
+    for k in kv:
+        assert torch.equal(builtin.tensors[k], ours.tensors[k]), k
+
+
+def test_original_model_samples_bit_identically_around_the_erasure(run):
+    before, erased, after = (run.out[n][0]["samples"] for n in ("13", "14", "16"))
+    assert torch.equal(before, run.reference) and torch.equal(after, run.reference)
+    assert not torch.equal(erased, run.reference)
+    order = _executed(run.out)
+    assert order.index("16") > order.index("14") > order.index("5")  # "after" really ran after the erasure
+    assert order.index("13") < order.index("3"), order  # and "before" before it (ComfyUI's output-first order)
+    # the loader's MODEL carries no MACE patches; Refine / Fuse outputs are clones that do
+    model = run.out["1"][0]
+    assert not model.patches and "mace" not in model.model_options
+    assert run.out["5"][0].model is model.model and run.out["5"][0].model_options["mace"]["stage"] == "erased"
+
+
+def test_training_preview_and_the_project_folder(comfyui, run):
+    from mace_core.project import Project
+
+    images = run.out["4"][1]
+    assert images.shape == (2, 64, 128, 3) and images.dtype == torch.float32  # 1 image + mask per concept
+    assert 0 <= float(images.min()) and float(images.max()) <= 1
+    loras = run.out["4"][0]
+    assert loras.phrases == ["cat", "dog"] and not loras.report["reused_loras"]
+    proj = Project(comfyui.models_dir / "mace" / "e2e")
+    assert Path(loras.project) == proj.root and proj.exists()
+    assert all(proj.load_lora(c) is not None for c in proj.spec().concepts)
+    m = proj.manifest()
+    assert m["base"]["path"] == "tiny64-sd1.safetensors" and m["base"]["weights_id"] == loras.base_id
+    # Load Concepts lists it in the Re-fuse node's project dropdown
+    assert "e2e" in comfyui.node_classes["MACERefuse"].INPUT_TYPES()["required"]["project"][0]
+
+
+def test_one_shot_node_resumes_the_project_and_matches_the_staged_graph(comfyui, tiny64, run):
+    g = {"1": run.graph["1"], "2": run.graph["2"],
+         "3": {"class_type": "MACEEraseConcepts",
+               "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "concepts": ["2", 0],
+                          **{k: v for k, v in _train(None)["inputs"].items() if k not in ("model", "clip", "vae")},
+                          "closed_form_only": False}}}
+    out = comfyui.run(g)
+    model, images, report = out["3"]
+    assert "reused LoRAs: cat, dog" in report and images.shape == (2, 64, 128, 3)
+    staged = run.out["5"][0]
+    for k, p in staged.patches.items():
+        assert torch.equal(model.patches[k][-1][1][1][0], p[-1][1][1][0]), k
+
+
+def test_refuse_node_restores_a_concept_like_the_cli(comfyui, tiny64, run, tmp_path):
+    from mace_core.checkpoint import load_checkpoint
+    from mace_core.cli import main
+
+    g = {"1": run.graph["1"],
+         "2": {"class_type": "MACERefuse",
+               "inputs": {"model": ["1", 0], "project": "e2e", "mode": "restore the listed concepts (erase all others)",
+                          "concepts": "dog", "closed_form_only": False}}}
+    out = comfyui.run(g)
+    model, names = out["2"]
+    assert names == "cat"
+    # the project made in ComfyUI is an ordinary erasure project: the CLI re-fuses it to the same weights
+    proj = comfyui.models_dir / "mace" / "e2e"
+    assert main(["fuse", str(proj), "--except", "dog", "--model", str(tiny64.path),
+                 "--out", str(tmp_path / "cat-only.safetensors")]) == 0
+    cli = load_checkpoint(tmp_path / "cat-only.safetensors")
+    assert json.loads(cli.metadata["mace.concepts"])[0]["phrase"] == "cat"
+    for k, t in cli.tensors.items():
+        if _is_kv(k):
+            torch.testing.assert_close(model.patches[k[len("model."):]][-1][1][1][0], t.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_cancel_mid_training_stops_cleanly(comfyui, tiny64, run):
+    from mace_core.project import Project
+
+    graph = {"1": run.graph["1"], "2": _concepts("bird", "cancelled"),
+             "3": {"class_type": "MACERefine", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["2", 0]}},
+             "4": _train(["3", 0], steps=200)}
+    seen = []
+
+    def cancel(value, total, node_id, prompt_id):
+        if node_id == "4":
+            seen.append((value, total))
+            if value >= FAST["images"] + 2:  # the image is drawn, two training steps done
+                comfyui.interrupt()
+
+    comfyui.progress_callbacks.append(cancel)
+    try:
+        with pytest.raises(h.ComfyUIInterrupted) as e:
+            comfyui.run(graph)
+    finally:
+        comfyui.progress_callbacks.remove(cancel)
+    assert e.value.node_id == "4" and e.value.node_type == "MACETrainLoRAs"
+    assert seen[-1][1] == FAST["images"] + 200 and seen[-1][0] < 10
+    proj = Project(comfyui.models_dir / "mace" / "cancelled")
+    (concept,) = proj.spec().concepts
+    assert proj.load_stats(concept) is not None and proj.load_lora(concept) is None  # stage 1 kept, no half LoRA
+    assert list((proj.concept_dir(concept) / "images").glob("*.png"))
+    # no hook is left on the shared UNet, and the original model samples exactly as before
+    unet = run.out["1"][0].model.diffusion_model
+    assert not any(m._forward_hooks for m in unet.modules())
+    again = comfyui.run(_reference_graph(tiny64.name))
+    assert torch.equal(again["13"][0]["samples"], run.reference)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("cat | a scene | object | extra", "expected 'phrase | anchor | type'"),
+    ("cat | a scene | no-such-type", "unknown concept type 'no-such-type'"),
+])
+def test_bad_concept_list_is_a_readable_validation_error(comfyui, text, expected):
+    with pytest.raises(h.ComfyUIValidationError) as e:
+        comfyui.run({"2": _concepts(text, "")})
+    assert "MACELoadConcepts" in str(e.value) and expected in str(e.value) and "bad concept list" in str(e.value)
+
+
+def test_wrong_inputs_are_readable_execution_errors(comfyui, tiny64):
+    with pytest.raises(h.ComfyUIExecutionError) as e:
+        comfyui.run({"2": _concepts("cat\nCat", "")})
+    assert "listed twice" in e.value.exception_message
+    with pytest.raises(h.ComfyUIExecutionError) as e:
+        comfyui.run({"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
+                     "4": _train(["1", 0])})
+    assert e.value.node_type == "MACETrainLoRAs" and e.value.exception_type.endswith("MaceError")
+    assert "needs the MODEL output of a 'Refine (CFR)' node" in e.value.exception_message
+
+
+def test_exported_lora_loads_through_the_stock_lora_loaders(comfyui, tiny64, run, tmp_path):
+    import comfy.lora
+    from mace_core.checkpoint import load_checkpoint, read_metadata
+    from mace_core.cli import main
+
+    lora = tmp_path / "erasure-lora.safetensors"
+    assert main(["export-lora", str(run.cli_out), "--base", str(tiny64.path), "--out", str(lora)]) == 0
+    reported = float(read_metadata(lora)["mace.lora_max_rel_error"])
+    assert reported <= 0.01
+    name = comfyui.add_model(lora, folder="loras")
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
+         "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": name,
+                                                               "strength_model": 1.0}},
+         "3": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": name,
+                                                      "strength_model": 1.0, "strength_clip": 1.0}},
+         **_prompt_nodes(), "13": _sampler(["2", 0], ["12", 0])}
+    out = comfyui.run(g)
+    erased = load_checkpoint(run.cli_out)
+    for node in ("2", "3"):
+        model = out[node][0]
+        kv = [k for k in erased.tensors if _is_kv(k)]
+        assert {f"diffusion_model.{k[len('model.diffusion_model.'):]}" for k in kv} <= set(model.patches)
+        patches = model.get_key_patches("diffusion_model.")
+        for k in kv:
+            ck = k[len("model."):]
+            w = comfy.lora.calculate_weight(patches[ck][1:], patches[ck][0][0].detach().float().clone(), ck)
+            target = erased.tensors[k].float()
+            assert float((w - target).norm() / target.norm()) <= reported * 1.01 + 1e-6, k
+    assert torch.isfinite(out["13"][0]["samples"]).all()
+
+
+def _ui_to_api(workflow: dict, classes: dict) -> dict:
+    """A UI-format workflow (what example_workflows/ holds) as the API-format prompt the server runs."""
+    links = {l[0]: l for l in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node.get("mode", 0) in (2, 4):  # muted / bypassed
+            continue
+        spec = classes[node["type"]].INPUT_TYPES()
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        inputs = {n: [str(l[1]), l[2]] for n, l in linked.items()}
+        values = list(node.get("widgets_values") or [])
+        for section in ("required", "optional"):
+            for n, cfg in spec.get(section, {}).items():
+                typ, opts = cfg[0], (cfg[1] if len(cfg) > 1 else {})
+                if not (isinstance(typ, list) or typ in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")):
+                    continue
+                if not values:
+                    break
+                v = values.pop(0)
+                if n not in linked:
+                    inputs[n] = v
+                if opts.get("control_after_generate") or n in ("seed", "noise_seed"):
+                    values.pop(0)
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def test_example_workflow_validates(comfyui, tiny64):
+    wf = json.loads((REPO / "example_workflows" / "erase_celebrities.json").read_text())
+    prompt = _ui_to_api(wf, comfyui.node_classes)
+    types = {n["class_type"] for n in prompt.values()}
+    assert {"CheckpointLoaderSimple", "MACELoadConcepts", "MACERefine", "MACETrainLoRAs", "MACEFuse", "KSampler",
+            "MACESaveCheckpoint"} <= types
+    (loader,) = [n for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    loader["inputs"]["ckpt_name"] = tiny64.name
+    concepts = next(n for n in prompt.values() if n["class_type"] == "MACELoadConcepts")["inputs"]
+    assert concepts["default_type"] == "celebrity" and "Tom Cruise" in concepts["concepts"]
+    samplers = [n for n in prompt.values() if n["class_type"] == "KSampler"]
+    assert len(samplers) == 2 and {s["inputs"]["model"][0] for s in samplers} == {
+        next(i for i, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple"),
+        next(i for i, n in prompt.items() if n["class_type"] == "MACEFuse")}
+    outputs = comfyui.validate(prompt)
+    assert len(outputs) == 4
