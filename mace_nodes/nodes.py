@@ -792,9 +792,9 @@ class MACESaveCheckpoint:
             extra["v_pred"] = torch.tensor([])  # what ComfyUI's CheckpointSave adds for v models
         comfy.sd.save_checkpoint(path, model, clip, vae, metadata=metadata, extra_keys=extra)
         try:
-            from mace_core.checkpoint import _fill_hash
+            from mace_core.checkpoint import fill_modelspec_hash
 
-            _fill_hash(Path(path))
+            fill_modelspec_hash(Path(path))
         except Exception as e:  # noqa: BLE001 - the hash is a recommended field only
             log.warning("MACE save: could not fill modelspec.hash_sha256 (%s)", e)
         log.info("MACE save: wrote %s (erased: %s)", path, ", ".join(names) or "nothing")

@@ -277,3 +277,15 @@ def test_sd2_768_v_round_trip_and_prediction(tmp_path):
     v = a.sqrt() * eps - (1 - a).sqrt() * x0
     rx0, reps = to_x0_eps(be, x, v, a)
     assert torch.allclose(rx0, x0, atol=1e-6) and torch.allclose(reps, eps, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fast_padding_matches_the_tokenizer(name):
+    from mace_core.checkpoint import make_tokenizer
+    from mace_core.diffusers_backend import padded_ids
+
+    prompts = ["a photo of a cat", "word " * 100, "", "Leonardo DiCaprio, oil painting"]
+    for spec in load_family(name).text_encoders:
+        tok = make_tokenizer(spec)
+        want = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        assert torch.equal(padded_ids(tok, prompts), want)

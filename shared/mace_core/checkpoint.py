@@ -351,7 +351,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], out: str | Path,
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
         if metadata.get("modelspec.hash_sha256") == _HASH_PLACEHOLDER:
-            _fill_hash(tmp)
+            fill_modelspec_hash(tmp)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -359,7 +359,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], out: str | Path,
     return out
 
 
-def _fill_hash(path: Path) -> None:
+def fill_modelspec_hash(path: Path) -> None:
     """Replace the hash placeholder in the header (same length) with the data section's sha256."""
     digest = data_sha256(path)
     _, n = _read_header(path)

@@ -96,8 +96,7 @@ class DiffusersBackend:
         """`encode` inside autograd (the embedding attack optimises token embeddings through it)."""
         contexts, pooled, ids0 = [], None, None
         for te, tok, spec in zip(self.components.text_encoders, self.components.tokenizers, self.family.text_encoders):
-            ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
+            ids = padded_ids(tok, prompts).to(self.device)
             ids0 = ids if ids0 is None else ids0
             out = te(ids, output_hidden_states=True)
             h = out.hidden_states[spec.layer]
@@ -150,6 +149,20 @@ class DiffusersBackend:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.components.vae
         return vae.decode(latents.to(self.device, self.dtype) / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+def padded_ids(tok, prompts: Sequence[str]) -> torch.Tensor:
+    """[B, T] token ids, truncated to T keeping the end token, padded with the pad token.
+
+    Per-prompt calls: transformers' batched padding path is ~40x slower for short prompts."""
+    n = tok.model_max_length
+    rows = []
+    for p in prompts:
+        ids = tok(p).input_ids
+        if len(ids) > n:
+            ids = ids[:n - 1] + ids[-1:]
+        rows.append(ids + [tok.pad_token_id] * (n - len(ids)))
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _final_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
