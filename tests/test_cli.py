@@ -148,3 +148,20 @@ def test_restore_is_exact_for_stage_one(tmp_path):
     # restoring everything gives back the base weights exactly
     nothing = refuse(Project(tmp_path / "xy"), original, exclude=["cat", "dog"], closed_form_only=True)
     assert all(torch.equal(nothing.weights[k], original[k]) for k in original)
+
+
+def test_estimate_counts_unet_calls_and_prints_before_running(tmp_path, capsys):
+    from mace_core.estimate import unet_calls
+
+    spec = ErasureSpec((make_concept("cat"), make_concept("dog")), (),
+                       {"images": 3, "sample_steps": 10, "steps": 20, "batch_size": 2})
+    assert unet_calls(spec) == 2 * (3 * 10 * 2 + 20 * 2)
+    assert unet_calls(spec, closed_form_only=True) == 0
+    abo = ErasureSpec((make_concept("cat"),), (), {"images": 1, "sample_steps": 5, "steps": 4, "objective": "abo",
+                                                   "robust_rounds": 2, "attack_steps": 7})
+    assert unet_calls(abo) == 1 * 5 * 2 + 4 * 3 + 2 * 7
+    out = tmp_path / "o.safetensors"
+    assert main(["erase", str(tiny_file("sd1")), "--concept", "cat", "--estimate", "--out", str(out), *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "estimated" in text and "UNet calls" in text
+    assert not out.exists() and not (tmp_path / "o.safetensors.mace").exists()

@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output .safetensors")
     p.add_argument("--work-dir", type=Path, help="erasure project folder (default: OUT.mace/ beside the output); "
                                                   "rerunning with it resumes")
+    p.add_argument("--estimate", action="store_true", help="print the estimated time and GPU memory, then stop")
     p.add_argument("--closed-form-only", action="store_true",
                    help="stage 1 only: seconds, no training; weaker erasure of the concept word itself")
     for name, typ, hlp in [
@@ -319,6 +320,14 @@ def cmd_erase(args) -> int:
     rank = _init_distributed(args)
     ck, be = _backend(args, prediction=args.prediction)
     work = args.work_dir or out.with_name(out.name + ".mace")
+    from .estimate import check_fits, estimate
+
+    est = estimate(be, spec, args.closed_form_only)
+    log.info("%s", est.describe())
+    if args.estimate:
+        print(est.describe())
+        return 0
+    check_fits(est, be.device)
     log.info("erasing %s from %s (%s); work folder %s", ", ".join(c.phrase for c in spec.concepts),
              ck.path.name, ck.family.family, work)
     res = erase(be, spec, Project(work), ck.sha256, ck.path.name, progress=_Bars(),
