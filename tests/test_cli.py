@@ -165,3 +165,10 @@ def test_estimate_counts_unet_calls_and_prints_before_running(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "estimated" in text and "UNet calls" in text
     assert not out.exists() and not (tmp_path / "o.safetensors.mace").exists()
+
+
+def test_separable_erasure_runs_and_is_recorded(tmp_path):
+    out = tmp_path / "sep.safetensors"
+    assert main(["erase", str(tiny_file("sd1")), "--concept", "cat", "--concept", "dog", "--separable",
+                 "--out", str(out), *FAST]) == 0
+    assert json.loads(load_checkpoint(out).metadata["mace.settings"])["separable"] is True

@@ -144,3 +144,28 @@ def test_abo_training_lowers_its_loss_and_keeps_the_unconditional_prediction(bac
         with weight_deltas(backend.cross_attention(), {k: lora.delta(k) for k in lora.down}):
             u1 = backend.predict(x, t, unc)
     assert (u1 - u0).norm() / u0.norm() < 0.05
+
+
+def test_separable_increments_lower_cross_talk():
+    """SepME constraint: concept i's increment barely moves concept j's outputs (j != i)."""
+    from mace_core.fuse import separate
+
+    g = torch.Generator().manual_seed(5)
+    d, c, key = 40, 8, "x.to_k.weight"
+    embs = []
+    for _ in range(3):  # each concept lives mostly in its own 6-dim subspace, plus a shared direction
+        basis = torch.randn(6, d, generator=g, dtype=torch.float64)
+        embs.append(torch.randn(20, 6, generator=g, dtype=torch.float64) @ basis)
+    loras = [_lora({key: (c, d)}, 2, g) for _ in embs]
+    grams = [e.T @ e for e in embs]
+
+    def cross_talk(ls):
+        return sum((embs[j] @ ls[i].delta(key).double().T).norm() / (embs[i] @ ls[i].delta(key).double().T).norm()
+                   for i in range(3) for j in range(3) if i != j)
+
+    sep = separate(loras, grams)
+    assert cross_talk(sep) < 0.1 * cross_talk(loras)
+    # each increment still acts on its own concept
+    for i in range(3):
+        own = (embs[i] @ sep[i].delta(key).double().T).norm() / (embs[i] @ loras[i].delta(key).double().T).norm()
+        assert own > 0.3

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam-checkpoint", help="segment-anything checkpoint for --mask sam")
     p.add_argument("--fusion", choices=["closed-form", "naive"], help="how LoRAs combine (naive = ablation)")
     p.add_argument("--timesteps", choices=["cfis", "uniform"], help="LoRA timestep sampling")
+    p.add_argument("--separable", action="store_true", default=None,
+                   help="SepME: keep each concept's increment orthogonal to the other concepts' embeddings")
     p.add_argument("--robust", action="store_const", const=2, dest="robust_rounds",
                    help="harden against attacks: 2 adversarial rounds (soft-token attack, re-solve)")
     p.add_argument("--robust-rounds", type=int, dest="robust_rounds", help="number of adversarial rounds")
@@ -301,7 +303,7 @@ def spec_from_args(args):
     extra = _cli_concepts(args.concept, ctype, args.anchor)
     keys = ["steps", "images", "rank", "lr", "seed", "batch_size", "lam", "prior", "domain", "fuse_prior",
             "clip_skip", "sample_steps", "guidance", "mask", "sam_checkpoint", "fusion", "timesteps", "objective",
-            "alternative", "robust_rounds"]
+            "alternative", "robust_rounds", "separable"]
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     return merge_specs(spec, ErasureSpec(tuple(extra), tuple(args.retain), overrides))
 

@@ -51,6 +51,7 @@ class Settings:
     attack_steps: int = 100  # optimisation steps of each round's soft-token attack
     # stage 3: fusion
     fusion: str = "closed-form"  # closed-form | naive
+    separable: bool = False  # SepME: each LoRA orthogonal to the other concepts' embeddings
     fuse_lam: float = 1e-3
     fuse_prior: float = 0.0
     # run

@@ -19,7 +19,7 @@ from . import __version__
 from .backend import Backend
 from .concepts import Concept, ErasureSpec, concept_prompts, get_type, settings_hash, train_prompt, validate
 from .errors import InterruptedRun
-from .fuse import fuse, naive_sum
+from .fuse import fuse, naive_sum, separate
 from .harden import adversarial_stats
 from .masks import draw_concept, phrase_token_mask, save_data
 from .prior import general_prior, mean_grams
@@ -240,11 +240,14 @@ def _fuse(original, refined, spec: ErasureSpec, stats, loras: Mapping[str, LoRA]
     if not loras:
         return dict(refined)
     kv = {k: v for k, v in refined.items() if not k.endswith(POOLED_SUFFIX)}
+    chosen = [loras[c.phrase] for c in spec.concepts]
+    grams = [stats[c.phrase].fusion_gram for c in spec.concepts]
+    if run.separable:
+        chosen = separate(chosen, grams)
     if run.fusion == "naive":
-        fused = naive_sum(kv, [loras[c.phrase] for c in spec.concepts])
+        fused = naive_sum(kv, chosen)
     else:
-        pairs = ((loras[c.phrase], stats[c.phrase].fusion_gram) for c in spec.concepts)
-        fused = fuse(original, kv, pairs, run.fuse_lam, priors.get("general"), run.fuse_prior)
+        fused = fuse(original, kv, zip(chosen, grams), run.fuse_lam, priors.get("general"), run.fuse_prior)
     return {**refined, **fused}
 
 

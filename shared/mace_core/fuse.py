@@ -62,3 +62,24 @@ def naive_sum(refined: Mapping[str, torch.Tensor], loras: Iterable[LoRA]) -> dic
         for key in lora.down:
             out[key] += lora.delta(key).double()
     return {k: v.float() for k, v in out.items()}
+
+
+def separate(loras: list[LoRA], grams: list[torch.Tensor], energy: float = 0.99) -> list[LoRA]:
+    """SepME-style separable increments: each LoRA's input side projected onto the orthogonal
+    complement of the other concepts' embeddings, so dW_i e = 0 for every e of concept j != i.
+
+    The other concepts' subspace is the top eigenvectors of sum_{j != i} G_j holding ``energy`` of
+    its trace. Capacity is bounded by the text width minus that subspace's rank.
+    """
+    total = sum(g.double() for g in grams)
+    out = []
+    for i, lora in enumerate(loras):
+        others = total - grams[i].double()
+        vals, vecs = torch.linalg.eigh(others)
+        vals, vecs = vals.flip(0).clamp_min(0), vecs.flip(1)
+        k = int((vals.cumsum(0) < energy * vals.sum()).sum()) + 1 if vals.sum() > 0 else 0
+        u = vecs[:, :k]
+        proj = torch.eye(total.shape[0], dtype=torch.float64) - u @ u.T
+        down = {key: (d.double() @ proj).to(d.dtype) for key, d in lora.down.items()}
+        out.append(LoRA(down, dict(lora.up), lora.alpha))
+    return out
