@@ -66,3 +66,16 @@ def test_soft_tokens_replace_placeholder_embeddings(backend):
     assert torch.allclose(soft, plain, atol=1e-6)
     # and outside the block nothing is replaced
     assert not torch.allclose(backend.encode([soft_prompt("a photo of a {}", 1)]).context, plain)
+
+
+def test_before_after_grid_layout():
+    from mace_core.evaluate import before_after_grid
+
+    rng = np.random.default_rng(1)
+    before = [rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8) for _ in range(2)]
+    after = [rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8) for _ in range(2)]
+    g = before_after_grid(before, after, scale=2, gap=6)
+    assert g.shape == (2 * 8 + 2, 2 * 8 + 6 + 2 * 8, 3)
+    assert np.array_equal(g[0:8:2, 0:8:2], before[0][0])  # first image, upscaled 2x
+    assert np.array_equal(g[10:18:2, 22:30:2], after[1][0])  # second row, first "after" image
+    assert (g[:, 16:22] == 255).all() and (g[8:10] == 255).all()

@@ -507,6 +507,16 @@ def cmd_eval(args) -> int:
                                       args.steps, args.guidance).items():
                 rep.attacks[f"{c}: {name}"] = asr
     args.out.mkdir(parents=True, exist_ok=True)
+    if base is not None:
+        from PIL import Image
+
+        from .evaluate import before_after_grid
+        from .sampling import generate
+
+        words = erased + [s for c in erased for s in synonyms.get(c, [])] + retain[:3]
+        rows = [[generate(b, [args.template.replace("{}", w)] * len(seeds[:6]), seeds[:6], args.steps, args.guidance)
+                 for w in words] for b in (base, model)]
+        Image.fromarray(before_after_grid(*rows)).save(args.out / "grid.png")
     (args.out / "report.json").write_text(json.dumps(rep.to_dict(), indent=1))
     (args.out / "report.md").write_text(rep.markdown())
     print(rep.markdown())

@@ -22,6 +22,22 @@ from .sampling import generate
 Classifier = Callable[[np.ndarray], list[str]]
 
 
+def before_after_grid(rows_before: list[np.ndarray], rows_after: list[np.ndarray], scale: int | None = None,
+                      gap: int = 6) -> np.ndarray:
+    """uint8 image: one row per prompt, its images [K, H, W, 3] before | white gap | after, each image
+    upscaled ``scale`` x (default: small images to about 96 px), rows 2 px apart."""
+    scale = scale or max(1, 96 // rows_before[0].shape[1])
+
+    def strip(imgs):
+        return np.concatenate([np.kron(i, np.ones((scale, scale, 1), dtype=np.uint8)) for i in imgs], axis=1)
+    rows = []
+    for b, a in zip(rows_before, rows_after):
+        sb, sa = strip(b), strip(a)
+        rows.append(np.concatenate([sb, np.full((sb.shape[0], gap, 3), 255, np.uint8), sa], axis=1))
+        rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
+    return np.concatenate(rows[:-1], axis=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # pixel drift
 

@@ -11,30 +11,17 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from mace_core.checkpoint import load_checkpoint
 from mace_core.concepts import ErasureSpec, make_concept
 from mace_core.diffusers_backend import DiffusersBackend
 from mace_core.errors import MaceError
+from mace_core.evaluate import before_after_grid
 from mace_core.sampling import generate
 
 from . import TOY_MODEL
 from .evaluate import GUIDANCE, STEPS, PROMPT, markdown, object_scores
 from .judge import Judge
 from .world import COLOR_NAMES, SHAPES, SYNONYMS
-
-
-def grid(rows_before: list[np.ndarray], rows_after: list[np.ndarray], scale: int = 3, gap: int = 6) -> np.ndarray:
-    """uint8 image: one row per prompt, its images before | gap | after, upscaled ``scale`` x."""
-    def strip(imgs):
-        return np.concatenate([np.kron(i, np.ones((scale, scale, 1), dtype=np.uint8)) for i in imgs], axis=1)
-    rows = []
-    for b, a in zip(rows_before, rows_after):
-        sb, sa = strip(b), strip(a)
-        rows.append(np.concatenate([sb, np.full((sb.shape[0], gap, 3), 255, np.uint8), sa], axis=1))
-        rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
-    return np.concatenate(rows[:-1], axis=0)
 
 
 def _tiny_model(out: Path) -> Path:
@@ -82,7 +69,7 @@ def run_demo(args) -> int:
         prompts = [PROMPT.format(color=COLOR_NAMES[i % len(COLOR_NAMES)], shape=w) for i in seeds]
         before_rows.append(generate(base, prompts, seeds, STEPS, GUIDANCE))
         after_rows.append(generate(after, prompts, seeds, STEPS, GUIDANCE))
-    Image.fromarray(grid(before_rows, after_rows)).save(out / "grid.png")
+    Image.fromarray(before_after_grid(before_rows, after_rows)).save(out / "grid.png")
     if not trained:
         print(f"wrote {erased_path}, {out / 'grid.png'} in {time.perf_counter() - t0:.0f}s")
         return 0
