@@ -1,6 +1,6 @@
 """What the tab's buttons do, without Gradio: turn the form into the CLI's request, run the core,
 save, and draw the before/after previews. Every step goes through the functions `mace erase` and
-`mace fuse` use (``mace_core.cli.spec_from_args``, ``erase``, ``refuse``, ``cli._save_result``),
+`mace fuse` use (``mace_core.cli.spec_from_args``, ``erase``, ``refuse``, ``erase.save_result``),
 so a run from the tab and the same run from the command line give the same file.
 """
 
@@ -152,10 +152,9 @@ def _fan_out(*callbacks: Progress | None) -> Progress:
 
 def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> Outcome:
     """Erase as `mace erase` does, into the host's checkpoint folder; project in models/mace/<name>."""
-    from mace_core import cli
     from mace_core.checkpoint import load_checkpoint
     from mace_core.diffusers_backend import DiffusersBackend
-    from mace_core.erase import erase
+    from mace_core.erase import erase, save_result
     from mace_core.project import Project
 
     t0 = time.perf_counter()
@@ -177,7 +176,7 @@ def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> 
                  project.root)
         res = erase(backend, spec, project, ck.sha256, ck.path.name, progress=prog, should_stop=host.should_stop,
                     closed_form_only=form.closed_form_only)
-        cli._save_result(ck, res, out)
+        save_result(ck, res, out)
         del ck
         host.refresh_checkpoints()
         gallery, note = [], ""
@@ -320,9 +319,8 @@ def refuse_project(host: Host, name: str, selected: Sequence[str], out_name: str
                    closed_form_only: bool = False, progress: Progress | None = None) -> Outcome:
     """`mace fuse PROJECT --only <selected>`: the base model with exactly the ticked concepts erased
     (none ticked = the base model restored), in closed form from the project's files."""
-    from mace_core import cli
     from mace_core.checkpoint import load_checkpoint
-    from mace_core.erase import POOLED_SUFFIX, refuse
+    from mace_core.erase import editable_weights, refuse, save_result
     from mace_core.project import Project
 
     prog = _fan_out(progress, host.progress)
@@ -335,10 +333,8 @@ def refuse_project(host: Host, name: str, selected: Sequence[str], out_name: str
         ck = load_checkpoint(base)
         if ck.sha256 != m["base"]["sha256"]:
             raise MaceError(f"{base.name} is not the model project {name!r} was made from (its sha256 differs)")
-        original = {k: v.float() for k, v in ck.tensors.items() if k.startswith("model.diffusion_model.") and
-                    k.endswith(("attn2.to_k.weight", "attn2.to_v.weight", POOLED_SUFFIX))}
-        res = refuse(proj, original, only=list(selected), closed_form_only=closed_form_only)
-        cli._save_result(ck, res, out)
+        res = refuse(proj, editable_weights(ck.tensors), only=list(selected), closed_form_only=closed_form_only)
+        save_result(ck, res, out)
         host.refresh_checkpoints()
         prog("re-fusing", 1, 1)
     erased = [c["phrase"] for c in json.loads(res.metadata["mace.concepts"])]

@@ -137,7 +137,7 @@ def test_restore_is_exact_for_stage_one(tmp_path):
     be = DiffusersBackend.from_checkpoint(ck, device="cpu")
     over = {"lam": 1.0}
     x, y = make_concept("cat"), make_concept("dog")
-    both = erase(be, ErasureSpec((x, y), (), over), Project(tmp_path / "xy"), ck.sha256, closed_form_only=True)
+    erase(be, ErasureSpec((x, y), (), over), Project(tmp_path / "xy"), ck.sha256, closed_form_only=True)
     only_y = erase(be, ErasureSpec((y,), (), over), Project(tmp_path / "y"), ck.sha256, closed_form_only=True)
     original = be.original_weights()
     restored = refuse(Project(tmp_path / "xy"), original, exclude=["cat"], closed_form_only=True)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mace_core.checkpoint import load_checkpoint, read_metadata, save_edited
 from mace_core.cli import main

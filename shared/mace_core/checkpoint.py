@@ -19,10 +19,9 @@ from typing import Mapping
 
 import torch
 
-from . import __version__
 from .errors import MaceError, UnsupportedModelError
 from .families import UNET_PREFIX, VAE_PREFIX, Family, TextEncoderSpec, detect_family, family_from_dict, load_family
-from .keymap import IGNORABLE_TEXT_KEYS, Entry, apply, clip_entries, unet_entries, vae_entries
+from .keymap import Entry, apply, clip_entries, unet_entries, vae_entries
 
 TOKENIZER_DIR = Path(__file__).parent / "data" / "clip_tokenizer"
 _HASH_PLACEHOLDER = "0x" + "0" * 64

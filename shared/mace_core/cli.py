@@ -361,11 +361,9 @@ def _init_distributed(args) -> int:
 
 
 def _save_result(ck, res, out: Path) -> None:
-    from .checkpoint import modelspec, save_edited
+    from .erase import save_result
 
-    names = [c["phrase"] for c in json.loads(res.metadata["mace.concepts"])]
-    desc = "concepts erased with mace: " + (", ".join(names) or "none")
-    save_edited(ck, res.weights, out, {**modelspec(ck.family, out.stem, desc), **res.metadata})
+    names = save_result(ck, res, out)
     print(f"wrote {out} (erased: {', '.join(names) or 'nothing'})")
 
 
@@ -383,12 +381,10 @@ def _project_and_base(args):
 
 
 def cmd_fuse(args) -> int:
-    from .erase import POOLED_SUFFIX, refuse
+    from .erase import editable_weights, refuse
 
     proj, ck = _project_and_base(args)
-    original = {k: v.float() for k, v in ck.tensors.items() if k.startswith("model.diffusion_model.") and
-                k.endswith(("attn2.to_k.weight", "attn2.to_v.weight", POOLED_SUFFIX))}
-    res = refuse(proj, original, args.only, args.exclude)
+    res = refuse(proj, editable_weights(ck.tensors), args.only, args.exclude)
     _save_result(ck, res, Path(args.out))
     return 0
 

@@ -251,6 +251,26 @@ def _fuse(original, refined, spec: ErasureSpec, stats, loras: Mapping[str, LoRA]
     return {**refined, **fused}
 
 
+def editable_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """From a file's tensors, fp32 copies of the weights stage 1 edits (what `refuse` needs)."""
+    return {k: v.float() for k, v in tensors.items() if k.startswith("model.diffusion_model.") and
+            k.endswith(("attn2.to_k.weight", "attn2.to_v.weight", POOLED_SUFFIX))}
+
+
+def save_result(ckpt, result: ErasureResult, out) -> list[str]:
+    """Write the erased checkpoint (input tensors + edits, modelspec + mace.* metadata); returns the
+    erased phrases."""
+    from pathlib import Path
+
+    from .checkpoint import modelspec, save_edited
+
+    out = Path(out)
+    names = [c["phrase"] for c in json.loads(result.metadata["mace.concepts"])]
+    desc = "concepts erased with mace: " + (", ".join(names) or "none")
+    save_edited(ckpt, result.weights, out, {**modelspec(ckpt.family, out.stem, desc), **result.metadata})
+    return names
+
+
 def erasure_metadata(spec: ErasureSpec, base_sha256: str, base_name: str, closed_form_only: bool = False
                      ) -> dict[str, str]:
     """The ``mace.*`` keys recording what was erased and how."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend import Backend, TextBatch
+from .backend import Backend
 from .concepts import ErasureSpec, concept_prompts
 from .errors import MaceError
 

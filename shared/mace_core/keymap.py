@@ -192,9 +192,6 @@ def clip_entries(module_keys: Iterable[str], layout: str, prefix: str) -> list[E
     return out
 
 
-# File tensors a text encoder may carry that no module needs (ignored on load, kept on save).
-IGNORABLE_TEXT_KEYS = ("logit_scale", "text_projection", "embeddings.position_ids", "attn_mask")
-
 
 def attn2_name(diffusers_key: str, config: dict, prefix: str = "model.diffusion_model.") -> str:
     """ldm name of a diffusers attn2 module path, e.g. ``down_blocks.0.attentions.0...attn2``."""
