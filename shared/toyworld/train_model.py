@@ -1,0 +1,377 @@
+"""Train the toy-world text-to-image model: a tiny SD 1.x (same classes, same block layout).
+
+    python shared/toyworld/train_model.py            # full run, writes data/toy-sd1.safetensors
+    python shared/toyworld/train_model.py --preset proto --workdir /tmp/toy   # quick prototype
+
+Components, all built from configs (no downloads):
+
+* ``transformers.CLIPTextModel`` (vocab 49408, 77 positions, quick_gelu, width 64) with the
+  real CLIP BPE tokenizer from ``mace_core/data/clip_tokenizer`` (pad = ``<|endoftext|>``);
+* ``diffusers.AutoencoderKL`` with a 4-channel latent at factor-4 downsampling (32x32 -> 8x8);
+* ``diffusers.UNet2DConditionModel`` in the SD1 block layout (3x CrossAttnDownBlock2D +
+  DownBlock2D, UNetMidBlock2DCrossAttn, mirrored up blocks, conv proj_in/out), so the text
+  reaches the image only through ``attn2`` cross-attention;
+* SD's noise schedule: DDPM, 1000 steps, scaled_linear 0.00085..0.012, epsilon prediction.
+
+Stages: (1) train the VAE on renders, compute its ``scaling_factor`` from the latent std;
+(2) encode a fixed set of renders, then train text encoder + UNet jointly on the latents with
+random captions (either shape word, ~10% empty for classifier-free guidance), with an EMA of
+the weights; (3) save. Seeded; on CPU with a fixed thread count it is reproducible.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "toyworld"
+
+from toyworld import world  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "data" / "toy-sd1.safetensors"
+TOKENIZER_DIR = HERE.parent / "mace_core" / "data" / "clip_tokenizer"
+DIFFUSERS_CACHE = HERE.parents[1] / ".cache" / "toy_diffusers"
+
+TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
+    projection_dim=64, layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407,
+    pad_token_id=49407,
+)
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=[32, 32, 64], layers_per_block=1, latent_channels=4,
+    norm_num_groups=32, sample_size=32, act_fn="silu",
+)
+UNET_CONFIG = dict(
+    sample_size=8, in_channels=4, out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    block_out_channels=[32, 32, 64, 64], layers_per_block=1, cross_attention_dim=64,
+    attention_head_dim=1,  # diffusers' SD1 quirk: this is the number of heads
+    use_linear_projection=False, norm_num_groups=32,
+    flip_sin_to_cos=True, freq_shift=0,
+)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+)
+
+PRESETS = {
+    # the shipped model
+    "full": dict(n_images=60000, vae_steps=3000, vae_batch=128, steps=9000, batch=128,
+                 lr=1e-3, ema=0.999),
+    # a few minutes, to see that a configuration learns
+    "proto": dict(n_images=12000, vae_steps=600, vae_batch=64, steps=800, batch=64,
+                  lr=1e-3, ema=0.99),
+}
+
+
+def load_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"),
+                         model_max_length=77, pad_token="<|endoftext|>")
+
+
+def tokenize(tokenizer, texts) -> torch.Tensor:
+    return tokenizer(list(texts), padding="max_length", max_length=77, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def build_components(text_config=None, vae_config=None, unet_config=None):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    te = CLIPTextModel(CLIPTextConfig(**(text_config or TEXT_CONFIG)))
+    vae = AutoencoderKL(**(vae_config or VAE_CONFIG))
+    unet = UNet2DConditionModel(**(unet_config or UNET_CONFIG))
+    return te, vae, unet
+
+
+def make_noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+
+
+def render_set(n: int, seed: int, cache_dir: Path | None = None):
+    """n renders (shape/color balanced in expectation) with their labels (cached if asked)."""
+    cache = Path(cache_dir) / f"renders_{n}_{seed}.npz" if cache_dir else None
+    if cache is not None and cache.exists():
+        d = np.load(cache)
+        return d["images"], d["labels"]
+    rng = np.random.default_rng(seed)
+    imgs = np.empty((n, world.IMAGE_SIZE, world.IMAGE_SIZE, 3), np.uint8)
+    labels = np.empty((n, 2), np.int64)
+    for i in range(n):
+        s, c = int(rng.integers(len(world.SHAPES))), int(rng.integers(len(world.COLOR_NAMES)))
+        imgs[i] = world.render(world.SHAPES[s], world.COLOR_NAMES[c], rng)
+        labels[i] = (s, c)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, images=imgs, labels=labels)
+    return imgs, labels
+
+
+# --------------------------------------------------------------------------- VAE
+def train_vae(vae, x: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
+              kl_weight: float = 1e-6, log_every: int = 200, callback=None):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    vae.train()
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+        xb = x[idx]
+        post = vae.encode(xb).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        rec_loss = F.mse_loss(rec, xb) + 0.5 * F.l1_loss(rec, xb)
+        kl = post.kl().mean() / z[0].numel()
+        loss = rec_loss + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"  vae {step:5d} rec {float(rec_loss.detach()):.5f} kl/dim {float(kl.detach()):.2f} "
+                  f"{time.time() - t0:.0f}s", flush=True)
+            if callback is not None and step:
+                vae.eval()
+                callback(step)
+                vae.train()
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_all(vae, x: torch.Tensor, batch: int = 512):
+    means, stds = [], []
+    for i in range(0, x.shape[0], batch):
+        d = vae.encode(x[i:i + batch]).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+# --------------------------------------------------------------------------- diffusion
+class EMA:
+    def __init__(self, modules, decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.n = 0
+
+    @torch.no_grad()
+    def update(self):
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self):
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+def train_diffusion(te, unet, lat_mean, lat_std, labels, tokenizer, *, steps, batch, lr, ema_decay,
+                    seed, scaling_factor, log_every=200, eval_fn=None, eval_every=0):
+    sched = make_noise_scheduler()
+    alphas_cumprod = sched.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    # min-SNR-5 weighting for epsilon prediction (Hang et al. 2023): faster, steadier training
+    loss_w = torch.clamp(snr, max=5.0) / snr
+
+    captions = world.all_captions()
+    cap_index = {c: i for i, c in enumerate(captions)}
+    cap_ids = tokenize(tokenizer, captions)
+
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    emb_params = [te.get_input_embeddings().weight]
+    other_te = [p for n, p in te.named_parameters() if "token_embedding" not in n]
+    groups = [
+        {"params": list(unet.parameters()) + other_te, "weight_decay": 1e-2},
+        {"params": emb_params, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
+    warm = max(1, steps // 20)
+    lr_fn = lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    lrs = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
+    ema = EMA([te, unet], ema_decay)
+    te.train()
+    unet.train()
+    n = lat_mean.shape[0]
+    t0 = time.time()
+    run = 0.0
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=g)
+        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scaling_factor
+        caps = [world.make_caption(world.SHAPES[s], world.COLOR_NAMES[c], rng) for s, c in labels[idx.numpy()]]
+        ids = cap_ids[[cap_index[c] for c in caps]]
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        zt = sched.add_noise(z0, noise, t)
+        cond = te(ids).last_hidden_state
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (per * loss_w[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(te.parameters()), 1.0)
+        opt.step()
+        lrs.step()
+        ema.update()
+        run = 0.98 * run + 0.02 * float(loss.detach()) if step else float(loss.detach())
+        if step % log_every == 0 or step == steps - 1:
+            print(f"  diff {step:5d} loss {run:.4f} lr {lrs.get_last_lr()[0]:.2e} "
+                  f"{time.time() - t0:.0f}s", flush=True)
+        if eval_fn is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            backup = [p.detach().clone() for p in ema.params]
+            ema.copy_to()
+            te.eval(); unet.eval()
+            eval_fn(step + 1)
+            with torch.no_grad():
+                for p, b in zip(ema.params, backup):
+                    p.copy_(b)
+            te.train(); unet.train()
+    ema.copy_to()
+    te.eval()
+    unet.eval()
+    return te, unet
+
+
+# --------------------------------------------------------------------------- saving
+def save_diffusers(te, vae, unet, folder: Path, tokenizer=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    te.save_pretrained(folder / "text_encoder")
+    vae.save_pretrained(folder / "vae")
+    unet.save_pretrained(folder / "unet")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder / "tokenizer")
+    from diffusers import DDIMScheduler
+
+    DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
+
+
+def save_single_file(te, vae, unet, out: Path, metadata: dict) -> bool:
+    """Write the SD1-layout single file via mace_core.checkpoint; False if not available."""
+    try:
+        from mace_core.checkpoint import save_new_checkpoint
+    except Exception as e:  # noqa: BLE001
+        print(f"mace_core.checkpoint.save_new_checkpoint not available ({e}); kept diffusers folders")
+        return False
+    from dataclasses import replace
+
+    from mace_core.families import load_family
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # SD1 family at the toy world's resolution (the sampler derives the latent size from it)
+    family = replace(load_family("sd1"), resolution=world.IMAGE_SIZE)
+    save_new_checkpoint(str(out), family=family, unet=unet, vae=vae, text_encoder=te,
+                        metadata=metadata, dtype=torch.float16)
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--workdir", default=str(DIFFUSERS_CACHE), help="where the diffusers folders go")
+    ap.add_argument("--steps", type=int, help="override the preset's diffusion steps")
+    ap.add_argument("--vae-steps", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--n-images", type=int)
+    ap.add_argument("--vae-from", help="reuse a trained VAE folder (skip stage 1)")
+    ap.add_argument("--eval-every", type=int, default=0, help="quick judge check every N steps")
+    ap.add_argument("--no-single-file", action="store_true")
+    ap.add_argument("--render-cache", help="folder to cache the rendered training images in")
+    args = ap.parse_args(argv)
+    cfg = dict(PRESETS[args.preset])
+    for k in ("steps", "vae_steps", "batch", "lr", "n_images"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+    print(f"config {json.dumps(cfg)} seed {args.seed} threads {args.threads}", flush=True)
+
+    tokenizer = load_tokenizer()
+    te, vae, unet = build_components()
+    n_par = lambda m: sum(p.numel() for p in m.parameters())
+    print(f"params: text {n_par(te) / 1e6:.2f}M unet {n_par(unet) / 1e6:.2f}M vae {n_par(vae) / 1e6:.2f}M", flush=True)
+
+    imgs, labels = render_set(cfg["n_images"], args.seed + 1, args.render_cache)
+    x = torch.from_numpy(world.to_tensor_range(imgs))
+    print(f"rendered {len(imgs)} images {time.time() - t_start:.0f}s", flush=True)
+
+    workdir = Path(args.workdir)
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from).eval()
+    else:
+        train_vae(vae, x, cfg["vae_steps"], cfg["vae_batch"], 2e-3, args.seed + 2)
+    t_vae = time.time() - t_start
+    lat_mean, lat_std = encode_all(vae, x)
+    scaling = float(1.0 / lat_mean.std())
+    vae.register_to_config(scaling_factor=scaling)
+    print(f"vae done {t_vae:.0f}s; latent std {1 / scaling:.4f} -> scaling_factor {scaling:.4f}", flush=True)
+    if not args.vae_from:
+        workdir.mkdir(parents=True, exist_ok=True)
+        vae.save_pretrained(workdir / "vae")
+
+    eval_fn = None
+    if args.eval_every:
+        from toyworld.judge import Judge
+        from toyworld.quality import Components, measure
+
+        judge = Judge.load()
+
+        def eval_fn(step):
+            comp = Components(tokenizer, te, unet, vae)
+            r = measure(comp, judge, seeds=3, steps=20, cfg=5.0, synonyms=True, per_color=False,
+                        verbose=False)
+            print(f"  eval@{step}: shape {r['shape_acc']:.3f} syn {r['synonym_shape_acc']:.3f} "
+                  f"color {r['color_acc']:.3f} min-shape {r['min_shape_acc']:.3f}", flush=True)
+
+    train_diffusion(te, unet, lat_mean, lat_std, labels, tokenizer, steps=cfg["steps"], batch=cfg["batch"],
+                    lr=cfg["lr"], ema_decay=cfg["ema"], seed=args.seed + 3, scaling_factor=scaling,
+                    eval_fn=eval_fn, eval_every=args.eval_every)
+    t_total = time.time() - t_start
+    print(f"training done: total {t_total / 60:.1f} min (vae {t_vae / 60:.1f} min)", flush=True)
+
+    save_diffusers(te, vae, unet, workdir, tokenizer)
+    meta = {
+        "toyworld.train": json.dumps({**cfg, "seed": args.seed, "threads": args.threads,
+                                      "train_minutes": round(t_total / 60, 1)}),
+        "toyworld.scheduler": json.dumps(SCHEDULER_CONFIG),
+    }
+    (workdir / "train_info.json").write_text(json.dumps(meta, indent=1))
+    if not args.no_single_file:
+        if save_single_file(te, vae, unet, Path(args.out), meta):
+            print(f"saved {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB)")
+    print(f"saved diffusers folders in {workdir}")
+
+
+if __name__ == "__main__":
+    main()
