@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,11 +73,11 @@ SCHEDULER_CONFIG = dict(
 
 PRESETS = {
     # the shipped model
-    "full": dict(n_images=60000, vae_steps=3000, vae_batch=128, steps=9000, batch=128,
+    "full": dict(n_images=24000, vae_steps=1000, vae_batch=16, steps=5500, batch=64,
                  lr=1e-3, ema=0.999),
     # a few minutes, to see that a configuration learns
-    "proto": dict(n_images=12000, vae_steps=600, vae_batch=64, steps=800, batch=64,
-                  lr=1e-3, ema=0.99),
+    "proto": dict(n_images=12000, vae_steps=600, vae_batch=16, steps=1500, batch=64,
+                  lr=1e-3, ema=0.995),
 }
 
 
@@ -293,7 +294,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="full", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: reproducible, and robust when other jobs share the CPU)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--workdir", default=str(DIFFUSERS_CACHE), help="where the diffusers folders go")
     ap.add_argument("--steps", type=int, help="override the preset's diffusion steps")
@@ -313,6 +315,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.time()
+    cpu_start = time.process_time()
     print(f"config {json.dumps(cfg)} seed {args.seed} threads {args.threads}", flush=True)
 
     tokenizer = load_tokenizer()
@@ -358,12 +361,16 @@ def main(argv=None):
                     lr=cfg["lr"], ema_decay=cfg["ema"], seed=args.seed + 3, scaling_factor=scaling,
                     eval_fn=eval_fn, eval_every=args.eval_every)
     t_total = time.time() - t_start
-    print(f"training done: total {t_total / 60:.1f} min (vae {t_vae / 60:.1f} min)", flush=True)
+    cpu_total = time.process_time() - cpu_start
+    load = os.getloadavg()[1] if hasattr(os, "getloadavg") else float("nan")
+    print(f"training done: wall {t_total / 60:.1f} min (vae {t_vae / 60:.1f} min), CPU {cpu_total / 60:.1f} min, "
+          f"load average (5 min) at the end {load:.1f}", flush=True)
 
     save_diffusers(te, vae, unet, workdir, tokenizer)
     meta = {
         "toyworld.train": json.dumps({**cfg, "seed": args.seed, "threads": args.threads,
-                                      "train_minutes": round(t_total / 60, 1)}),
+                                      "train_minutes": round(t_total / 60, 1),
+                                      "cpu_minutes": round(cpu_total / 60, 1)}),
         "toyworld.scheduler": json.dumps(SCHEDULER_CONFIG),
     }
     (workdir / "train_info.json").write_text(json.dumps(meta, indent=1))
