@@ -167,6 +167,35 @@ def test_estimate_counts_unet_calls_and_prints_before_running(tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "o.safetensors.mace").exists()
 
 
+def test_estimate_peak_follows_low_vram_and_a_too_small_gpu_is_refused_with_advice():
+    from mace_core.estimate import Estimate, check_fits, peak_rows, refusal
+
+    spec = ErasureSpec((make_concept("cat"), make_concept("dog")), (), {"images": 8})
+    low = ErasureSpec(spec.concepts, (), {"images": 8, "low_vram": True})
+    assert peak_rows(spec) == 16 and peak_rows(low) == 2  # 8 images at once vs 1, CFG doubles
+    assert peak_rows(ErasureSpec(spec.concepts, (), {"images": 3})) == 6
+    assert peak_rows(spec, closed_form_only=True) == 0
+    est = Estimate(600.0, 14.0, 1000, 0.5)
+    assert refusal(est, 24.0) is None and refusal(est, None) is None  # fits; no GPU
+    why = refusal(est, 12.0)
+    assert "~14.0 GB" in why and "12.0 GB" in why and "--low-vram" in why and "closed-form only" in why
+    already = refusal(Estimate(600.0, 14.0, 1000, 0.5, low_vram=True), 12.0)
+    assert "--low-vram" not in already and "more memory" in already
+    assert refusal(Estimate(600.0, 11.9, 1000, 0.5), 12.0) is not None  # within 5% of the GPU: no margin left
+    check_fits(est, torch.device("cpu"))  # a CPU run is never refused
+
+
+def test_low_vram_gives_the_same_checkpoint(tmp_path):
+    src = tiny_file("sd1")
+    plain, low = tmp_path / "plain.safetensors", tmp_path / "low.safetensors"
+    assert main(["erase", str(src), "--concept", "cat", "--out", str(plain), *FAST]) == 0
+    assert main(["erase", str(src), "--concept", "cat", "--low-vram", "--out", str(low), *FAST]) == 0
+    assert json.loads(load_checkpoint(low).metadata["mace.settings"])["low_vram"] is True
+    a, b = _kv(plain), _kv(low)
+    for k in a:
+        assert (a[k].float() - b[k].float()).norm() <= 1e-5 * a[k].float().norm(), k
+
+
 def test_separable_erasure_runs_and_is_recorded(tmp_path):
     out = tmp_path / "sep.safetensors"
     assert main(["erase", str(tiny_file("sd1")), "--concept", "cat", "--concept", "dog", "--separable",

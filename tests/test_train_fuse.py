@@ -169,3 +169,60 @@ def test_separable_increments_lower_cross_talk():
     for i in range(3):
         own = (embs[i] @ sep[i].delta(key).double().T).norm() / (embs[i] @ loras[i].delta(key).double().T).norm()
         assert own > 0.3
+
+
+class _NoBlockSwitch:
+    """The same backend without ``gradient_checkpointing``, as a host's backend may be: low-VRAM mode
+    then checkpoints whole UNet calls."""
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def __getattr__(self, name):
+        if name == "gradient_checkpointing":
+            raise AttributeError(name)
+        return getattr(self._backend, name)
+
+
+@pytest.mark.parametrize("block_switch", [True, False], ids=["diffusers-blocks", "whole-unet"])
+def test_low_vram_recomputes_activations_and_trains_the_same_lora(backend, block_switch):
+    """abo backpropagates through the UNet: in low-VRAM mode its activations are recomputed in the
+    backward pass (one more forward of each grad pass) and the LoRA comes out the same."""
+    prompt = "a photo of a cat"
+    data, zero = _abo_setup(backend, prompt)
+    tokens = phrase_token_mask(backend, [prompt], "cat")
+    be = backend if block_switch else _NoBlockSwitch(backend)
+    # a layer after attn2 layers (on the gradient's path) inside a checkpointed block; not the block itself:
+    # torch stops a recomputation once it has what the backward needs, before the block's own hooks run
+    conv = backend.components.unet.up_blocks[-1].resnets[-1].conv1
+    results = {}
+    for low in (False, True):
+        s = Settings(objective="abo", alternative="a photo of a dog", steps=5, lr=1e-2, low_vram=low)
+        calls = []
+        hook = conv.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            lora, losses = train_lora(be, data, [prompt], tokens, zero, s, seed=0)
+        finally:
+            hook.remove()
+        results[low] = (lora, losses, len(calls))
+    (plain, plain_losses, plain_calls), (low, low_losses, low_calls) = results[False], results[True]
+    # per step: 2 no-grad passes (frozen targets) + 2 grad passes (ec, eu); low-VRAM reruns the 2 grad ones
+    assert plain_calls == 4 * 5 and low_calls == 6 * 5
+    assert not backend.components.unet.is_gradient_checkpointing  # switched off again after training
+    assert plain_losses == pytest.approx(low_losses, abs=1e-6)
+    for k in plain.down:
+        assert (plain.down[k] - low.down[k]).abs().max() <= 1e-5, k
+        assert (plain.up[k] - low.up[k]).abs().max() <= 1e-5, k
+    assert any(float(v.abs().max()) > 0 for v in plain.up.values())  # it did train
+
+
+def test_low_vram_draws_one_image_at_a_time_and_the_same_images(backend):
+    from mace_core.masks import DRAW_BATCH, draw_batch
+
+    assert draw_batch(Settings(low_vram=True)) == 1 and draw_batch(Settings()) == DRAW_BATCH
+    seeds = [1, 2, 3]
+    batched = draw_concept(backend, "a photo of a cat", "cat", seeds, 3, 3.0)
+    single = draw_concept(backend, "a photo of a cat", "cat", seeds, 3, 3.0, batch_size=1)
+    assert (batched.latents - single.latents).abs().max() <= 1e-5
+    assert (batched.masks == single.masks).float().mean() >= 0.99
+    assert abs(batched.images.astype(int) - single.images.astype(int)).max() <= 1

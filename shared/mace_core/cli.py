@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--alternative while keeping the unconditional prediction)")
     p.add_argument("--alternative", help="abo: what the erased concept should become, e.g. 'a cow'")
     p.add_argument("--prediction", choices=["epsilon", "v_prediction"], help="override SD2 prediction type")
+    p.add_argument("--low-vram", action="store_true", default=None,
+                   help="fit a smaller GPU: draw training images one at a time and recompute UNet activations in "
+                        "backward passes (gradient checkpointing); slower, the same result")
     _common(p)
 
     p = sub.add_parser("fuse", help="re-fuse a subset of an erasure project (restore = leave a concept out)")
@@ -303,7 +306,7 @@ def spec_from_args(args):
     extra = _cli_concepts(args.concept, ctype, args.anchor)
     keys = ["steps", "images", "rank", "lr", "seed", "batch_size", "lam", "prior", "domain", "fuse_prior",
             "clip_skip", "sample_steps", "guidance", "mask", "sam_checkpoint", "fusion", "timesteps", "objective",
-            "alternative", "robust_rounds", "separable"]
+            "alternative", "robust_rounds", "separable", "low_vram"]
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     return merge_specs(spec, ErasureSpec(tuple(extra), tuple(args.retain), overrides))
 

@@ -57,6 +57,9 @@ class Settings:
     # run
     seed: int = 2024
     clip_skip: int = 1
+    # memory: recompute UNet activations in backward passes (gradient checkpointing) and draw the
+    # training images one at a time; slower, the same LoRAs, so not part of `settings_hash`
+    low_vram: bool = False
 
     def __post_init__(self) -> None:
         if self.mask not in ("attention", "sam", "none"):

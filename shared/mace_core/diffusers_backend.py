@@ -137,6 +137,13 @@ class DiffusersBackend:
         return unet(latents.to(self.device, self.dtype), t.to(self.device),
                     encoder_hidden_states=text.context.to(self.device, self.dtype), **kw).sample
 
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the UNet's block activations in backward passes instead of keeping them."""
+        if enabled:
+            self.components.unet.enable_gradient_checkpointing()
+        else:
+            self.components.unet.disable_gradient_checkpointing()
+
     # --- VAE --------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ from .concepts import Concept, ErasureSpec, concept_prompts, get_type, settings_
 from .errors import InterruptedRun
 from .fuse import fuse, naive_sum, separate
 from .harden import adversarial_stats
-from .masks import draw_concept, phrase_token_mask, save_data
+from .masks import draw_batch, draw_concept, phrase_token_mask, save_data
 from .prior import general_prior, mean_grams
 from .project import Project
 from .refine import ConceptStats, apply_map, apply_pooled, concept_stats, context_map, pooled_map
@@ -215,7 +215,7 @@ def _train_concept(backend: Backend, project: Project, spec: ErasureSpec, c: Con
     prompt = train_prompt(c)
     data = draw_concept(backend, prompt, c.phrase, [seed + i for i in range(s.images)], s.sample_steps,
                         s.guidance, "none" if s.mask == "none" else "attention", s.mask_threshold,
-                        on_batch=lambda d, n: prog(f"drawing {c.phrase}", d, n))
+                        batch_size=draw_batch(s), on_batch=lambda d, n: prog(f"drawing {c.phrase}", d, n))
     if s.mask == "sam":
         from .sam import refine_masks  # optional dependency, imported only when asked for
 

@@ -15,6 +15,9 @@ import torch
 from .backend import Backend
 from .concepts import ErasureSpec, concept_prompts
 from .errors import MaceError
+from .masks import draw_batch
+
+HEADROOM = 0.95  # share of the GPU's memory a run may plan on (the allocator's fragmentation takes some)
 
 
 @dataclass
@@ -23,6 +26,7 @@ class Estimate:
     peak_gb: float | None  # GPU peak (None on CPU)
     unet_calls: int
     step_seconds: float
+    low_vram: bool = False  # whether the run already uses low-VRAM mode (its peak is the low one)
 
     def describe(self) -> str:
         mem = f", peak GPU memory ~{self.peak_gb:.1f} GB" if self.peak_gb is not None else ""
@@ -69,17 +73,43 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     calls = unet_calls(spec, closed_form_only)
     peak = None
     if cuda:
-        # the probe's peak at batch 1; drawing runs 8 images x 2 (CFG) at once
+        # the probe's activations at batch 1, times the rows drawn at once (CFG doubles them)
         act = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
-        peak = (torch.cuda.memory_allocated() + 16 * act) / 2 ** 30
-    return Estimate(calls * step + prompts * enc, peak, calls, step)
+        peak = (torch.cuda.memory_allocated() + peak_rows(spec, closed_form_only) * act) / 2 ** 30
+    low_vram = all(spec.settings_for(c).low_vram for c in spec.concepts)
+    return Estimate(calls * step + prompts * enc, peak, calls, step, low_vram)
+
+
+def peak_rows(spec: ErasureSpec, closed_form_only: bool = False) -> int:
+    """UNet batch rows at the run's peak: drawing's, two per image under CFG (none: stage 1 alone)."""
+    if closed_form_only:
+        return 0
+    return max(2 * min(draw_batch(s), s.images) for s in map(spec.settings_for, spec.concepts))
+
+
+def gpu_memory_gb(device: torch.device) -> float | None:
+    """Total memory of a CUDA device in GB; None for other devices."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+
+
+def refusal(est: Estimate, gpu_gb: float | None) -> str | None:
+    """Why a run of estimate ``est`` does not fit a GPU of ``gpu_gb`` GB, and what to change; None
+    when it fits or runs without a GPU. Every host shows it as is, so remedies are named both ways."""
+    if est.peak_gb is None or gpu_gb is None or est.peak_gb <= HEADROOM * gpu_gb:
+        return None
+    advice = [] if est.low_vram else ["turn on low-VRAM mode (`--low-vram`, the nodes' and the tab's low_vram "
+                                      "option): one training image at a time, activations recomputed"]
+    advice.append("use closed-form only (stage 1 alone: seconds, no training, little memory)")
+    if est.low_vram:
+        advice.append("or run it on a GPU with more memory")
+    return (f"this run needs ~{est.peak_gb:.1f} GB of GPU memory, the GPU has {gpu_gb:.1f} GB. To fit: "
+            + ", ".join(advice) + ".")
 
 
 def check_fits(est: Estimate, device: torch.device) -> None:
     """Refuse, with advice, a run whose estimated peak exceeds the GPU's memory."""
-    if est.peak_gb is None or device.type != "cuda":
-        return
-    total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-    if est.peak_gb > 0.95 * total:
-        raise MaceError(f"this run needs ~{est.peak_gb:.1f} GB of GPU memory, the GPU has {total:.1f} GB. "
-                        "Use --dtype fp16, fewer --images per batch, a smaller --size, or --closed-form-only.")
+    why = refusal(est, gpu_memory_gb(device))
+    if why:
+        raise MaceError(why)

@@ -18,7 +18,10 @@ import torch.nn.functional as F
 
 from .attention import QKCapture, token_attention
 from .backend import Backend, TextBatch
+from .concepts import Settings
 from .sampling import sample_latents, to_uint8
+
+DRAW_BATCH = 8  # training images sampled at once (twice that many UNet rows under CFG)
 
 
 @dataclass
@@ -68,7 +71,7 @@ def resize_mask(mask: torch.Tensor, n_pixels: int) -> torch.Tensor:
 @torch.no_grad()
 def draw_concept(backend: Backend, prompt: str, phrase: str, seeds: Sequence[int], steps: int, guidance: float,
                  mask_mode: str = "attention", threshold: float = 0.5, size: int | None = None,
-                 batch_size: int = 8, on_batch: Callable[[int, int], None] | None = None) -> ConceptData:
+                 batch_size: int = DRAW_BATCH, on_batch: Callable[[int, int], None] | None = None) -> ConceptData:
     """Sample one image per seed of ``prompt`` with the (original) model, with attention masks."""
     layers = backend.cross_attention()
     tokens = phrase_token_mask(backend, [prompt], phrase)[0]
@@ -97,8 +100,15 @@ def draw_concept(backend: Backend, prompt: str, phrase: str, seeds: Sequence[int
         if on_batch:
             on_batch(min(s + batch_size, len(seeds)), len(seeds))
     latents = torch.cat(lats)
-    images = to_uint8(backend.decode_latents(latents).cpu())
+    # decoded in the sampling batches: all at once would hold every image's decoder activations together
+    images = np.concatenate([to_uint8(backend.decode_latents(latents[i:i + batch_size]).cpu())
+                             for i in range(0, len(latents), batch_size)])
     return ConceptData(latents, torch.cat(masks), images)
+
+
+def draw_batch(settings: Settings) -> int:
+    """Images sampled at once: one at a time in low-VRAM mode (the same images: noise is per seed)."""
+    return 1 if settings.low_vram else DRAW_BATCH
 
 
 def _attention_map(cap: QKCapture, layers, tokens: torch.Tensor, b: int, hw: tuple[int, int]) -> torch.Tensor:

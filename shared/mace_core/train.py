@@ -11,16 +11,23 @@ share of the concept's attention left". (The authors sum unsquared Frobenius nor
 barely moved in 50 steps at lr 1e-5, see the method notes.) Queries are a stop-gradient: each
 layer's loss is differentiated through its own keys only, so one step is one no-grad UNet pass
 plus small per-layer products instead of a backward pass through the whole UNet.
+
+The abo objective does backpropagate through the UNet; ``settings.low_vram`` then recomputes its
+activations in the backward pass (gradient checkpointing, `predict_for_backward`). Each loss
+function runs its own backward, inside its hooks' lifetime, because that recomputation must see
+the LoRA hooks again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .attention import QKCapture, token_attention, weight_deltas
 from .backend import Backend, TextBatch
@@ -127,28 +134,54 @@ def train_lora(backend: Backend, data: ConceptData, prompts: list[str], tokens: 
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.999), weight_decay=0.01)
     text_all = backend.encode(prompts)
     base = {k: v.to(dev) for k, v in base_delta.items()}
-    loss_fn = (_abo_loss(backend, layers, lora, base, text_all, settings) if abo
-               else _mace_loss(backend, layers, lora, base, text_all, tokens, data))
     ac = backend.alphas_cumprod.float()
     losses = []
     n, bs = data.latents.shape[0], settings.batch_size
-    for step in range(settings.steps):
-        idx = torch.randint(0, n, (bs,), generator=g)
-        pidx = torch.randint(0, len(prompts), (bs,), generator=g)
-        t = sample_timesteps(bs, settings, g, len(ac))
-        noise = torch.randn(data.latents[idx].shape, generator=g)
-        a = ac[t].view(-1, 1, 1, 1)
-        x = (a.sqrt() * data.latents[idx] + (1 - a).sqrt() * noise).to(dev)
-        loss = loss_fn(x, t.to(dev), idx, pidx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if on_step:
-            on_step(step + 1, settings.steps, losses[-1])
+    with predict_for_backward(backend, settings.low_vram) as predict:
+        loss_fn = (_abo_loss(backend, predict, layers, lora, base, text_all, settings) if abo
+                   else _mace_loss(backend, layers, lora, base, text_all, tokens, data))
+        for step in range(settings.steps):
+            idx = torch.randint(0, n, (bs,), generator=g)
+            pidx = torch.randint(0, len(prompts), (bs,), generator=g)
+            t = sample_timesteps(bs, settings, g, len(ac))
+            noise = torch.randn(data.latents[idx].shape, generator=g)
+            a = ac[t].view(-1, 1, 1, 1)
+            x = (a.sqrt() * data.latents[idx] + (1 - a).sqrt() * noise).to(dev)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(x, t.to(dev), idx, pidx)  # runs its own backward (see the module docstring)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(float(loss))
+            if on_step:
+                on_step(step + 1, settings.steps, losses[-1])
     return LoRA({k: v.detach().cpu() for k, v in lora.down.items()},
                 {k: v.detach().cpu() for k, v in lora.up.items()}, lora.alpha), losses
+
+
+@contextlib.contextmanager
+def predict_for_backward(backend: Backend, low_vram: bool) -> Iterator[Callable[..., torch.Tensor]]:
+    """``backend.predict`` for UNet passes that are differentiated through (the abo loss).
+
+    low_vram: activations are recomputed during the backward pass instead of kept (gradient
+    checkpointing): block by block where the backend can switch it on (``gradient_checkpointing``,
+    e.g. diffusers' UNet), else around the whole UNet call, which at least keeps one call's
+    activations at a time. The arithmetic is the same, so the LoRA is the same.
+    """
+    if not low_vram:
+        yield backend.predict
+        return
+    switch = getattr(backend, "gradient_checkpointing", None)
+    if switch is None:
+        def predict(x: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:
+            # non-reentrant: the LoRA factors reach the UNet through hooks, not through the arguments
+            return torch.utils.checkpoint.checkpoint(backend.predict, x, t, text, use_reentrant=False)
+        yield predict
+        return
+    switch(True)
+    try:
+        yield backend.predict
+    finally:
+        switch(False)
 
 
 def _lora_deltas(lora: LoRA, base: Mapping[str, torch.Tensor]) -> dict:
@@ -169,11 +202,13 @@ def _mace_loss(backend, layers, lora, base, text_all, tokens, data):
         with torch.no_grad(), QKCapture(layers) as cap, weight_deltas(layers, _lora_deltas(lora, base)):
             backend.predict(x, t, text)
         k0 = {name: v[pidx] for name, v in k0_all.items()}
-        return attention_loss(cap, layers, lora, base, text, k0, tokens[pidx], data.masks[idx])
+        value = attention_loss(cap, layers, lora, base, text, k0, tokens[pidx], data.masks[idx])
+        value.backward()
+        return value.detach()
     return loss
 
 
-def _abo_loss(backend, layers, lora, base, text_all, settings):
+def _abo_loss(backend, predict, layers, lora, base, text_all, settings):
     """|| [eps(x,c) - eps(x,0)] - s [eps0(x,alt) - eps0(x,0)] ||^2 + lambda || eps(x,0) - eps0(x,0) ||^2,
     eps with the refined weights + LoRA, eps0 the frozen original model; no alternative: target 0."""
     empty = backend.encode([""])
@@ -187,9 +222,12 @@ def _abo_loss(backend, layers, lora, base, text_all, settings):
             target = (settings.abo_scale * (backend.predict(x, t, TextBatch.cat([alt] * b)).float() - u0)
                       if alt is not None else torch.zeros_like(u0))
         with weight_deltas(layers, _lora_deltas(lora, base)):
-            ec = backend.predict(x, t, text).float()
-            eu = backend.predict(x, t, unc).float()
-        return F.mse_loss(ec - eu, target) + settings.abo_lambda * F.mse_loss(eu, u0)
+            ec = predict(x, t, text).float()
+            eu = predict(x, t, unc).float()
+            value = F.mse_loss(ec - eu, target) + settings.abo_lambda * F.mse_loss(eu, u0)
+            # backward while the LoRA hooks are on: gradient checkpointing reruns the UNet in it
+            value.backward()
+        return value.detach()
     return loss
 
 
