@@ -196,6 +196,39 @@ def test_low_vram_gives_the_same_checkpoint(tmp_path):
         assert (a[k].float() - b[k].float()).norm() <= 1e-5 * a[k].float().norm(), k
 
 
+def _training_data(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name in ("images", "masks", "latents.safetensors") or p.suffix == ".png"]
+
+
+def _erased_names(path: Path) -> list[str]:
+    return [c["phrase"] for c in json.loads(load_checkpoint(path).metadata["mace.concepts"])]
+
+
+def test_delete_images_keeps_what_refuse_restore_and_add_need(tmp_path, capsys):
+    src, out, work = tiny_file("sd1"), tmp_path / "erased.safetensors", tmp_path / "project"
+    assert main(["erase", str(src), "--concept", "cat", "--concept", "dog", "--out", str(out),
+                 "--work-dir", str(work), "--delete-images", *FAST]) == 0
+    assert "deleted 10 training image files" in capsys.readouterr().out  # 2 concepts x (2 images, 2 masks, latents)
+    assert _training_data(work) == []
+    proj = Project(work)
+    assert all(proj.load_stats(c) is not None and proj.load_lora(c) is not None for c in proj.spec().concepts)
+    # restore: everything but cat, from the stored sums and LoRAs alone
+    assert main(["fuse", str(work), "--except", "cat", "--model", str(src),
+                 "--out", str(tmp_path / "dog.safetensors")]) == 0
+    assert _erased_names(tmp_path / "dog.safetensors") == ["dog"]
+    # re-fusing all concepts gives back the erased checkpoint
+    assert main(["fuse", str(work), "--model", str(src), "--out", str(tmp_path / "all.safetensors")]) == 0
+    again, first = _kv(tmp_path / "all.safetensors"), _kv(out)
+    assert all(torch.allclose(again[k], first[k], rtol=0, atol=1e-6) for k in first)
+    # add: trains only the new concept, reusing the LoRAs whose images are gone
+    loras = {p: p.stat().st_mtime_ns for p in work.rglob("lora.safetensors")}
+    assert main(["add", str(work), "--concept", "bird", "--model", str(src),
+                 "--out", str(tmp_path / "more.safetensors"), "--device", "cpu", "--delete-images"]) == 0
+    assert _erased_names(tmp_path / "more.safetensors") == ["cat", "dog", "bird"]
+    assert all(p.stat().st_mtime_ns == t for p, t in loras.items()) and len(list(work.rglob("lora.safetensors"))) == 3
+    assert _training_data(work) == []
+
+
 def test_separable_erasure_runs_and_is_recorded(tmp_path):
     out = tmp_path / "sep.safetensors"
     assert main(["erase", str(tiny_file("sd1")), "--concept", "cat", "--concept", "dog", "--separable",

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--alternative while keeping the unconditional prediction)")
     p.add_argument("--alternative", help="abo: what the erased concept should become, e.g. 'a cow'")
     p.add_argument("--prediction", choices=["epsilon", "v_prediction"], help="override SD2 prediction type")
+    p.add_argument("--delete-images", action="store_true",
+                   help="when done, delete the training images the run drew (they may show what was erased) from "
+                        "the work folder; re-fusing, restoring and adding concepts still work")
     p.add_argument("--low-vram", action="store_true", default=None,
                    help="fit a smaller GPU: draw training images one at a time and recompute UNet activations in "
                         "backward passes (gradient checkpointing); slower, the same result")
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor")
     p.add_argument("--model", help="the base model (default: the path recorded in the project)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--delete-images", action="store_true", help="when done, delete the drawn training images")
     _common(p)
 
     p = sub.add_parser("export-lora", help="the erasure as a kohya-format LoRA (loads in A1111, Forge, ComfyUI)")
@@ -340,6 +344,8 @@ def cmd_erase(args) -> int:
     if rank != 0:
         return 0
     _save_result(ck, res, out)
+    if args.delete_images:
+        _delete_images(Project(work))
     log.info("stages: %s", ", ".join(f"{k} {v:.1f}s" for k, v in res.report["timings"].items()))
     if res.report["reused_loras"]:
         log.info("reused finished LoRAs: %s", ", ".join(res.report["reused_loras"]))
@@ -368,6 +374,11 @@ def _save_result(ck, res, out: Path) -> None:
 
     names = save_result(ck, res, out)
     print(f"wrote {out} (erased: {', '.join(names) or 'nothing'})")
+
+
+def _delete_images(project) -> None:
+    files, size = project.delete_generated_images()
+    print(f"deleted {files} training image files ({size / 2 ** 20:.1f} MiB) from {project.root}")
 
 
 def _project_and_base(args):
@@ -404,6 +415,8 @@ def cmd_add(args) -> int:
     # stage 1 is re-solved with every concept; LoRAs of earlier concepts are reused as trained
     log.info("re-solved stage 1 for all concepts; reused LoRAs: %s", ", ".join(res.report["reused_loras"]) or "none")
     _save_result(ck, res, Path(args.out))
+    if args.delete_images:
+        _delete_images(proj)
     return 0
 
 

@@ -5,15 +5,19 @@
     concepts/<slug>/stats.safetensors   stage-1 sums (cross, gram) and the fusion Gram
     concepts/<slug>/lora.safetensors    the concept's LoRA (written as soon as it is trained)
     concepts/<slug>/images/, masks/     its training data, paired by file name
+    concepts/<slug>/latents.safetensors the same images as latents (robust hardening reads them)
 
 Every file is written atomically; a concept counts as done only once its LoRA file exists and
-its recorded settings hash matches, so an interrupted run resumes where it stopped.
+its recorded settings hash matches, so an interrupted run resumes where it stopped. The training
+data is a cache: `Project.delete_generated_images` removes it once a project is done, and
+re-fusing, restoring and adding concepts work without it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -123,7 +127,32 @@ class Project:
         _save({"latents": latents.float()}, self.concept_dir(c) / "latents.safetensors")
 
     def load_latents(self, c: Concept) -> torch.Tensor:
-        return _load(self.concept_dir(c) / "latents.safetensors")[0]["latents"]
+        p = self.concept_dir(c) / "latents.safetensors"
+        if not p.is_file():
+            raise MaceError(f"the training images of {c.phrase!r} were deleted from {self.root}; hardening more "
+                            "rounds needs them: erase the concept again in a new project")
+        return _load(p)[0]["latents"]
+
+    def delete_generated_images(self) -> tuple[int, int]:
+        """Remove every concept's drawn training data (images/, masks/, latents), which may show what
+        was erased; keeps what re-fusing, restoring and adding need (manifest, priors, per-concept
+        stats and LoRAs). Returns (files removed, bytes freed)."""
+        files = size = 0
+        for d in sorted((self.root / "concepts").glob("*")):
+            for p in (d / "images", d / "masks", d / "latents.safetensors"):
+                if p.is_dir():
+                    found = [f for f in p.rglob("*") if f.is_file()]
+                elif p.is_file():
+                    found = [p]
+                else:
+                    continue
+                files += len(found)
+                size += sum(f.stat().st_size for f in found)
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        return files, size
 
     def save_lora(self, c: Concept, lora: LoRA, settings_hash: str, losses: list[float]) -> None:
         _save(lora.state_dict(), self.concept_dir(c) / "lora.safetensors",
