@@ -67,6 +67,8 @@ class EraseForm:
     # Stage-2 objective (issue 9): shown by the UI only when the core's Settings has these fields.
     objective: str = ""  # "" = the core's default ("mace"); "abo" = All-but-One
     alternative: str = ""
+    low_vram: bool = False  # the CLI's --low-vram
+    delete_images: bool = False  # the CLI's --delete-images: the project's drawn training images, when done
     # Robust erasure (issue 12) is numbers["robust_rounds"]: adversarial hardening rounds, the CLI's
     # `--robust` / `--robust-rounds N`.
 
@@ -112,6 +114,8 @@ def erase_namespace(form: EraseForm, host: Host | None = None) -> _Args:
         args.mask = form.mask
     if (form.sam_checkpoint or "").strip():
         args.sam_checkpoint = form.sam_checkpoint.strip()
+    if form.low_vram:
+        args.low_vram = True
     if form.objective:
         args.objective = form.objective
         if form.alternative.strip():
@@ -152,9 +156,8 @@ def _fan_out(*callbacks: Progress | None) -> Progress:
 
 def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> Outcome:
     """Erase as `mace erase` does, into the host's checkpoint folder; project in models/mace/<name>."""
-    from mace_core.checkpoint import load_checkpoint
-    from mace_core.diffusers_backend import DiffusersBackend
     from mace_core.erase import erase, save_result
+    from mace_core.estimate import check_fits, estimate
     from mace_core.project import Project
 
     t0 = time.perf_counter()
@@ -168,15 +171,18 @@ def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> 
     project = Project(host.projects_folder() / pname)
     with host.job("MACE erase"):
         prog("loading model", 0, 1)
-        ck = load_checkpoint(model)
+        ck, backend = _load(host, model, spec)
         run = spec.settings_for()
-        backend = DiffusersBackend.from_checkpoint(ck, device=host.device, clip_skip=run.clip_skip)
         prog("loading model", 1, 1)
+        est = estimate(backend, spec, form.closed_form_only)
+        log.info("MACE: %s", est.describe())
+        check_fits(est, backend.device)  # refuses, with advice, a GPU too small for this run
         log.info("erasing %s from %s; project %s", ", ".join(c.phrase for c in spec.concepts), model.name,
                  project.root)
         res = erase(backend, spec, project, ck.sha256, ck.path.name, progress=prog, should_stop=host.should_stop,
                     closed_form_only=form.closed_form_only)
         save_result(ck, res, out)
+        deleted = project.delete_generated_images() if form.delete_images else None
         del ck
         host.refresh_checkpoints()
         gallery, note = [], ""
@@ -200,9 +206,44 @@ def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> 
     if form.closed_form_only:
         lines.append("Closed-form only: stage 1 alone (fast); the concept word itself is erased less thoroughly than "
                      "with the LoRA stages.")
+    if deleted is not None:
+        lines.append(f"Deleted the project's {deleted[0]} training image files ({deleted[1] / 2 ** 20:.1f} MiB); "
+                     "re-fusing and adding concepts still work.")
     if note:
         lines.append(note)
     return Outcome(out, "\n\n".join(l for l in lines if l), gallery, res.metadata)
+
+
+def _load(host: Host, model: Path, spec):
+    """(checkpoint, backend) of ``model`` on the host's device, reading the text encoder at the run's clip skip."""
+    from mace_core.checkpoint import load_checkpoint
+    from mace_core.diffusers_backend import DiffusersBackend
+
+    ck = load_checkpoint(model)
+    return ck, DiffusersBackend.from_checkpoint(ck, device=host.device, clip_skip=spec.settings_for().clip_skip)
+
+
+def estimate_run(host: Host, form: EraseForm) -> str:
+    """Markdown: what Erase would cost with this form (time, peak GPU memory), measured on the chosen
+    model as `mace erase --estimate` does, and why the GPU is too small when it is."""
+    from mace_core.estimate import estimate, gpu_memory_gb, refusal
+
+    if not form.checkpoint:
+        raise MaceError("pick a checkpoint to erase from")
+    model = host.checkpoint_path(form.checkpoint)
+    spec = build_spec(form, host)
+    with host.job("MACE estimate"):
+        _, backend = _load(host, model, spec)
+        est = estimate(backend, spec, form.closed_form_only)
+        gpu = gpu_memory_gb(backend.device)
+        del backend
+    n = len(spec.concepts)
+    lines = [f"**Estimate** ({n} concept{'s' * (n != 1)}, {model.name}): {est.describe()}."]
+    why = refusal(est, gpu)
+    if why:
+        lines.append(f"**Too large for this GPU:** {why}")
+    lines.append("Concepts a project already holds are reused when you resume, so a resumed run takes less.")
+    return "\n\n".join(lines)
 
 
 def preview_prompts(concepts: Sequence[dict], retain: Sequence[str]) -> list[tuple[str, str, bool]]:

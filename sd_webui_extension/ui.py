@@ -107,6 +107,12 @@ def build_ui(host: Host) -> gr.Blocks:
                                                    elem_id="mace_closed_form")
                     previews = gr.Checkbox(value=True, label="Before/after previews", elem_id="mace_previews")
                     blur = gr.Checkbox(value=True, label="Blur previews of explicit concepts", elem_id="mace_blur")
+                with gr.Row():
+                    low_vram = gr.Checkbox(value=False, label="Low VRAM (slower, same result: one training image at a "
+                                                              "time, gradient checkpointing)", elem_id="mace_low_vram")
+                    delete_images = gr.Checkbox(value=False, label="Delete the generated training images when done "
+                                                                   "(re-fuse still works)",
+                                                elem_id="mace_delete_images")
                 with gr.Accordion(label="Advanced settings", open=False, elem_id="mace_advanced"):
                     defaults = gr.Markdown(actions.type_defaults("object" if "object" in types else types[0]),
                                            elem_id="mace_defaults")
@@ -133,11 +139,12 @@ def build_ui(host: Host) -> gr.Blocks:
                     with gr.Row(visible=has_robust):
                         numbers[_ROBUST[0]] = gr.Textbox(label=_ROBUST[1], placeholder=f"type default ({_ROBUST[2]})",
                                                          elem_id=f"mace_{_ROBUST[0]}")
-                    # TODO(issue 13): the time / peak-VRAM estimate for these settings goes here.
             with gr.Column():
                 with gr.Row():
                     erase_btn = gr.Button(value="Erase", variant="primary", elem_id="mace_erase")
                     interrupt_btn = gr.Button(value="Interrupt", elem_id="mace_interrupt")
+                    estimate_btn = gr.Button(value="Estimate time and GPU memory", elem_id="mace_estimate")
+                estimate_info = gr.Markdown("", elem_id="mace_estimate_info")
                 status = gr.Markdown("", elem_id="mace_status")
                 gallery = gr.Gallery(label="Before | after (same prompts and seeds)", columns=2,
                                      elem_id="mace_gallery")
@@ -194,17 +201,24 @@ def build_ui(host: Host) -> gr.Blocks:
 
         num_keys = [k for k, _, _ in _ADVANCED] + [_ROBUST[0]]
 
-        def on_erase(checkpoint_v, concepts_v, ctype_v, preset_v, retain_v, out_name_v, overwrite_v, project_v,
-                     closed_v, previews_v, blur_v, mask_v, sam_v, objective_v, alternative_v,
-                     n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, progress=gr.Progress()):
-            form = EraseForm(checkpoint=checkpoint_v or "", concepts=concepts_v or "", ctype=ctype_v or "object",
+        def form_of(checkpoint_v, concepts_v, ctype_v, preset_v, retain_v, out_name_v, overwrite_v, project_v,
+                    closed_v, previews_v, blur_v, mask_v, sam_v, objective_v, alternative_v, low_vram_v, delete_v,
+                    *numbers_v) -> EraseForm:
+            return EraseForm(checkpoint=checkpoint_v or "", concepts=concepts_v or "", ctype=ctype_v or "object",
                              preset=preset_v or NO_PRESET, retain=retain_v or "", out_name=out_name_v or "",
                              overwrite=bool(overwrite_v), project=project_v or "", closed_form_only=bool(closed_v),
                              previews=bool(previews_v), blur_explicit=bool(blur_v), mask=mask_v or TYPE_DEFAULT,
                              sam_checkpoint=sam_v or "",
                              objective=(objective_v or "") if has_objective else "",
-                             alternative=alternative_v or "",
-                             numbers=dict(zip(num_keys, [n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12])))
+                             alternative=alternative_v or "", low_vram=bool(low_vram_v), delete_images=bool(delete_v),
+                             numbers=dict(zip(num_keys, numbers_v)))
+
+        def on_erase(checkpoint_v, concepts_v, ctype_v, preset_v, retain_v, out_name_v, overwrite_v, project_v,
+                     closed_v, previews_v, blur_v, mask_v, sam_v, objective_v, alternative_v, low_vram_v, delete_v,
+                     n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, progress=gr.Progress()):
+            form = form_of(checkpoint_v, concepts_v, ctype_v, preset_v, retain_v, out_name_v, overwrite_v, project_v,
+                           closed_v, previews_v, blur_v, mask_v, sam_v, objective_v, alternative_v, low_vram_v,
+                           delete_v, n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12)
             try:
                 res = actions.run_erase(host, form, progress=_progress_callback(progress))
             except Exception as e:  # noqa: BLE001 - shown to the user
@@ -213,10 +227,19 @@ def build_ui(host: Host) -> gr.Blocks:
             return (res.gallery, res.message, str(res.path), gr.update(visible=host.can_load_checkpoint),
                     gr.update(choices=plist))
 
-        erase_inputs = [checkpoint, concepts, ctype, preset, retain, out_name, overwrite, project, closed_form_only,
-                        previews, blur, mask, sam, objective, alternative] + [numbers[k] for k in num_keys]
+        erase_inputs = ([checkpoint, concepts, ctype, preset, retain, out_name, overwrite, project, closed_form_only,
+                         previews, blur, mask, sam, objective, alternative, low_vram, delete_images]
+                        + [numbers[k] for k in num_keys])
         erase_btn.click(fn=on_erase, inputs=erase_inputs,
                         outputs=[gallery, status, out_path, load_btn, project_dd])
+
+        def on_estimate(*values):
+            try:
+                return actions.estimate_run(host, form_of(*values))
+            except Exception as e:  # noqa: BLE001 - shown to the user
+                return _message(e)
+
+        estimate_btn.click(fn=on_estimate, inputs=erase_inputs, outputs=[estimate_info])
 
         def on_interrupt():
             host.interrupt()

@@ -176,6 +176,8 @@ def test_estimate_peak_follows_low_vram_and_a_too_small_gpu_is_refused_with_advi
     assert peak_rows(ErasureSpec(spec.concepts, (), {"images": 3})) == 6
     assert peak_rows(spec, closed_form_only=True) == 0
     est = Estimate(600.0, 14.0, 1000, 0.5)
+    assert est.describe() == "estimated 10.0 min (1000 UNet calls at 500 ms), peak GPU memory ~14.0 GB"
+    assert Estimate(42.0, None, 80, 0.5).describe() == "estimated 42 s (80 UNet calls at 500 ms)"
     assert refusal(est, 24.0) is None and refusal(est, None) is None  # fits; no GPU
     why = refusal(est, 12.0)
     assert "~14.0 GB" in why and "12.0 GB" in why and "--low-vram" in why and "closed-form only" in why

@@ -140,6 +140,8 @@ def test_form_means_the_same_request_as_the_cli():
     if actions.core_has_setting("robust_rounds"):  # issue 12's
         form.numbers["robust_rounds"] = "2"
         argv += ["--robust"]
+    form.low_vram = True  # issue 13's
+    argv += ["--low-vram"]
     assert actions.build_spec(form) == cli.spec_from_args(cli.build_parser().parse_args(argv))
     assert [c.phrase for c in spec.concepts][-2:] == ["cat", "Van Gogh"]
 
@@ -267,7 +269,8 @@ UI_ELEM_IDS = {"mace_checkpoint", "mace_concepts", "mace_type", "mace_preset", "
                "mace_overwrite", "mace_closed_form", "mace_steps", "mace_rank", "mace_lr", "mace_images", "mace_seed",
                "mace_mask", "mace_prior", "mace_domain", "mace_erase", "mace_interrupt", "mace_gallery",
                "mace_output_path", "mace_load", "mace_project_list", "mace_project_concepts", "mace_refuse",
-               "mace_objective", "mace_alternative", "mace_robust_rounds"}
+               "mace_objective", "mace_alternative", "mace_robust_rounds", "mace_low_vram", "mace_delete_images",
+               "mace_estimate", "mace_estimate_info"}
 
 # Run in any venv with gradio (and PyYAML): builds the Blocks with the standalone host and through
 # scripts/mace_tab.py with the stand-in `modules`, prints JSON.
@@ -425,6 +428,30 @@ def test_standalone_host_interrupt_flag_stops_a_run(tiny_model, one_thread):
     assert _erased(res.path) == ["cat"]
 
 
+def test_estimate_then_a_low_vram_run_that_deletes_its_training_images(tiny_model, one_thread):
+    from mace_core.checkpoint import read_metadata
+    from mace_core.estimate import unet_calls
+
+    host = StandaloneHost(tiny_model, device="cpu")
+    form = actions.EraseForm(checkpoint=tiny_model.name, concepts="cat\ndog", out_name="no-pets", previews=False,
+                             low_vram=True, delete_images=True, numbers=dict(TINY_SETTINGS))
+    text = actions.estimate_run(host, form)
+    calls = unet_calls(actions.build_spec(form))
+    assert calls == 2 * (1 * 2 * 2 + 3) and f"({calls} UNet calls at" in text and "estimated" in text
+    assert "Too large" not in text  # a CPU run is never refused
+    assert not host.projects_folder().exists()  # estimating writes nothing
+
+    res = actions.run_erase(host, form)
+    assert _erased(res.path) == ["cat", "dog"]
+    assert json.loads(read_metadata(res.path)["mace.settings"])["low_vram"] is True
+    project = host.projects_folder() / "no-pets"
+    assert "Deleted the project's 6 training image files" in res.message  # 2 x (image, mask, latents)
+    assert not [p for p in project.rglob("*") if p.suffix == ".png" or p.name == "latents.safetensors"]
+    assert len(list(project.rglob("lora.safetensors"))) == 2
+    only_dog = actions.refuse_project(host, "no-pets", ["dog"], "only-dog", False)  # re-fuse needs no images
+    assert _erased(only_dog.path) == ["dog"]
+
+
 # ---------------------------------------------------------------------------------------------
 # (c) the real browser
 
@@ -535,8 +562,15 @@ def test_browser_erase_in_the_standalone_app(tiny_model, tmp_path):
             assert "Interrupted" in status, f"status: {status!r}\napp log:\n{log.read_text()[-3000:]}"
             assert not (tiny_model.parent / "tiny-no-cat.safetensors").exists()
 
-            # The real run.
+            # The real run: estimated first, and told to delete its training images when done.
             _box(page, "mace_steps").fill(TINY_SETTINGS["steps"])
+            page.locator("#mace_estimate").click()
+            estimate = page.locator("#mace_estimate_info")
+            deadline = time.time() + 60
+            while "UNet calls" not in estimate.inner_text() and time.time() < deadline:
+                time.sleep(0.3)
+            assert "(7 UNet calls at" in estimate.inner_text(), estimate.inner_text()  # 1 image x 2 steps x 2 + 3
+            page.locator("#mace_delete_images input").check()
             page.locator("#mace_erase").click()
             status = _wait_status(page, 150, ("Wrote",))
             page.locator("#mace_gallery img").first.wait_for(timeout=30_000)
@@ -552,3 +586,4 @@ def test_browser_erase_in_the_standalone_app(tiny_model, tmp_path):
     assert out.is_file()
     assert _erased(out) == ["cat"]
     assert (tiny_model.parent / "mace" / "tiny-no-cat" / "manifest.json").is_file()
+    assert not list((tiny_model.parent / "mace" / "tiny-no-cat").rglob("*.png"))  # deleted when done

@@ -30,8 +30,16 @@ class Estimate:
 
     def describe(self) -> str:
         mem = f", peak GPU memory ~{self.peak_gb:.1f} GB" if self.peak_gb is not None else ""
-        return (f"estimated {self.seconds / 60:.1f} min ({self.unet_calls} UNet calls at "
+        return (f"estimated {_duration(self.seconds)} ({self.unet_calls} UNet calls at "
                 f"{self.step_seconds * 1000:.0f} ms){mem}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def unet_calls(spec: ErasureSpec, closed_form_only: bool = False) -> int:
