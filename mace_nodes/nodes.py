@@ -413,8 +413,11 @@ def _train_inputs() -> dict:
     }
 
 
-def _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed) -> dict:
+def _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed,
+                     low_vram: bool = False) -> dict:
     out = {"seed": int(training_seed)}
+    if low_vram:
+        out["low_vram"] = True
     for k, v in (("steps", steps), ("rank", rank), ("images", images), ("sample_steps", sample_steps)):
         if int(v) > 0:
             out[k] = int(v)
@@ -550,8 +553,10 @@ class _Bar:
 def _train(be: ComfyBackend, project, spec, base_sha, base_name, closed_form_only=False):
     """Run the core's pipeline on ``be`` (the ORIGINAL model: it draws the images; the LoRAs train on
     its refined weights, applied by hooks), resuming finished concepts, with grad enabled (ComfyUI runs
-    nodes in inference mode), ComfyUI progress and cancel."""
+    nodes in inference mode), ComfyUI progress and cancel. A GPU too small for the run is refused
+    before anything starts; the estimate is logged and kept in the result's report."""
     from mace_core.erase import erase
+    from mace_core.estimate import check_fits, estimate
 
     if not closed_form_only:
         needs_unet_grad = [c.phrase for c in spec.concepts if getattr(spec.settings_for(c), "objective", "mace") != "mace"]
@@ -562,7 +567,11 @@ def _train(be: ComfyBackend, project, spec, base_sha, base_name, closed_form_onl
                             "or run this erasure with the `mace` command line")
     import comfy.model_management as mm
 
-    progress = _Progress(_merged_spec(project, spec))
+    merged = _merged_spec(project, spec)
+    est = estimate(be, merged, closed_form_only)
+    log.info("MACE: %s (concepts the project already holds are reused, so less when resuming)", est.describe())
+    check_fits(est, be.device)
+    progress = _Progress(merged)
     try:
         with torch.inference_mode(False), torch.enable_grad():
             res = erase(be, spec, project, base_sha, base_name, progress=progress, should_stop=_interrupt_check,
@@ -570,7 +579,29 @@ def _train(be: ComfyBackend, project, spec, base_sha, base_name, closed_form_onl
     finally:
         mm.soft_empty_cache()
     progress.bar.update_absolute(progress.total, progress.total)
+    res.report["estimate"] = est.describe()
     return res
+
+
+def _memory_options() -> dict:
+    """Optional inputs of the training nodes: low-VRAM mode and deleting the drawn training images."""
+    return {
+        "low_vram": ("BOOLEAN", {"default": False,
+                                 "tooltip": "draw the training images one at a time (the same images, slower): "
+                                            "for GPUs the estimate says are too small"}),
+        "delete_images": ("BOOLEAN", {"default": False,
+                                      "tooltip": "when done, delete the training images drawn into the project "
+                                                 "(they may show what was erased); re-fusing still works"}),
+    }
+
+
+def _delete_images(project, delete: bool) -> str:
+    """Deletes the project's drawn training images when asked; a line for the report ("" otherwise)."""
+    if not delete:
+        return ""
+    files, size = project.delete_generated_images()
+    log.info("MACE: deleted %d training image files (%.1f MiB) from %s", files, size / 2 ** 20, project.root)
+    return f"deleted {files} training image files from the project"
 
 
 class MACETrainLoRAs:
@@ -581,7 +612,10 @@ class MACETrainLoRAs:
                    "original is recovered from it exactly (Refine's patches removed), or connect it to "
                    "'original_model' too. Finished concepts are saved in the project at once; cancel and re-run "
                    "to resume. Settings at 0 use the concept type's defaults. The preview shows each training "
-                   "image beside its mask (explicit concepts are blurred unless 'preview' says otherwise).")
+                   "image beside its mask (explicit concepts are blurred unless 'preview' says otherwise). Before "
+                   "it starts, the run's time and peak GPU memory are estimated (in the log) and a GPU too small "
+                   "is refused with advice; 'low_vram' draws one image at a time, 'delete_images' removes the "
+                   "drawn images from the project when done.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (LORAS, "IMAGE")
     RETURN_NAMES = ("loras", "training_images")
@@ -600,12 +634,14 @@ class MACETrainLoRAs:
                 "original_model": ("MODEL", {"tooltip": "the model Refine started from (optional: recovered "
                                                         "from 'model' when not connected)"}),
                 "preview": (["auto", "show", "blur", "hide"], {"default": "auto"}),
+                **_memory_options(),
             },
             "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
     def train(self, model, clip, vae, steps, rank, lr, images, sample_steps, guidance, mask, training_seed,
-              resolution=0, original_model=None, preview="auto", prompt=None, unique_id=None):
+              resolution=0, original_model=None, preview="auto", low_vram=False, delete_images=False, prompt=None,
+              unique_id=None):
         from mace_core.project import Project
 
         info = mace_info(model)
@@ -622,13 +658,16 @@ class MACETrainLoRAs:
             raise MaceError("this CLIP is not the one the Refine node used; connect the same CLIP to both")
         project = Project(info["project"])
         ps = project.spec()
-        spec = _with(ps, _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed))
+        spec = _with(ps, _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed,
+                                          low_vram))
         res = _train(be, project, spec, info["base_sha256"], info["base_name"])
         loras = MaceLoras(str(project.root), wid, [c.phrase for c in project.spec().concepts], res.weights,
                           res.metadata, res.report)
         log.info("MACE train: %s; reused LoRAs: %s", ", ".join(loras.phrases),
                  ", ".join(res.report.get("reused_loras", [])) or "none")
-        return (loras, _preview(project, project.spec(), preview))
+        shown = _preview(project, project.spec(), preview)  # before the images may be deleted
+        _delete_images(project, delete_images)
+        return (loras, shown)
 
 
 class MACEFuse:
@@ -656,7 +695,8 @@ class MACEEraseConcepts:
     DESCRIPTION = ("All of MACE in one node (refine, draw + train one LoRA per concept, fuse) for the impatient; "
                    "the same result as Refine -> Train LoRAs -> Fuse. 'closed_form_only' stops after stage 1 "
                    "(seconds, no training, weaker). Images are drawn by the input MODEL, LoRAs trained on its "
-                   "refined weights. Resumes the project when re-run.")
+                   "refined weights. Resumes the project when re-run. The report gives the run's estimated time "
+                   "(and GPU memory); 'low_vram' and 'delete_images' as on Train LoRAs.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "IMAGE", "STRING")
     RETURN_NAMES = ("erased_model", "training_images", "report")
@@ -668,15 +708,16 @@ class MACEEraseConcepts:
             "required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",), "concepts": (CONCEPTS,),
                          **_train_inputs(),
                          "closed_form_only": ("BOOLEAN", {"default": False})},
-            "optional": {"preview": (["auto", "show", "blur", "hide"], {"default": "auto"})},
+            "optional": {"preview": (["auto", "show", "blur", "hide"], {"default": "auto"}), **_memory_options()},
             "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
     def erase(self, model, clip, vae, concepts, steps, rank, lr, images, sample_steps, guidance, mask,
-              training_seed, resolution, closed_form_only, preview="auto", prompt=None, unique_id=None):
+              training_seed, resolution, closed_form_only, preview="auto", low_vram=False, delete_images=False,
+              prompt=None, unique_id=None):
         base = strip_mace(model)
         be = ComfyBackend(base, clip, vae, resolution or None)
-        overrides = _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed)
+        overrides = _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed, low_vram)
         overrides["clip_skip"] = _clip_skip(clip, be.family_name)
         spec = validate(_with(concepts.spec, overrides), be.tokenize)
         project, base_sha, base_name, wid = _project_for(concepts, base, be.family_name, spec, prompt, unique_id)
@@ -687,9 +728,12 @@ class MACEEraseConcepts:
                 "metadata": res.metadata}
         names = [c.phrase for c in project.spec().concepts]
         report = (f"erased: {', '.join(names)}\nproject: {project.root}\nstages: {res.metadata['mace.stages']}\n"
+                  f"estimate: {res.report['estimate']}\n"
                   f"timings: {json.dumps({k: round(v, 1) for k, v in res.report.get('timings', {}).items()})}\n"
                   f"reused LoRAs: {', '.join(res.report.get('reused_loras', [])) or 'none'}")
-        return (patched_model(base, res.weights, info), _preview(project, project.spec(), preview), report)
+        shown = _preview(project, project.spec(), preview)  # before the images may be deleted
+        deleted = _delete_images(project, delete_images)
+        return (patched_model(base, res.weights, info), shown, report + (f"\n{deleted}" if deleted else ""))
 
 
 RESTORE = "restore the listed concepts (erase all others)"

@@ -244,6 +244,36 @@ def test_one_shot_node_resumes_the_project_and_matches_the_staged_graph(comfyui,
         assert torch.equal(model.patches[k][-1][1][1][0], p[-1][1][1][0]), k
 
 
+def test_one_shot_node_estimates_runs_low_vram_and_deletes_its_training_images(comfyui, tiny64, caplog):
+    import logging
+
+    from mace_core.project import Project
+
+    train = {k: v for k, v in _train(None)["inputs"].items() if k not in ("model", "clip", "vae")}
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
+         "2": _concepts("cat\ndog", "cleanup"),
+         "3": {"class_type": "MACEEraseConcepts",
+               "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "concepts": ["2", 0], **train,
+                          "closed_form_only": False, "low_vram": True, "delete_images": True}}}
+    with caplog.at_level(logging.INFO, logger="mace.comfyui"):
+        out = comfyui.run(g)
+    model, images, report = out["3"]
+    calls = 2 * (FAST["images"] * FAST["sample_steps"] * 2 + FAST["steps"])  # per concept: drawing (CFG), training
+    assert re.search(rf"estimate: estimated \d+ s \({calls} UNet calls at \d+ ms\)", report), report
+    assert any(f"({calls} UNet calls at" in r.getMessage() for r in caplog.records)  # in the log, before the run
+    assert "deleted 6 training image files" in report  # 2 concepts x (image, mask, latents)
+    assert images.shape == (2, 64, 128, 3)  # the preview was taken before the images went
+    proj = Project(comfyui.models_dir / "mace" / "cleanup")
+    assert not [p for p in proj.root.rglob("*") if p.suffix == ".png" or p.name == "latents.safetensors"]
+    assert all(proj.load_lora(c) is not None for c in proj.spec().concepts)
+    assert proj.manifest()["overrides"]["low_vram"] is True
+    # the project still restores a concept without its images
+    restored = comfyui.run({"1": g["1"], "4": {"class_type": "MACERefuse", "inputs": {
+        "model": ["1", 0], "project": "cleanup", "mode": "restore the listed concepts (erase all others)",
+        "concepts": "cat", "closed_form_only": False}}})
+    assert restored["4"][1] == "dog"
+
+
 def test_refuse_node_restores_a_concept_like_the_cli(comfyui, tiny64, run, tmp_path):
     from mace_core.checkpoint import load_checkpoint
     from mace_core.cli import main
