@@ -85,18 +85,29 @@ def main() -> None:
         print(f"| {name} | {s.acc_e:.1f} | {s.acc_g:.1f} | {s.acc_s:.1f} | {s.h_o:.1f} | "
               f"{time.perf_counter() - t0:.0f} |", flush=True)
     if args.extra:
-        n = args.seeds * 5
-        be = erased_backend(ck, ["red circle"], over)
-        print(f"\nerase 'red circle': red square kept {phrase_accuracy(be, judge, 'a photo of a red square', 'square', n):.1f}%, "
-              f"blue circle kept {phrase_accuracy(be, judge, 'a photo of a blue circle', 'circle', n):.1f}%, "
-              f"red circle left {phrase_accuracy(be, judge, 'a photo of a red circle', 'circle', n):.1f}%")
-        be = erased_backend(ck, ["circle"], over)
-        print(f"erase 'circle': ring kept {phrase_accuracy(be, judge, 'a photo of a ring', 'ring', n):.1f}%")
-        mass = list(SHAPES[:4])
-        s = object_scores(erased_backend(ck, mass, over), judge, mass, args.seeds)
-        print(f"mass erasure of {', '.join(mass)}: Acc_e {s.acc_e:.1f} Acc_g {s.acc_g:.1f} Acc_s {s.acc_s:.1f} "
-              f"H_o {s.h_o:.1f}")
+        extra_cases(ck, judge, over, args.seeds * 5)
 
+
+def extra_cases(ck, judge, over: dict, n: int) -> None:
+    """The shared-word, close-pair and mass cases, each against the base model on the same seeds."""
+    base = DiffusersBackend.from_checkpoint(ck, device="cpu")
+    print("\n| case | prompt | base | erased | drop |\n|---|---|---:|---:|---:|")
+
+    def row(case, be, prompt, shape):
+        b, a = phrase_accuracy(base, judge, prompt, shape, n), phrase_accuracy(be, judge, prompt, shape, n)
+        print(f"| {case} | {prompt} | {b:.1f} | {a:.1f} | {b - a:.1f} |", flush=True)
+
+    be = erased_backend(ck, ["red circle"], over)
+    for prompt, shape in (("a photo of a red circle", "circle"), ("a photo of a red square", "square"),
+                          ("a photo of a blue circle", "circle")):
+        row("erase 'red circle'", be, prompt, shape)
+    be = erased_backend(ck, ["circle"], over)
+    for prompt, shape in (("a photo of a ring", "ring"), ("a photo of a hoop", "ring")):
+        row("erase 'circle' (close pair)", be, prompt, shape)
+    mass = list(SHAPES[:4])
+    s = object_scores(erased_backend(ck, mass, over), judge, mass, max(1, n // 5))
+    print(f"\nmass erasure of {', '.join(mass)}: Acc_e {s.acc_e:.1f} Acc_g {s.acc_g:.1f} Acc_s {s.acc_s:.1f} "
+          f"H_o {s.h_o:.1f}")
 
 if __name__ == "__main__":
     main()

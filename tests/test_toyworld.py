@@ -134,8 +134,7 @@ def test_base_model_quality(judge):
 
     if not quality.DEFAULT_MODEL.exists():
         pytest.skip(f"{quality.DEFAULT_MODEL} is not built yet (python shared/toyworld/train_model.py)")
-    comp = quality.load_components()
-    res = quality.measure(comp, judge, seeds=4, steps=25, cfg=5.0, synonyms=True, per_color=False,
+    res = quality.measure(quality.load_backend(), judge, seeds=4, steps=25, cfg=5.0, synonyms=True, per_color=False,
                           verbose=True)
     # a broken model (no text conditioning, noise, blank) scores ~12% shape and ~20% color
     assert res["shape_acc"] >= 0.85, quality.format_table(res)

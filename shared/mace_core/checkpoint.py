@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -419,6 +419,20 @@ def _nonstandard(fam: Family) -> bool:
         [t.config for t in fam.text_encoders]
 
 
+def family_of_modules(family: str | Family, unet, vae, text_encoders: Sequence[torch.nn.Module],
+                      prediction_type: str | None = None, resolution: int | None = None) -> Family:
+    """``family`` with the sizes of these diffusers/transformers modules (non-standard models)."""
+    base = load_family(family) if isinstance(family, str) else family
+    if len(text_encoders) != len(base.text_encoders):
+        raise ValueError(f"{base.family} needs {len(base.text_encoders)} text encoder(s), got {len(text_encoders)}")
+    specs = tuple(TextEncoderSpec(**{**spec.__dict__, "config": {k: v for k, v in te.config.to_dict().items()
+                                                                  if k in spec.config}})
+                  for te, spec in zip(text_encoders, base.text_encoders))
+    return Family(**{**base.__dict__, "unet": _public(unet.config), "vae": _public(vae.config),
+                     "text_encoders": specs, "prediction_type": prediction_type or base.prediction_type,
+                     "resolution": resolution or base.resolution})
+
+
 def save_new_checkpoint(path: str | Path, family: str | Family, *, unet, vae, text_encoder,
                         text_encoder_2=None, metadata: Mapping[str, str] | None = None,
                         dtype: torch.dtype | None = None, prediction_type: str | None = None) -> Path:
@@ -427,15 +441,8 @@ def save_new_checkpoint(path: str | Path, family: str | Family, *, unet, vae, te
     The modules' configs go into ``mace.arch`` so non-standard sizes (tests, toy world) load back
     exactly. Used to make test models and to ship the toy model.
     """
-    base = load_family(family) if isinstance(family, str) else family
     tes = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
-    if len(tes) != len(base.text_encoders):
-        raise ValueError(f"{base.family} needs {len(base.text_encoders)} text encoder(s), got {len(tes)}")
-    specs = tuple(TextEncoderSpec(**{**spec.__dict__, "config": {k: v for k, v in te.config.to_dict().items()
-                                                                  if k in spec.config}})
-                  for te, spec in zip(tes, base.text_encoders))
-    fam = Family(**{**base.__dict__, "unet": _public(unet.config), "vae": _public(vae.config),
-                    "text_encoders": specs, "prediction_type": prediction_type or base.prediction_type})
+    fam = family_of_modules(family, unet, vae, tes, prediction_type)
     tensors = modules_to_file_tensors(fam, unet, vae, tes)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,85 +25,30 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "toyworld"
 
+from mace_core.checkpoint import Components, family_of_modules  # noqa: E402
+from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
+from mace_core.sampling import generate  # noqa: E402
 from toyworld import world  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "data" / "toy-sd1.safetensors"
 DEFAULT_TEMPLATE = "a photo of a {color} {shape}"
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-)
 BAR = {"shape": 0.90, "color": 0.90, "synonym": 0.85}
 
 
-@dataclass
-class Components:
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    unet: torch.nn.Module
-    vae: torch.nn.Module
+def load_backend(path: str | Path | None = None) -> DiffusersBackend:
+    """The toy model (the shipped single file by default) on the CPU, float32."""
+    return DiffusersBackend.from_file(path if path is not None else DEFAULT_MODEL, device="cpu",
+                                      dtype=torch.float32)
 
 
-def load_components(path: str | Path | None = None) -> Components:
-    """Load the toy model: the shipped single file (via mace_core) or a diffusers-style folder
-    with ``text_encoder/``, ``unet/``, ``vae/`` subfolders."""
-    path = Path(path) if path is not None else DEFAULT_MODEL
-    if path.is_dir():
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        from toyworld.train_model import load_tokenizer
-
-        te = CLIPTextModel.from_pretrained(path / "text_encoder").eval()
-        unet = UNet2DConditionModel.from_pretrained(path / "unet").eval()
-        vae = AutoencoderKL.from_pretrained(path / "vae").eval()
-        return Components(load_tokenizer(), te, unet, vae)
-    from mace_core.checkpoint import build_components, load_checkpoint
-
-    c = build_components(load_checkpoint(path), dtype=torch.float32)
-    return Components(c.tokenizers[0], c.text_encoders[0], c.unet, c.vae)
+def backend_of_modules(tokenizer, text_encoder, unet, vae) -> DiffusersBackend:
+    """A backend over in-memory toy modules (used while training); shares their weights."""
+    fam = family_of_modules("sd1", unet, vae, [text_encoder], resolution=world.IMAGE_SIZE)
+    return DiffusersBackend(Components(fam, unet, vae, [text_encoder], [tokenizer]))
 
 
-@torch.no_grad()
-def encode_prompts(comp: Components, prompts) -> torch.Tensor:
-    ids = comp.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
-                         return_tensors="pt").input_ids
-    return comp.text_encoder(ids).last_hidden_state
-
-
-@torch.no_grad()
-def sample(comp: Components, prompts, seeds, steps: int = 50, cfg: float = 5.0,
-           batch_size: int = 128, negative: str = "") -> np.ndarray:
-    """uint8 [N, 32, 32, 3] for (prompt, seed) pairs; seed s always draws the same noise."""
-    from diffusers import DDIMScheduler
-
-    if len(prompts) != len(seeds):
-        raise ValueError("one seed per prompt")
-    sched = DDIMScheduler(**SCHEDULER_CONFIG)
-    sched.set_timesteps(steps)
-    vae, unet = comp.vae, comp.unet
-    sf = float(vae.config.scaling_factor)
-    ch = int(unet.config.in_channels)
-    size = int(unet.config.sample_size)
-    neg = encode_prompts(comp, [negative])
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        p, sd = list(prompts[s:s + batch_size]), list(seeds[s:s + batch_size])
-        cond = encode_prompts(comp, p)
-        ctx = torch.cat([neg.expand(len(p), -1, -1), cond])
-        x = torch.stack([torch.randn((ch, size, size), generator=torch.Generator().manual_seed(int(k)))
-                         for k in sd])
-        for t in sched.timesteps:
-            eps = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample
-            u, c = eps.chunk(2)
-            x = sched.step(u + cfg * (c - u), t, x).prev_sample
-        img = vae.decode(x / sf).sample
-        out.append(world.from_tensor_range(img.clamp(-1, 1)))
-    return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
-
-
-def measure(comp: Components, judge=None, seeds: int = 40, steps: int = 50, cfg: float = 5.0,
+def measure(backend: DiffusersBackend, judge=None, seeds: int = 40, steps: int = 50, cfg: float = 5.0,
             synonyms: bool = True, per_color: bool = True, template: str = DEFAULT_TEMPLATE,
             batch_size: int = 128, verbose: bool = True) -> dict:
     """Sample and judge; returns a dict with per-shape rows and overall accuracies."""
@@ -122,7 +66,7 @@ def measure(comp: Components, judge=None, seeds: int = 40, steps: int = 50, cfg:
     prompts = [world.fix_article(template.format(
         color=c, shape=s if k == "main" else world.SYNONYMS[s])) for s, k, c, _ in jobs]
     t0 = time.time()
-    imgs = sample(comp, prompts, [j[3] for j in jobs], steps=steps, cfg=cfg, batch_size=batch_size)
+    imgs = generate(backend, prompts, [j[3] for j in jobs], steps=steps, guidance=cfg, batch_size=batch_size)
     verdicts = judge.classify(imgs)
     elapsed = time.time() - t0
     rows = {}
@@ -219,8 +163,7 @@ def main(argv=None):
     ap.add_argument("--grid", help="write a PNG grid of samples here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    comp = load_components(args.model)
-    res = measure(comp, seeds=args.seeds, steps=args.steps, cfg=args.cfg, synonyms=not args.no_synonyms,
+    res = measure(load_backend(args.model), seeds=args.seeds, steps=args.steps, cfg=args.cfg, synonyms=not args.no_synonyms,
                   per_color=not args.cycle_colors, template=args.template)
     if args.grid:
         save_grid(res, args.grid)

@@ -346,13 +346,12 @@ def main(argv=None):
     eval_fn = None
     if args.eval_every:
         from toyworld.judge import Judge
-        from toyworld.quality import Components, measure
+        from toyworld.quality import backend_of_modules, measure
 
         judge = Judge.load()
 
         def eval_fn(step):
-            comp = Components(tokenizer, te, unet, vae)
-            r = measure(comp, judge, seeds=3, steps=20, cfg=5.0, synonyms=True, per_color=False,
+            r = measure(backend_of_modules(tokenizer, te, unet, vae), judge, seeds=3, steps=20, cfg=5.0, synonyms=True, per_color=False,
                         verbose=False)
             print(f"  eval@{step}: shape {r['shape_acc']:.3f} syn {r['synonym_shape_acc']:.3f} "
                   f"color {r['color_acc']:.3f} min-shape {r['min_shape_acc']:.3f}", flush=True)
