@@ -39,9 +39,18 @@ def test_erasure_regression_gate(erased_circle):
     assert s.acc_s >= 90.0, s.to_dict()
 
 
-def test_stage_two_lowers_the_attention_loss_substantially(erased_circle):
-    """Stage 2 must matter (the authors' LoRA loss moved 9.75 -> 9.73): >= 30% lower by its end."""
-    _, _, res = erased_circle
-    losses = res.report["losses"]["circle"]
+def test_stage_two_lowers_the_attention_loss_substantially(tmp_path):
+    """Stage 2 must matter (the authors' LoRA loss moved 9.75 -> 9.73): at the strength of the
+    general presets (lr 1e-2 here) it lowers its loss >= 30% by its end, and the shape stays erased.
+
+    The toy preset itself keeps stage 2 weak: on this model a LoRA that strong sends "circle"
+    prompts back to the model's fallback shape, which is a circle (benchmarks/RESULTS.md)."""
+    ck = load_checkpoint(TOY_MODEL)
+    base = DiffusersBackend.from_checkpoint(ck, device="cpu")
+    res = erase(base, ErasureSpec((make_concept("square", "", "toy"),), (), {"lr": 1e-2}), Project(tmp_path), ck.sha256)
+    losses = res.report["losses"]["square"]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last <= 0.7 * first, (first, last)
+    erased = DiffusersBackend.from_checkpoint(with_edits(ck, res.weights), device="cpu")
+    s = object_scores(erased, Judge.load(), ["square"], seeds_per_color=2, others=[])
+    assert s.acc_e <= 10.0 and s.acc_g <= 15.0, s.to_dict()
