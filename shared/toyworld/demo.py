@@ -24,15 +24,6 @@ from .judge import Judge
 from .world import COLOR_NAMES, SHAPES, SYNONYMS
 
 
-def _tiny_model(out: Path) -> Path:
-    from mace_core.checkpoint import save_new_checkpoint
-    from mace_core.synthetic import random_modules, tiny_family
-
-    fam = tiny_family("sd1")
-    unet, vae, tes = random_modules(fam, seed=0)
-    return save_new_checkpoint(out / "tiny-random-sd1.safetensors", fam, unet=unet, vae=vae, text_encoder=tes[0])
-
-
 def run_demo(args) -> int:
     from PIL import Image
 
@@ -46,10 +37,10 @@ def run_demo(args) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    trained = TOY_MODEL.is_file()
-    if not trained:  # a checkout without the trained weights: show the pipeline on a random tiny model
-        print(f"note: {TOY_MODEL} is missing; using a random tiny SD1 model made on the fly (no metrics)")
-    ck = load_checkpoint(TOY_MODEL if trained else _tiny_model(out))
+    if not TOY_MODEL.is_file():
+        raise MaceError(f"the toy model {TOY_MODEL} is missing: restore it from the repository "
+                        f"(git checkout -- {TOY_MODEL.name}) or retrain it with shared/toyworld/train_model.py")
+    ck = load_checkpoint(TOY_MODEL)
     base = DiffusersBackend.from_checkpoint(ck, device="cpu")
     spec = ErasureSpec((make_concept(shape, "", "toy"),))
     print(f"erasing {shape!r} from {ck.path.name}")
@@ -70,10 +61,6 @@ def run_demo(args) -> int:
         before_rows.append(generate(base, prompts, seeds, STEPS, GUIDANCE))
         after_rows.append(generate(after, prompts, seeds, STEPS, GUIDANCE))
     Image.fromarray(before_after_grid(before_rows, after_rows)).save(out / "grid.png")
-    if not trained:
-        print(f"wrote {erased_path}, {out / 'grid.png'} in {time.perf_counter() - t0:.0f}s")
-        return 0
-
     judge = Judge.load()
     scores = {"base": object_scores(base, judge, [shape], seeds_per_color=2),
               "erased": object_scores(after, judge, [shape], seeds_per_color=2)}
