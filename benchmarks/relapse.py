@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shared"))
 
-from mace_core.checkpoint import load_checkpoint, with_edits  # noqa: E402
-from mace_core.concepts import ErasureSpec, make_concept  # noqa: E402
+from mace_core.checkpoint import load_checkpoint  # noqa: E402
 from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
-from mace_core.erase import erase  # noqa: E402
+from toy import erased_backend  # noqa: E402  (benchmarks/toy.py, beside this script)
 from toyworld import TOY_MODEL, world  # noqa: E402
 from toyworld.evaluate import object_scores  # noqa: E402
 from toyworld.judge import Judge  # noqa: E402
@@ -58,12 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     ck, judge = load_checkpoint(TOY_MODEL), Judge.load()
     base = DiffusersBackend.from_checkpoint(ck, device="cpu")
-    with tempfile.TemporaryDirectory() as d:
-        from mace_core.project import Project
-
-        res = erase(base, ErasureSpec((make_concept(args.concept, "", "toy"),), (),
-                                      {"robust_rounds": args.robust}), Project(d), ck.sha256)
-    erased = DiffusersBackend.from_checkpoint(with_edits(ck, res.weights), device="cpu")
+    erased = erased_backend(ck, [args.concept], {"robust_rounds": args.robust})
     score = lambda be: object_scores(be, judge, [args.concept], args.seeds)  # noqa: E731
     b, e = score(base), score(erased)
     finetune_without(erased, args.concept, args.steps)
