@@ -41,7 +41,6 @@ from toyworld import world  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "data" / "toy-sd1.safetensors"
-TOKENIZER_DIR = HERE.parent / "mace_core" / "data" / "clip_tokenizer"
 DIFFUSERS_CACHE = HERE.parents[1] / ".cache" / "toy_diffusers"
 
 TEXT_CONFIG = dict(
@@ -82,10 +81,11 @@ PRESETS = {
 
 
 def load_tokenizer():
-    from transformers import CLIPTokenizer
+    """SD1's tokenizer (the shipped CLIP BPE files; pad = end token), as the mace loader builds it."""
+    from mace_core.checkpoint import make_tokenizer
+    from mace_core.families import load_family
 
-    return CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"),
-                         model_max_length=77, pad_token="<|endoftext|>")
+    return make_tokenizer(load_family("sd1").text_encoders[0])
 
 
 def tokenize(tokenizer, texts) -> torch.Tensor:
