@@ -21,7 +21,6 @@ the weights; (3) save. Seeded; on CPU with a fixed thread count it is reproducib
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
