@@ -263,16 +263,6 @@ def _project_for(concepts: MaceConcepts, base, family: str, spec: ErasureSpec, p
     return project, base_sha, base_name, wid
 
 
-def _merged_spec(project, spec: ErasureSpec) -> ErasureSpec:
-    """What ``erase`` will run: the project's concepts and overrides with ``spec``'s merged in."""
-    if not project.exists():
-        return spec
-    ps = project.spec()
-    known = {c.phrase for c in ps.concepts}
-    return ErasureSpec(ps.concepts + tuple(c for c in spec.concepts if c.phrase not in known),
-                       tuple(dict.fromkeys(ps.retain + spec.retain)), {**dict(ps.overrides), **dict(spec.overrides)})
-
-
 def _record_weights_id(project, wid: str) -> None:
     m = project.manifest()
     if m.get("base", {}).get("weights_id") != wid:
@@ -567,9 +557,9 @@ def _train(be: ComfyBackend, project, spec, base_sha, base_name, closed_form_onl
                             "or run this erasure with the `mace` command line")
     import comfy.model_management as mm
 
-    merged = _merged_spec(project, spec)
-    est = estimate(be, merged, closed_form_only)
-    log.info("MACE: %s (concepts the project already holds are reused, so less when resuming)", est.describe())
+    merged = project.merged(spec)
+    est = estimate(be, spec, closed_form_only, project=project)
+    log.info("MACE: %s (what the project already holds is reused and not counted)", est.describe())
     check_fits(est, be.device)
     progress = _Progress(merged)
     try:

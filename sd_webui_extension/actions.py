@@ -158,7 +158,6 @@ def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> 
     """Erase as `mace erase` does, into the host's checkpoint folder; project in models/mace/<name>."""
     from mace_core.erase import erase, save_result
     from mace_core.estimate import check_fits, estimate
-    from mace_core.project import Project
 
     t0 = time.perf_counter()
     prog = _fan_out(progress, host.progress)
@@ -167,14 +166,13 @@ def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> 
     model = host.checkpoint_path(form.checkpoint)
     out = validate_output_name(form.out_name, host.checkpoint_folder(), form.overwrite, protect=(model,))
     spec = build_spec(form, host)
-    pname = validate_project_name(form.project) if (form.project or "").strip() else default_project_name(out)
-    project = Project(host.projects_folder() / pname)
+    project = _project(host, form, out)
     with host.job("MACE erase"):
         prog("loading model", 0, 1)
         ck, backend = _load(host, model, spec)
         run = spec.settings_for()
         prog("loading model", 1, 1)
-        est = estimate(backend, spec, form.closed_form_only)
+        est = estimate(backend, spec, form.closed_form_only, project=project)
         log.info("MACE: %s", est.describe())
         check_fits(est, backend.device)  # refuses, with advice, a GPU too small for this run
         log.info("erasing %s from %s; project %s", ", ".join(c.phrase for c in spec.concepts), model.name,
@@ -198,7 +196,7 @@ def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> 
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in res.report.get("timings", {}).items())
     lines = [f"Wrote **{out.name}** in `{out.parent}`.",
              f"Erased: {', '.join(erased)}." + (f" Kept: {', '.join(spec.retain)}." if spec.retain else ""),
-             f"Project `{pname}` (in `{project.root.parent}`): erase again with the same project name to resume "
+             f"Project `{project.root.name}` (in `{project.root.parent}`): erase again with the same project name to resume "
              f"or to add concepts; re-fuse subsets below.",
              f"Stages: {timings}; total {time.perf_counter() - t0:.0f}s." if timings else ""]
     if res.report.get("reused_loras"):
@@ -223,6 +221,14 @@ def _load(host: Host, model: Path, spec):
     return ck, DiffusersBackend.from_checkpoint(ck, device=host.device, clip_skip=spec.settings_for().clip_skip)
 
 
+def _project(host: Host, form: EraseForm, out: Path):
+    """The run's `Project`: the one the form names, else one named after the output file."""
+    from mace_core.project import Project
+
+    name = validate_project_name(form.project) if (form.project or "").strip() else default_project_name(out)
+    return Project(host.projects_folder() / name)
+
+
 def estimate_run(host: Host, form: EraseForm) -> str:
     """Markdown: what Erase would cost with this form (time, peak GPU memory), measured on the chosen
     model as `mace erase --estimate` does, and why the GPU is too small when it is."""
@@ -232,9 +238,10 @@ def estimate_run(host: Host, form: EraseForm) -> str:
         raise MaceError("pick a checkpoint to erase from")
     model = host.checkpoint_path(form.checkpoint)
     spec = build_spec(form, host)
+    project = _project(host, form, host.checkpoint_folder() / f"{form.out_name.strip()}.safetensors")
     with host.job("MACE estimate"):
         _, backend = _load(host, model, spec)
-        est = estimate(backend, spec, form.closed_form_only)
+        est = estimate(backend, spec, form.closed_form_only, project=project)
         gpu = gpu_memory_gb(backend.device)
         del backend
     n = len(spec.concepts)
@@ -242,7 +249,7 @@ def estimate_run(host: Host, form: EraseForm) -> str:
     why = refusal(est, gpu)
     if why:
         lines.append(f"**Too large for this GPU:** {why}")
-    lines.append("Concepts a project already holds are reused when you resume, so a resumed run takes less.")
+    lines.append(f"What project {project.root.name!r} already holds is reused and not counted.")
     return "\n\n".join(lines)
 
 

@@ -187,6 +187,40 @@ def test_estimate_peak_follows_low_vram_and_a_too_small_gpu_is_refused_with_advi
     check_fits(est, torch.device("cpu"))  # a CPU run is never refused
 
 
+def test_estimate_of_a_resumed_or_extended_project_counts_only_what_is_left(tmp_path):
+    from mace_core.estimate import estimate, unet_calls
+
+    ck = load_checkpoint(tiny_file("sd1"))
+    be = DiffusersBackend.from_checkpoint(ck, device="cpu")
+    over = {"images": 2, "sample_steps": 3, "steps": 4}
+    cat, dog = make_concept("cat"), make_concept("dog")
+    one = 2 * 3 * 2 + 4  # a concept's drawing (CFG doubles) and training
+    proj = Project(tmp_path / "p")
+    assert unet_calls(ErasureSpec((cat,), (), over), project=proj) == one  # nothing there yet
+    erase(be, ErasureSpec((cat,), (), over), proj, ck.sha256)
+    assert unet_calls(ErasureSpec((cat,), (), over), project=proj) == 0  # a rerun reuses everything
+    assert unet_calls(ErasureSpec((dog,), (), over), project=proj) == one  # add: cat's LoRA is reused
+    assert unet_calls(ErasureSpec((dog,), (), {**over, "steps": 5}), project=proj) == 2 * (one + 1)  # both retrain
+    est = estimate(be, ErasureSpec((dog,), (), over), project=proj)
+    assert est.unet_calls == one and est.seconds > 0 and est.peak_gb is None
+    assert estimate(be, ErasureSpec((cat,), (), over), project=proj).unet_calls == 0
+
+
+def test_estimate_peak_counts_the_abo_backward_pass():
+    from mace_core.estimate import peak_gb, train_rows
+
+    cat = make_concept("cat")
+    mace = ErasureSpec((cat,), (), {"images": 8, "batch_size": 4})
+    abo = ErasureSpec((cat,), (), {"images": 8, "batch_size": 4, "objective": "abo"})
+    gib = 2 ** 30
+    assert train_rows(mace) == 0 and train_rows(abo) == 8 and train_rows(abo, closed_form_only=True) == 0
+    # drawing 8 images under CFG holds 16 rows of no-grad activations; abo's backward keeps 8 rows
+    assert peak_gb(mace, 2 * gib, gib // 4, gib) == pytest.approx(2 + 16 / 4)
+    assert peak_gb(abo, 2 * gib, gib // 4, gib) == pytest.approx(2 + 8)
+    assert peak_gb(abo, 2 * gib, gib // 4, gib // 8) == pytest.approx(2 + 4)  # checkpointed: drawing dominates
+    assert peak_gb(abo, 2 * gib, gib // 4, gib, closed_form_only=True) == pytest.approx(2)
+
+
 def test_low_vram_gives_the_same_checkpoint(tmp_path):
     src = tiny_file("sd1")
     plain, low = tmp_path / "plain.safetensors", tmp_path / "low.safetensors"

@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="an image (path or URL) to show")
     p.add_argument("--license", default="creativeml-openrail-m")
 
-    p = sub.add_parser("eval", help="score an erased model (object protocol, pixel drift) and red-team it")
+    p = sub.add_parser("eval", help="score an erased model (object / celebrity / artist protocol, pixel drift) "
+                                    "and red-team it")
     p.add_argument("model")
     p.add_argument("--base", help="the model before erasure (pixel drift, embedding attack)")
     p.add_argument("--classifier", default="toy", help="toy (the toy world's judge), clip:PATH (a local "
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", action="append", default=[], help="erased concept (default: from the metadata)")
     p.add_argument("--synonym", action="append", default=[], help="'concept=word' (repeatable)")
     p.add_argument("--retain", action="append", default=[], help="retained concept to check (repeatable)")
+    p.add_argument("--preset", help="a concept preset whose retain list is checked too (e.g. celebrities-100)")
+    p.add_argument("--protocol", help="object, celebrity, artist (the paper's prompt sets) or a YAML file of that "
+                                      "form: its templates and seeds replace --template / --seeds")
     p.add_argument("--template", default="a photo of a {}")
     p.add_argument("--seeds", type=int, default=8, help="images per prompt (seeds 0..N-1)")
     p.add_argument("--steps", type=int, default=50)
@@ -335,7 +339,7 @@ def cmd_erase(args) -> int:
     work = args.work_dir or out.with_name(out.name + ".mace")
     from .estimate import check_fits, estimate
 
-    est = estimate(be, spec, args.closed_form_only)
+    est = estimate(be, spec, args.closed_form_only, project=Project(work))
     log.info("%s", est.describe())
     if args.estimate:
         print(est.describe())
@@ -489,7 +493,8 @@ def cmd_card(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import clip_classifier, nudenet_classifier, object_protocol, red_team, toy_classifier
+    from .concepts import load_preset
+    from .evaluate import PromptSet, load_prompt_set, red_team, run_protocol
 
     ck, model = _backend(args)
     erased = args.concept or [c["phrase"] for c in json.loads(ck.metadata.get("mace.concepts", "[]"))]
@@ -499,32 +504,21 @@ def cmd_eval(args) -> int:
     for item in args.synonym:
         concept, _, word = item.partition("=")
         synonyms.setdefault(concept.strip(), []).append(word.strip())
-    if args.classifier == "toy":
-        from toyworld.world import SHAPES, SYNONYMS, WORD_TO_SHAPE
-
-        label = lambda w: WORD_TO_SHAPE.get(w, w)  # noqa: E731
-        for c in erased:
-            synonyms.setdefault(c, [SYNONYMS[c]] if c in SYNONYMS else [])
-        retain = args.retain or [s for s in SHAPES if s not in erased]
-        classify = toy_classifier()
-    elif args.classifier.startswith("clip:"):
-        retain = args.retain
-        label = lambda w: w  # noqa: E731
-        classify = clip_classifier(args.classifier[5:], list(dict.fromkeys(erased + retain)))
-    elif args.classifier == "nudenet":
-        # erased prompts count as hits when flagged; retained prompts are expected to stay clean
-        retain = args.retain
-        label = lambda w: "nude" if w in erased else "none"  # noqa: E731
-        classify = nudenet_classifier(args.nudenet_threshold)
+    prompts = (load_prompt_set(args.protocol) if args.protocol
+               else PromptSet("object", (args.template,), tuple(range(args.seeds))))
+    retain = args.retain + (list(load_preset(args.preset).retain) if args.preset else [])
+    if prompts.protocol == "artist" and not args.attacks:  # CLIP scores the images: no classifier, no labels
+        classify, label = None, lambda w: w
     else:
-        raise MaceError(f"unknown classifier {args.classifier!r}: use toy, clip:PATH or nudenet")
+        classify, label, retain = _eval_classifier(args, erased, synonyms, retain)
     base = _backend(args, model=args.base)[1] if args.base else None
-    seeds = list(range(args.seeds))
-    rep = object_protocol(model, classify, {c: label(c) for c in erased}, synonyms, {r: label(r) for r in retain},
-                          args.template, seeds, args.steps, args.guidance, base, args.clip)
+    rep = run_protocol(prompts, model, classify, {c: label(c) for c in erased}, synonyms,
+                       {r: label(r) for r in retain}, args.steps, args.guidance, base, args.clip)
+    # the red team and the grid use the first template
+    template, seeds = prompts.templates[0], list(prompts.seeds)
     if args.attacks:
         for c in erased:
-            for name, asr in red_team(model, classify, c, label(c), args.template, seeds, synonyms.get(c, []), base,
+            for name, asr in red_team(model, classify, c, label(c), template, seeds, synonyms.get(c, []), base,
                                       args.steps, args.guidance).items():
                 rep.attacks[f"{c}: {name}"] = asr
     args.out.mkdir(parents=True, exist_ok=True)
@@ -535,13 +529,32 @@ def cmd_eval(args) -> int:
         from .sampling import generate
 
         words = erased + [s for c in erased for s in synonyms.get(c, [])] + retain[:3]
-        rows = [[generate(b, [args.template.replace("{}", w)] * len(seeds[:6]), seeds[:6], args.steps, args.guidance)
+        rows = [[generate(b, [template.replace("{}", w)] * len(seeds[:6]), seeds[:6], args.steps, args.guidance)
                  for w in words] for b in (base, model)]
         Image.fromarray(before_after_grid(*rows)).save(args.out / "grid.png")
     (args.out / "report.json").write_text(json.dumps(rep.to_dict(), indent=1))
     (args.out / "report.md").write_text(rep.markdown())
     print(rep.markdown())
     return 0
+
+
+def _eval_classifier(args, erased: list[str], synonyms: dict[str, list[str]], retain: list[str]):
+    """(classifier, word -> its label, retained words) for ``--classifier``; the toy world's judge
+    also adds each shape's synonym and, without retained words, keeps the other shapes."""
+    from .evaluate import NudeNetClassifier, clip_classifier, toy_classifier
+
+    if args.classifier == "toy":
+        from toyworld.world import SHAPES, SYNONYMS, WORD_TO_SHAPE
+
+        for c in erased:
+            synonyms.setdefault(c, [SYNONYMS[c]] if c in SYNONYMS else [])
+        return toy_classifier(), lambda w: WORD_TO_SHAPE.get(w, w), retain or [s for s in SHAPES if s not in erased]
+    if args.classifier.startswith("clip:"):
+        return clip_classifier(args.classifier[5:], list(dict.fromkeys(erased + retain))), lambda w: w, retain
+    if args.classifier == "nudenet":
+        # erased prompts count as hits when flagged; retained prompts are expected to stay clean
+        return NudeNetClassifier(args.nudenet_threshold), lambda w: "nude" if w in erased else "none", retain
+    raise MaceError(f"unknown classifier {args.classifier!r}: use toy, clip:PATH or nudenet")
 
 
 def cmd_demo(args) -> int:

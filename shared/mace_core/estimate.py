@@ -1,8 +1,9 @@
 """Time and memory of an erasure, estimated before it starts from a measured UNet step.
 
-One warm UNet call at the training resolution is timed (and, on a GPU, its peak memory taken);
-the run's cost is that step times the number of UNet calls the settings imply, plus the text
-encodings of stage 1. A GPU too small for the measured peak is refused with advice.
+One warm UNet call at the training resolution is timed (and, on a GPU, its peak memory taken, and
+for the abo objective that of a differentiated call too); the run's cost is that step times the
+number of UNet calls the settings imply, plus the text encodings of stage 1, counting only what a
+project does not already hold. A GPU too small for the measured peak is refused with advice.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from .backend import Backend
-from .concepts import ErasureSpec, concept_prompts
+from .concepts import Concept, ErasureSpec, Settings, concept_prompts, settings_hash
 from .errors import MaceError
 from .masks import draw_batch
+from .project import Project
+from .train import predict_for_backward
 
 HEADROOM = 0.95  # share of the GPU's memory a run may plan on (the allocator's fragmentation takes some)
 
@@ -42,57 +45,108 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def unet_calls(spec: ErasureSpec, closed_form_only: bool = False) -> int:
+def _left(spec: ErasureSpec, project: Project | None) -> list[tuple[Concept, Settings, bool, bool, int]]:
+    """What `erase` still does per concept of ``spec`` merged into ``project``: (concept, its settings,
+    needs its stage-1 encodings, needs its LoRA trained, hardening rounds left); what the project
+    already holds (LoRAs trained with the same settings, rounds hardened) counts as done."""
+    if project is None:
+        return [(c, spec.settings_for(c), True, True, spec.settings_for(c).robust_rounds) for c in spec.concepts]
+    spec = project.merged(spec)
+    out = []
+    for c in spec.concepts:
+        s, stats = spec.settings_for(c), project.load_stats(c)
+        trained = project.load_lora(c, settings_hash(spec, c)) is not None
+        out.append((c, s, stats is None, not trained, max(0, s.robust_rounds - (stats.hardened if stats else 0))))
+    return out
+
+
+def unet_calls(spec: ErasureSpec, closed_form_only: bool = False, project: Project | None = None) -> int:
     """UNet calls of a run, counted in batch-of-one units: drawing (CFG doubles), training
-    (one pass per step and sample; abo: three)."""
+    (one pass per step and sample; abo: three), hardening; with ``project``, only what is left."""
     if closed_form_only:
         return 0
     n = 0
-    for c in spec.concepts:
-        s = spec.settings_for(c)
-        n += s.images * s.sample_steps * 2
-        n += s.steps * s.batch_size * (3 if s.objective == "abo" else 1)
-        n += s.robust_rounds * s.attack_steps
+    for _, s, _, train, rounds in _left(spec, project):
+        if train:
+            n += s.images * s.sample_steps * 2
+            n += s.steps * s.batch_size * (3 if s.objective == "abo" else 1)
+        n += rounds * s.attack_steps
     return n
 
 
 @torch.no_grad()
 def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False, size: int | None = None,
-             repeats: int = 2) -> Estimate:
+             repeats: int = 2, project: Project | None = None) -> Estimate:
+    """Time and peak GPU memory of erasing ``spec`` on ``backend``; with ``project``, of what `erase`
+    would still do there (its concepts merged in, finished work reused)."""
     size = size or backend.resolution
     h = size // backend.vae_scale
     x = torch.zeros(1, backend.latent_channels, h, h, device=backend.device)
+    t = torch.tensor([500], device=backend.device)
     text = backend.encode([""])
     cuda = backend.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    backend.predict(x, torch.tensor([500], device=backend.device), text)  # warm-up
+    backend.predict(x, t, text)  # warm-up
     t0 = time.perf_counter()
     for _ in range(repeats):
-        backend.predict(x, torch.tensor([500], device=backend.device), text)
+        backend.predict(x, t, text)
     if cuda:
         torch.cuda.synchronize()
     step = (time.perf_counter() - t0) / repeats
     t0 = time.perf_counter()
     backend.encode(["a photo of a cat"] * 8)
     enc = (time.perf_counter() - t0) / 8
-    prompts = sum(2 * len(concept_prompts(c)) for c in spec.concepts)
-    calls = unet_calls(spec, closed_form_only)
+    prompts = sum(2 * len(concept_prompts(c)) for c, _, encode, _, _ in _left(spec, project) if encode)
+    calls = unet_calls(spec, closed_form_only, project)
+    if project is not None:
+        spec = project.merged(spec)  # the memory is that of the whole merged run
     peak = None
     if cuda:
-        # the probe's activations at batch 1, times the rows drawn at once (CFG doubles them)
-        act = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
-        peak = (torch.cuda.memory_allocated() + peak_rows(spec, closed_form_only) * act) / 2 ** 30
+        resident = torch.cuda.memory_allocated()
+        act = torch.cuda.max_memory_allocated() - resident  # one no-grad pass's activations, batch 1
+        grad_act = _backward_activations(backend, x, t, text, spec) if train_rows(spec, closed_form_only) else 0
+        peak = peak_gb(spec, resident, act, grad_act, closed_form_only)
     low_vram = all(spec.settings_for(c).low_vram for c in spec.concepts)
     return Estimate(calls * step + prompts * enc, peak, calls, step, low_vram)
 
 
+def _backward_activations(backend: Backend, x: torch.Tensor, t: torch.Tensor, text, spec: ErasureSpec) -> int:
+    """Bytes a differentiated UNet pass at batch 1 keeps for its backward (the abo loss), measured
+    with low-VRAM mode's gradient checkpointing when the run uses it."""
+    low = all(spec.settings_for(c).low_vram for c in spec.concepts)
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.enable_grad(), predict_for_backward(backend, low) as predict:
+        xg = x.clone().requires_grad_()  # something must require grad for the pass to keep activations
+        predict(xg, t, text).float().square().mean().backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - resident
+
+
 def peak_rows(spec: ErasureSpec, closed_form_only: bool = False) -> int:
-    """UNet batch rows at the run's peak: drawing's, two per image under CFG (none: stage 1 alone)."""
+    """UNet batch rows at drawing's peak: two per image drawn at once under CFG (none: stage 1 alone)."""
     if closed_form_only:
         return 0
     return max(2 * min(draw_batch(s), s.images) for s in map(spec.settings_for, spec.concepts))
+
+
+def train_rows(spec: ErasureSpec, closed_form_only: bool = False) -> int:
+    """Batch rows differentiated at once in training: the abo loss backpropagates through two UNet
+    passes (concept and empty prompt) of a batch; the mace loss backpropagates through no UNet pass
+    (its gradient reaches the LoRA through the captured queries alone), so it adds no activations."""
+    if closed_form_only:
+        return 0
+    return max((2 * s.batch_size if s.objective == "abo" else 0) for s in map(spec.settings_for, spec.concepts))
+
+
+def peak_gb(spec: ErasureSpec, resident: int, act: int, grad_act: int, closed_form_only: bool = False) -> float:
+    """Peak GPU memory in GB: what is resident (weights) plus the larger of drawing's activations
+    (``act`` bytes per no-grad row) and training's (``grad_act`` bytes kept per differentiated row)."""
+    extra = max(peak_rows(spec, closed_form_only) * act, train_rows(spec, closed_form_only) * grad_act)
+    return (resident + extra) / 2 ** 30
 
 
 def gpu_memory_gb(device: torch.device) -> float | None:

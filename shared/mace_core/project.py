@@ -83,20 +83,21 @@ class Project:
             m = {"format": FORMAT, "tool": f"mace {__version__}",
                  "base": {"sha256": base_sha256, "path": str(base_path), "family": family},
                  "concepts": [], "retain": [], "overrides": {}}
-        known = {c["phrase"] for c in m["concepts"]}
-        for c in spec.concepts:
-            if c.phrase not in known:
-                m["concepts"].append(c.to_dict())
-        m["retain"] = sorted(set(m["retain"]) | set(spec.retain))
-        m["overrides"] = {**m["overrides"], **dict(spec.overrides)}
+        m = _merge(m, spec)
         self.write_manifest(m)
         return m
 
+    def merged(self, spec: ErasureSpec) -> ErasureSpec:
+        """What `erase` runs for ``spec`` on this project, without writing anything: the project's
+        concepts (earlier ones stay erased) with ``spec``'s new ones, retain lists and overrides merged."""
+        if not self.exists():
+            return spec
+        return _spec_of(_merge(self.manifest(), spec))
+
     def spec(self, only: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> ErasureSpec:
         """The project's request restricted to a subset of its concepts."""
-        m = self.manifest()
-        concepts = [make_concept(c["phrase"], c["anchor"], c["type"], c.get("prompts", ()), c.get("synonyms", ()))
-                     for c in m["concepts"]]
+        full = _spec_of(self.manifest())
+        concepts = list(full.concepts)
         names = {c.phrase for c in concepts}
         for n in list(only or []) + list(exclude):
             if n not in names:
@@ -105,7 +106,7 @@ class Project:
             only = set(only)
             concepts = [c for c in concepts if c.phrase in only]
         concepts = [c for c in concepts if c.phrase not in set(exclude)]
-        return ErasureSpec(tuple(concepts), tuple(m["retain"]), m["overrides"])
+        return ErasureSpec(tuple(concepts), full.retain, full.overrides)
 
     # --- per-concept artifacts ------------------------------------------------------------
 
@@ -178,3 +179,19 @@ class Project:
     def load_priors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         p = self.root / "priors.safetensors"
         return _load(p) if p.is_file() else ({}, {})
+
+
+def _merge(m: dict, spec: ErasureSpec) -> dict:
+    """Manifest ``m`` with ``spec`` merged in: new concepts appended, retain lists united, overrides updated."""
+    m = {**m, "concepts": list(m["concepts"])}
+    known = {c["phrase"] for c in m["concepts"]}
+    m["concepts"] += [c.to_dict() for c in spec.concepts if c.phrase not in known]
+    m["retain"] = sorted(set(m["retain"]) | set(spec.retain))
+    m["overrides"] = {**m["overrides"], **dict(spec.overrides)}
+    return m
+
+
+def _spec_of(m: dict) -> ErasureSpec:
+    concepts = tuple(make_concept(c["phrase"], c["anchor"], c["type"], c.get("prompts", ()), c.get("synonyms", ()))
+                     for c in m["concepts"])
+    return ErasureSpec(concepts, tuple(m["retain"]), m["overrides"])
