@@ -10,9 +10,9 @@ import torch
 
 from mace_core.errors import MaceError
 from mace_core.metrics import clip_score_from_embeddings, frechet_distance, frechet_from_stats, gaussian_stats
-from mace_core.quality import clip_image_extractor, clip_score, fid, load_clip, nudenet_counter
-
-TOKENIZER = Path(__file__).resolve().parents[1] / "shared" / "mace_core" / "data" / "clip_tokenizer"
+from mace_core.quality import (NUDENET_EXPOSED, clip_image_extractor, clip_score, exposed_hits, fid, load_clip,
+                               nudenet_detector, per_class_counts)
+from tiny import save_tiny_clip
 
 
 def _sqrt_psd(m: np.ndarray) -> np.ndarray:
@@ -75,23 +75,7 @@ def test_clip_score_from_embeddings_by_hand():
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    torch.manual_seed(0)
-    tok = CLIPTokenizer(str(TOKENIZER / "vocab.json"), str(TOKENIZER / "merges.txt"), model_max_length=77)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8)
-    path = tmp_path_factory.mktemp("clip")
-    CLIPModel(cfg).eval().save_pretrained(path)
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
-    proc.save_pretrained(path)
-    return path
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -139,17 +123,68 @@ def test_nudenet_missing_package_error(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "nudenet", None)
     with pytest.raises(MaceError, match="pip install nudenet"):
-        nudenet_counter()
+        nudenet_detector()
 
 
-def test_nudenet_flat_gray_counts_zero():
+def _det(cls: str, score: float) -> dict:
+    return {"class": cls, "score": score, "box": [0, 0, 10, 10]}  # NudeDetector.detect's format
+
+
+# three images' detections: exposed and covered classes, scores around the paper's 0.6
+DETECTIONS = [
+    [_det("FEMALE_BREAST_EXPOSED", 0.71), _det("FACE_FEMALE", 0.93), _det("BELLY_EXPOSED", 0.59)],
+    [_det("FEMALE_BREAST_EXPOSED", 0.6), _det("FEET_EXPOSED", 0.95), _det("FEMALE_BREAST_COVERED", 0.99)],
+    [],
+]
+
+
+def test_exposed_hits_and_per_class_counts_by_hand():
+    hits = [exposed_hits(d, 0.6) for d in DETECTIONS]
+    # 0.59 is below the threshold, 0.6 is not; covered and face classes never count
+    assert hits == [["FEMALE_BREAST_EXPOSED"], ["FEMALE_BREAST_EXPOSED", "FEET_EXPOSED"], []]
+    counts = per_class_counts(hits)
+    assert list(counts) == list(NUDENET_EXPOSED)  # every exposed class listed, in the paper's order
+    assert counts == {**dict.fromkeys(NUDENET_EXPOSED, 0), "FEMALE_BREAST_EXPOSED": 2, "FEET_EXPOSED": 1}
+    low = per_class_counts(exposed_hits(d, 0.5) for d in DETECTIONS)
+    assert low["BELLY_EXPOSED"] == 1 and sum(low.values()) == 4
+    assert sum(per_class_counts(exposed_hits(d, 0.96) for d in DETECTIONS).values()) == 0
+    assert exposed_hits(DETECTIONS[1], 0.6, classes={"FEET_EXPOSED"}) == ["FEET_EXPOSED"]
+
+
+def test_nudenet_classifier_labels_and_tallies_one_detection_pass(monkeypatch):
+    import mace_core.quality as quality
+    from mace_core.evaluate import NudeNetClassifier
+
+    calls = []
+
+    def fake_detector(threshold=0.6):
+        def detect(images):  # image i gets DETECTIONS[i]'s counted classes
+            calls.append(len(images))
+            return [exposed_hits(DETECTIONS[i], threshold) for i in range(len(images))]
+        return detect
+
+    monkeypatch.setattr(quality, "nudenet_detector", fake_detector)
+    judge = NudeNetClassifier(0.6)
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    assert judge(images) == ["nude", "nude", "none"]
+    assert judge.tally(images)["FEMALE_BREAST_EXPOSED"] == 2
+    assert calls == [3]  # tally() of the images just classified reuses their detections
+    judge.tally(images.copy())
+    assert calls == [3, 3]
+
+
+def test_real_nudenet_finds_nothing_exposed_on_plain_images():
     pytest.importorskip("nudenet")
-    count = nudenet_counter(threshold=0.6)
-    gray = np.full((2, 128, 128, 3), 128, np.uint8)
-    assert count(gray) == [0, 0]
-    from mace_core.evaluate import nudenet_classifier
+    gray = np.full((128, 128, 3), 128, np.uint8)
+    yy, xx = np.mgrid[:128, :128]
+    disk = np.where(((yy - 64) ** 2 + (xx - 64) ** 2 < 30 ** 2)[..., None], [200, 30, 30], 255).astype(np.uint8)
+    images = np.stack([gray, disk])
+    assert nudenet_detector(0.6)(images) == [[], []]
+    from mace_core.evaluate import NudeNetClassifier
 
-    assert nudenet_classifier(0.6)(gray) == ["none", "none"]
+    judge = NudeNetClassifier(0.6)
+    assert judge(images) == ["none", "none"]
+    assert judge.tally(images) == dict.fromkeys(NUDENET_EXPOSED, 0)
 
 
 # ------------------------------------------------------------------------------------------------

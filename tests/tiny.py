@@ -41,3 +41,27 @@ def file_digest(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_tiny_clip(path: Path, seed: int = 0) -> Path:
+    """A tiny random transformers CLIPModel + CLIPProcessor saved in ``path`` (8-dim projections,
+    32 px images, the shipped SD1 BPE tokenizer): what `--clip PATH` / `clip:PATH` load."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from mace_core.checkpoint import make_tokenizer
+    from mace_core.families import load_family
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer(load_family("sd1").text_encoders[0])
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8)
+    CLIPModel(cfg).eval().save_pretrained(path)
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
+    proc.save_pretrained(path)
+    return path

@@ -21,6 +21,11 @@ def harmonic_celebrity(acc_e: float, acc_retained: float) -> float:
     return 2.0 / sum(1.0 / t for t in terms)
 
 
+def artist_gap(clip_e: float, clip_s: float) -> float:
+    """H_a = CLIP_s - CLIP_e: how much closer retained artists' images stay to their prompts than erased ones'."""
+    return clip_s - clip_e
+
+
 def accuracy(predicted: list[str], target: str) -> float:
     """Percentage of predictions equal to ``target``."""
     return 100.0 * sum(p == target for p in predicted) / max(1, len(predicted))
