@@ -15,9 +15,10 @@ repository root ``__init__.py`` may be imported by tools that are not ComfyUI).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -224,6 +225,7 @@ class ComfyBackend:
                                             int(mod.heads)) for path, mod in attn2_modules(model)]
         self._unet_ready = False
         self._text_key = None
+        self._grad_params: dict[str, torch.Tensor] | None = None  # set inside differentiable()
 
     # --- text -------------------------------------------------------------------------------
 
@@ -320,7 +322,26 @@ class ComfyBackend:
                                 target_width=w, target_height=h)
             kw["y"] = y.to(self.device, self.dtype)
         ts = t.to(self.device).float().expand(x.shape[0]) if t.ndim == 0 else t.to(self.device).float()
+        if self._grad_params is not None:
+            return torch.func.functional_call(base.diffusion_model, self._grad_params, (x, ts),
+                                              {"context": ctx, "transformer_options": {}, **kw}, strict=False)
         return base.diffusion_model(x, ts, context=ctx, transformer_options={}, **kw)
+
+    @contextlib.contextmanager
+    def differentiable(self) -> Iterator[None]:
+        """UNet passes that autograd can differentiate through (the abo objective). ComfyUI loads the
+        weights as inference tensors, which cannot be saved for backward; inside this context the UNet
+        runs on ordinary copies of them (``torch.func.functional_call``: the shared module is only
+        re-parametrised for the duration of each call, never written). Costs one copy of the UNet's
+        weights while it lasts."""
+        self._ensure_unet()
+        with torch.inference_mode(False):
+            self._grad_params = {n: (p.clone() if p.is_inference() else p).detach()
+                                 for n, p in self.patcher.model.diffusion_model.named_parameters()}
+        try:
+            yield
+        finally:
+            self._grad_params = None
 
     # --- VAE --------------------------------------------------------------------------------
 

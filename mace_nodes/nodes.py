@@ -403,11 +403,16 @@ def _train_inputs() -> dict:
     }
 
 
-def _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed,
-                     low_vram: bool = False) -> dict:
+def _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed, low_vram: bool = False,
+                     objective: str = "mace", alternative: str = "") -> dict:
+    """The settings the nodes' inputs override (0 / default: the concept type's own)."""
     out = {"seed": int(training_seed)}
     if low_vram:
         out["low_vram"] = True
+    if objective != "mace":
+        out["objective"] = objective
+        if alternative.strip():
+            out["alternative"] = alternative.strip()
     for k, v in (("steps", steps), ("rank", rank), ("images", images), ("sample_steps", sample_steps)):
         if int(v) > 0:
             out[k] = int(v)
@@ -545,25 +550,16 @@ def _train(be: ComfyBackend, project, spec, base_sha, base_name, closed_form_onl
     its refined weights, applied by hooks), resuming finished concepts, with grad enabled (ComfyUI runs
     nodes in inference mode), ComfyUI progress and cancel. A GPU too small for the run is refused
     before anything starts; the estimate is logged and kept in the result's report."""
+    import comfy.model_management as mm
     from mace_core.erase import erase
     from mace_core.estimate import check_fits, estimate
 
-    if not closed_form_only:
-        needs_unet_grad = [c.phrase for c in spec.concepts if getattr(spec.settings_for(c), "objective", "mace") != "mace"]
-        frozen = next(be.patcher.model.diffusion_model.parameters()).is_inference()
-        if needs_unet_grad and frozen:
-            raise MaceError(f"the stage-2 objective of {', '.join(needs_unet_grad)} backpropagates through the whole "
-                            "UNet, which ComfyUI holds as inference tensors; use the default objective (mace) here, "
-                            "or run this erasure with the `mace` command line")
-    import comfy.model_management as mm
-
-    merged = project.merged(spec)
-    est = estimate(be, spec, closed_form_only, project=project)
-    log.info("MACE: %s (what the project already holds is reused and not counted)", est.describe())
-    check_fits(est, be.device)
-    progress = _Progress(merged)
+    progress = _Progress(project.merged(spec))
     try:
         with torch.inference_mode(False), torch.enable_grad():
+            est = estimate(be, spec, closed_form_only, project=project)
+            log.info("MACE: %s (what the project already holds is reused and not counted)", est.describe())
+            check_fits(est, be.device)
             res = erase(be, spec, project, base_sha, base_name, progress=progress, should_stop=_interrupt_check,
                         closed_form_only=closed_form_only)
     finally:
@@ -571,6 +567,19 @@ def _train(be: ComfyBackend, project, spec, base_sha, base_name, closed_form_onl
     progress.bar.update_absolute(progress.total, progress.total)
     res.report["estimate"] = est.describe()
     return res
+
+
+def _objective_options() -> dict:
+    """Optional inputs of the training nodes: the stage-2 objective."""
+    return {
+        "objective": (["mace", "abo"], {"default": "mace",
+                                        "tooltip": "mace: the attention loss of the paper; abo (All-but-One): the "
+                                                   "concept's guidance is turned toward 'alternative' while the "
+                                                   "unconditional prediction is held (keeps layouts; slower, it "
+                                                   "backpropagates through the UNet)"}),
+        "alternative": ("STRING", {"default": "", "tooltip": "abo: what the concept should turn into (e.g. 'a cow' "
+                                                             "for 'a pig'); empty: nothing in particular"}),
+    }
 
 
 def _memory_options() -> dict:
@@ -624,14 +633,15 @@ class MACETrainLoRAs:
                 "original_model": ("MODEL", {"tooltip": "the model Refine started from (optional: recovered "
                                                         "from 'model' when not connected)"}),
                 "preview": (["auto", "show", "blur", "hide"], {"default": "auto"}),
+                **_objective_options(),
                 **_memory_options(),
             },
             "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
     def train(self, model, clip, vae, steps, rank, lr, images, sample_steps, guidance, mask, training_seed,
-              resolution=0, original_model=None, preview="auto", low_vram=False, delete_images=False, prompt=None,
-              unique_id=None):
+              resolution=0, original_model=None, preview="auto", objective="mace", alternative="",
+              low_vram=False, delete_images=False, prompt=None, unique_id=None):
         from mace_core.project import Project
 
         info = mace_info(model)
@@ -649,7 +659,7 @@ class MACETrainLoRAs:
         project = Project(info["project"])
         ps = project.spec()
         spec = _with(ps, _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed,
-                                          low_vram))
+                                          low_vram, objective, alternative))
         res = _train(be, project, spec, info["base_sha256"], info["base_name"])
         loras = MaceLoras(str(project.root), wid, [c.phrase for c in project.spec().concepts], res.weights,
                           res.metadata, res.report)
@@ -698,16 +708,19 @@ class MACEEraseConcepts:
             "required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",), "concepts": (CONCEPTS,),
                          **_train_inputs(),
                          "closed_form_only": ("BOOLEAN", {"default": False})},
-            "optional": {"preview": (["auto", "show", "blur", "hide"], {"default": "auto"}), **_memory_options()},
+            "optional": {"preview": (["auto", "show", "blur", "hide"], {"default": "auto"}), **_objective_options(),
+                         **_memory_options()},
             "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
     def erase(self, model, clip, vae, concepts, steps, rank, lr, images, sample_steps, guidance, mask,
-              training_seed, resolution, closed_form_only, preview="auto", low_vram=False, delete_images=False,
+              training_seed, resolution, closed_form_only, preview="auto", objective="mace", alternative="",
+              low_vram=False, delete_images=False,
               prompt=None, unique_id=None):
         base = strip_mace(model)
         be = ComfyBackend(base, clip, vae, resolution or None)
-        overrides = _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed, low_vram)
+        overrides = _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed, low_vram,
+                                     objective, alternative)
         overrides["clip_skip"] = _clip_skip(clip, be.family_name)
         spec = validate(_with(concepts.spec, overrides), be.tokenize)
         project, base_sha, base_name, wid = _project_for(concepts, base, be.family_name, spec, prompt, unique_id)

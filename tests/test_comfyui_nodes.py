@@ -274,6 +274,43 @@ def test_one_shot_node_estimates_runs_low_vram_and_deletes_its_training_images(c
     assert restored["4"][1] == "dog"
 
 
+def test_abo_objective_trains_in_comfyui_without_touching_the_shared_model_and_matches_the_cli(comfyui, tiny64,
+                                                                                                tmp_path):
+    """ComfyUI holds the UNet as inference tensors; the abo loss backpropagates through it all."""
+    from mace_core.checkpoint import load_checkpoint
+    from mace_core.cli import main
+
+    train = {k: v for k, v in _train(None)["inputs"].items() if k not in ("model", "clip", "vae")}
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
+         "2": _concepts("cat", "abo"),
+         "3": {"class_type": "MACEEraseConcepts",
+               "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "concepts": ["2", 0], **train,
+                          "closed_form_only": False, "objective": "abo", "alternative": "a dog"}}}
+    out = comfyui.run(g)
+    loader_model, erased = out["1"][0], out["3"][0]
+    unet = loader_model.model.diffusion_model
+    assert all(p.is_inference() for p in unet.parameters())  # still ComfyUI's own tensors, not replaced
+    settings = json.loads(erased.model_options["mace"]["metadata"]["mace.settings"])
+    assert settings["objective"] == "abo" and settings["alternative"] == "a dog"
+    rc = main(["erase", str(tiny64.path), "--concept", "cat", "--type", "object", "--objective", "abo",
+               "--alternative", "a dog", "--steps", str(FAST["steps"]), "--images", str(FAST["images"]),
+               "--sample-steps", str(FAST["sample_steps"]), "--seed", str(FAST["seed"]), "--device", "cpu",
+               "--out", str(tmp_path / "abo.safetensors")])
+    assert rc == 0
+    base, cli = load_checkpoint(tiny64.path), load_checkpoint(tmp_path / "abo.safetensors")
+    for k, wc in cli.tensors.items():
+        if not _is_kv(k):
+            continue
+        wc, w0 = wc.float(), base.tensors[k].float()
+        wo = erased.patches[k[len("model."):]][-1][1][1][0]
+        assert (wo - wc).norm() <= TOL_WEIGHT * wc.norm() and (wo - wc).norm() <= TOL_EDIT * (wc - w0).norm(), k
+    # abo trains a LoRA on to_v too: the value weights move beyond stage 1's edit of the same run
+    refined = comfyui.run({"1": g["1"], "2": g["2"], "3": {**g["3"], "inputs": {**g["3"]["inputs"],
+                                                                              "closed_form_only": True}}})["3"][0]
+    v = [k for k in erased.patches if k.endswith("attn2.to_v.weight")]
+    assert any(not torch.equal(erased.patches[k][-1][1][1][0], refined.patches[k][-1][1][1][0]) for k in v)
+
+
 def test_refuse_node_restores_a_concept_like_the_cli(comfyui, tiny64, run, tmp_path):
     from mace_core.checkpoint import load_checkpoint
     from mace_core.cli import main

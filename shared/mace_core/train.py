@@ -162,26 +162,29 @@ def train_lora(backend: Backend, data: ConceptData, prompts: list[str], tokens: 
 def predict_for_backward(backend: Backend, low_vram: bool) -> Iterator[Callable[..., torch.Tensor]]:
     """``backend.predict`` for UNet passes that are differentiated through (the abo loss).
 
+    A backend whose weights autograd cannot save for backward (ComfyUI loads them as inference
+    tensors) offers ``differentiable()``, a context in which its passes can be differentiated.
     low_vram: activations are recomputed during the backward pass instead of kept (gradient
     checkpointing): block by block where the backend can switch it on (``gradient_checkpointing``,
     e.g. diffusers' UNet), else around the whole UNet call, which at least keeps one call's
     activations at a time. The arithmetic is the same, so the LoRA is the same.
     """
-    if not low_vram:
-        yield backend.predict
-        return
-    switch = getattr(backend, "gradient_checkpointing", None)
-    if switch is None:
-        def predict(x: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:
-            # non-reentrant: the LoRA factors reach the UNet through hooks, not through the arguments
-            return torch.utils.checkpoint.checkpoint(backend.predict, x, t, text, use_reentrant=False)
-        yield predict
-        return
-    switch(True)
-    try:
-        yield backend.predict
-    finally:
-        switch(False)
+    with contextlib.ExitStack() as stack:
+        differentiable = getattr(backend, "differentiable", None)
+        if differentiable is not None:
+            stack.enter_context(differentiable())
+        switch = getattr(backend, "gradient_checkpointing", None)
+        if not low_vram:
+            yield backend.predict
+        elif switch is None:
+            def predict(x: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:
+                # non-reentrant: the LoRA factors reach the UNet through hooks, not through the arguments
+                return torch.utils.checkpoint.checkpoint(backend.predict, x, t, text, use_reentrant=False)
+            yield predict
+        else:
+            switch(True)
+            stack.callback(switch, False)
+            yield backend.predict
 
 
 def _lora_deltas(lora: LoRA, base: Mapping[str, torch.Tensor]) -> dict:
