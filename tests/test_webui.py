@@ -39,9 +39,9 @@ from mace_core.errors import InterruptedRun, MaceError  # noqa: E402
 from sd_webui_extension import actions  # noqa: E402
 from sd_webui_extension.host import StandaloneHost  # noqa: E402
 from sd_webui_extension.names import validate_output_name, validate_project_name  # noqa: E402
+from venvs import VenvUnavailable, cached_venv  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
-GRADIO341_VENV = REPO / ".cache" / "gradio341-venv"
 ARTIFACTS = REPO / "test-artifacts"
 TINY_SETTINGS = {"steps": "3", "images": "1", "sample_steps": "2"}
 
@@ -328,20 +328,11 @@ def test_blocks_build_under_current_gradio(tmp_path, tiny_model):
 
 
 def _gradio341_python() -> Path:
-    """A1111 1.10's gradio in its own venv, built once from the '#gradio341' pins and cached."""
-    pins = "".join(l[len("#gradio341 "):] + "\n" for l in (REPO / "requirements-dev.txt").read_text().splitlines()
-                   if l.startswith("#gradio341 "))
-    python = GRADIO341_VENV / "bin" / "python"
-    stamp = GRADIO341_VENV / "pins.txt"
-    if not (python.exists() and stamp.exists() and stamp.read_text() == pins):
-        shutil.rmtree(GRADIO341_VENV, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(GRADIO341_VENV)], check=True)
-        req = GRADIO341_VENV / "requirements.txt"
-        req.write_text(pins)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(req)], check=True,
-                       capture_output=True, timeout=1200)
-        stamp.write_text(pins)
-    return python
+    """A1111 1.10's gradio in its own venv (tests/venvs.py), from the '#gradio341' pins."""
+    try:
+        return cached_venv("gradio341")
+    except VenvUnavailable as e:
+        _unavailable(str(e))
 
 
 def test_blocks_build_under_gradio_3_41(tmp_path, tiny_model):

@@ -219,7 +219,7 @@ def _train_concept(backend: Backend, project: Project, spec: ErasureSpec, c: Con
     if s.mask == "sam":
         from .sam import refine_masks  # optional dependency, imported only when asked for
 
-        data.masks = refine_masks(data, s.sam_checkpoint, backend.vae_scale)
+        data.masks = refine_masks(data, s.sam_checkpoint, backend.vae_scale, backend.device)
     save_data(data, project.concept_dir(c))
     project.save_latents(c, data.latents)
     prompts = [prompt] + concept_prompts(c)

@@ -7,6 +7,7 @@ centroid); SAM, loaded from the checkpoint the user gives, turns them into a sha
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from .masks import ConceptData
 _MODEL_TYPES = ("vit_h", "vit_l", "vit_b")
 
 
-def _load(checkpoint: str):
+def _load(checkpoint: str, device: torch.device | str):
+    """A SamPredictor on ``device`` with the weights of ``checkpoint`` (a state_dict; the model type
+    is read from the file name, as in SAM's own file names)."""
     try:
         from segment_anything import SamPredictor, sam_model_registry
     except ImportError as e:
@@ -31,25 +34,32 @@ def _load(checkpoint: str):
     kind = next((k for k in _MODEL_TYPES if k in path.name), None)
     if kind is None:
         raise MaceError(f"cannot tell the SAM model type from {path.name!r}; name the file with vit_h, vit_l or vit_b")
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
     sam = sam_model_registry[kind]()
-    sam.load_state_dict(state)
-    return SamPredictor(sam.to("cuda" if torch.cuda.is_available() else "cpu").eval())
+    try:
+        # weights_only: a checkpoint from the internet must not run code when it is read
+        sam.load_state_dict(torch.load(str(path), map_location="cpu", weights_only=True))
+    except (pickle.UnpicklingError, RuntimeError, TypeError, EOFError) as e:
+        detail = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict lists every key
+        raise MaceError(f"{path.name} is not a SAM {kind} checkpoint (a state_dict of plain tensors): "
+                        f"{detail}") from None
+    return SamPredictor(sam.to(device).eval())
 
 
-def refine_masks(data: ConceptData, checkpoint: str, vae_scale: int) -> torch.Tensor:
+def refine_masks(data: ConceptData, checkpoint: str, vae_scale: int, device: torch.device | str) -> torch.Tensor:
     """bool [N, h, w] at latent size: SAM's mask for each image, prompted by its attention mask;
-    an image whose attention mask is empty keeps the whole image."""
-    predictor = _load(checkpoint)
+    an image whose attention mask is empty keeps the whole image. SAM runs on ``device`` (the
+    model's: `--device cpu` must not put it on a GPU)."""
+    predictor = _load(checkpoint, device)
     out = []
     for img, m in zip(data.images, data.masks):
         if not m.any():
             out.append(torch.ones_like(m))
             continue
+        # prompts in image pixels (x, y): latent cell (y, x) covers pixels [x*s, (x+1)*s) x [y*s, (y+1)*s)
         ys, xs = np.nonzero(m.numpy())
         box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) * vae_scale
         point = np.array([[xs.mean() + 0.5, ys.mean() + 0.5]]) * vae_scale
-        predictor.set_image(img)
+        predictor.set_image(img)  # uint8 [H, W, 3] RGB, as SAM wants
         masks, scores, _ = predictor.predict(point_coords=point, point_labels=np.array([1]), box=box,
                                              multimask_output=True)
         best = torch.from_numpy(masks[int(np.argmax(scores))]).float()[None, None]
