@@ -1013,3 +1013,41 @@ def txt2img_graph(ckpt_name: str, prompt: str = "a photo", *, negative: str = ""
                          "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0}},
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# A graph in a fresh process (a host restart)
+
+
+def run_in_fresh_process(base_dir: Path, model: Path, graph: Mapping, out: Path) -> list[str]:
+    """The command that boots ComfyUI in a new Python process on ``base_dir`` (its models and
+    projects persist there across processes, as a user's install does across restarts), makes
+    ``model`` loadable, runs ``graph`` and writes the MACE weights of the first node's MODEL output
+    that carries them (file keys -> tensors) to ``out``, its report (if any) beside it as ``.txt``."""
+    spec = Path(out).with_suffix(".graph.json")
+    spec.write_text(json.dumps({"base_dir": str(base_dir), "model": str(model), "graph": graph, "out": str(out)}))
+    return [sys.executable, str(Path(__file__).resolve()), str(spec)]
+
+
+def _fresh_process_main(spec_path: str) -> int:
+    from safetensors.torch import save_file
+
+    spec = json.loads(Path(spec_path).read_text())
+    comfy = start_comfyui(spec["base_dir"])
+    register_from_checkpoint(spec["model"])
+    comfy.add_model(spec["model"])
+    outputs = comfy.run(spec["graph"])
+    for node_out in outputs.values():
+        model = node_out[0] if isinstance(node_out, tuple) and node_out else None
+        info = (getattr(model, "model_options", None) or {}).get("mace")
+        if info:
+            weights = {"model." + k: model.patches[k][i][1][1][0].contiguous() for k, i in info["patched"].items()}
+            save_file(weights, spec["out"])
+            if len(node_out) > 2 and isinstance(node_out[2], str):
+                Path(spec["out"]).with_suffix(".txt").write_text(node_out[2])
+            return 0
+    raise SystemExit("no MODEL with MACE patches among the graph's outputs")
+
+
+if __name__ == "__main__":
+    sys.exit(_fresh_process_main(sys.argv[1]))

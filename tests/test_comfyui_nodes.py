@@ -311,6 +311,51 @@ def test_abo_objective_trains_in_comfyui_without_touching_the_shared_model_and_m
     assert any(not torch.equal(erased.patches[k][-1][1][1][0], refined.patches[k][-1][1][1][0]) for k in v)
 
 
+def test_a_host_restart_loses_nothing_already_trained(tiny64, tmp_path):
+    """ComfyUI is killed (SIGKILL: a crash, a closed window) after it saved its first LoRA; a new
+    ComfyUI process on the same folders resumes the project, and the erased weights equal those of an
+    uninterrupted run bit for bit."""
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    base = tmp_path / "comfyui"
+    train = {k: v for k, v in _train(None, steps=40)["inputs"].items() if k not in ("model", "clip", "vae")}
+
+    def graph(project: str) -> dict:
+        return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.path.name}},
+                "2": _concepts("cat\ndog", project),
+                "3": {"class_type": "MACEEraseConcepts",
+                      "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "concepts": ["2", 0], **train,
+                                 "closed_form_only": False}}}
+
+    ref = tmp_path / "uninterrupted.safetensors"
+    subprocess.run(h.run_in_fresh_process(base, tiny64.path, graph("uninterrupted"), ref), check=True, timeout=900)
+
+    cmd = h.run_in_fresh_process(base, tiny64.path, graph("restarted"), tmp_path / "resumed.safetensors")
+    project = base / "models" / "mace" / "restarted"
+    first = subprocess.Popen(cmd)
+    try:
+        while first.poll() is None and not list(project.rglob("lora.safetensors")):
+            time.sleep(0.05)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert first.returncode == -signal.SIGKILL, "the first process finished before it could be killed"
+    done = sorted(p.parent.name for p in project.rglob("lora.safetensors"))
+    assert len(done) == 1, done
+
+    subprocess.run(cmd, check=True, timeout=900)
+    report = (tmp_path / "resumed.txt").read_text()
+    reused = report.split("reused LoRAs: ")[1].splitlines()[0].split(", ")
+    assert len(reused) == 1 and reused[0] in ("cat", "dog"), report  # the other one trained after the restart
+    a, b = load_file(str(ref)), load_file(str(tmp_path / "resumed.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 8
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_refuse_node_restores_a_concept_like_the_cli(comfyui, tiny64, run, tmp_path):
     from mace_core.checkpoint import load_checkpoint
     from mace_core.cli import main
