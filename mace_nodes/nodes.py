@@ -36,6 +36,8 @@ CATEGORY = "MACE"
 CONCEPTS = "MACE_CONCEPTS"
 LORAS = "MACE_LORAS"
 PROJECT_FOLDER = "mace"
+SAM_FOLDER = "sams"
+SAM_PREFIX = "sam: "  # mask choice "sam: <checkpoint file in models/sams>"
 DEFAULT = "type default"
 
 
@@ -79,6 +81,16 @@ def projects_roots() -> list[Path]:
         folder_paths.folder_names_and_paths[PROJECT_FOLDER] = ([os.path.join(folder_paths.models_dir, PROJECT_FOLDER)],
                                                                set())
     return [Path(p) for p in folder_paths.get_folder_paths(PROJECT_FOLDER)]
+
+
+def sam_checkpoints() -> list[str]:
+    """SAM checkpoints (segment-anything ``.pth``, the model type in the name: vit_b/vit_l/vit_h) in
+    ``models/sams``, the folder other ComfyUI node packs keep them in (or extra paths under "sams")."""
+    import folder_paths
+
+    if SAM_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(SAM_FOLDER, os.path.join(folder_paths.models_dir, SAM_FOLDER))
+    return [f for f in folder_paths.get_filename_list(SAM_FOLDER) if f.endswith((".pth", ".pt"))]
 
 
 def project_names() -> list[str]:
@@ -391,10 +403,11 @@ def _train_inputs() -> dict:
                                  "tooltip": "DDIM steps to draw each training image (0 = default, 30)"}),
         "guidance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
                                "tooltip": "CFG scale for the training images (0 = default, 7.5)"}),
-        "mask": ([DEFAULT, "attention", "none"],
+        "mask": ([DEFAULT, "attention", "none"] + [SAM_PREFIX + f for f in sam_checkpoints()],
                  {"tooltip": "where the concept is in each training image: attention (cross-attention maps of "
-                             "the same sampling pass) or none (whole image; the default for styles and explicit "
-                             "content)"}),
+                             "the same sampling pass), none (whole image; the default for styles and explicit "
+                             "content), or 'sam: <file>': the attention mask's box and centre prompt a SAM "
+                             "checkpoint from models/sams (needs the segment-anything package)"}),
         "training_seed": ("INT", {"default": 2024, "min": 0, "max": 2 ** 31 - 1,
                                   "tooltip": "seed of image drawing and training; keep it fixed to resume a project"}),
         "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
@@ -419,7 +432,15 @@ def _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, trai
     for k, v in (("lr", lr), ("guidance", guidance)):
         if float(v) > 0:
             out[k] = float(v)
-    if mask and mask != DEFAULT:
+    if mask and mask.startswith(SAM_PREFIX):
+        import folder_paths
+
+        sam_checkpoints()  # registers the folder
+        path = folder_paths.get_full_path(SAM_FOLDER, mask[len(SAM_PREFIX):])
+        if path is None:
+            raise MaceError(f"SAM checkpoint {mask[len(SAM_PREFIX):]!r} not found in models/{SAM_FOLDER}")
+        out["mask"], out["sam_checkpoint"] = "sam", path
+    elif mask and mask != DEFAULT:
         out["mask"] = mask
     return out
 

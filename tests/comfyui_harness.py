@@ -1019,14 +1019,15 @@ def txt2img_graph(ckpt_name: str, prompt: str = "a photo", *, negative: str = ""
 # A graph in a fresh process (a host restart)
 
 
-def run_in_fresh_process(base_dir: Path, model: Path, graph: Mapping, out: Path) -> list[str]:
+def run_in_fresh_process(base_dir: Path, model: Path, graph: Mapping, out: Path,
+                         python: str | Path = sys.executable) -> list[str]:
     """The command that boots ComfyUI in a new Python process on ``base_dir`` (its models and
     projects persist there across processes, as a user's install does across restarts), makes
-    ``model`` loadable, runs ``graph`` and writes the MACE weights of the first node's MODEL output
+    ``model`` loadable, runs ``graph`` (with ``python``: another venv's, e.g.) and writes the MACE weights of the first node's MODEL output
     that carries them (file keys -> tensors) to ``out``, its report (if any) beside it as ``.txt``."""
     spec = Path(out).with_suffix(".graph.json")
     spec.write_text(json.dumps({"base_dir": str(base_dir), "model": str(model), "graph": graph, "out": str(out)}))
-    return [sys.executable, str(Path(__file__).resolve()), str(spec)]
+    return [str(python), str(Path(__file__).resolve()), str(spec)]
 
 
 def _fresh_process_main(spec_path: str) -> int:

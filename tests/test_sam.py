@@ -209,3 +209,46 @@ def test_erase_with_sam_masks_end_to_end(sam_python, sam_checkpoint, tmp_path):
         assert set(np.unique(a)) <= {0, 255}
         # a latent-size mask upsampled (nearest): constant on each latent pixel's block
         assert np.array_equal(a, np.kron(a[::scale, ::scale], np.ones((scale, scale), a.dtype)))
+
+
+def test_comfyui_nodes_take_a_sam_checkpoint_from_models_sams(sam_python, sam_checkpoint, tmp_path):
+    """The mask choice 'sam: <file>' of the training nodes, in a real ComfyUI (a fresh process in the
+    sam venv, whose real torchvision ComfyUI then imports): the same images as the attention masks' run
+    of the same graph, SAM's masks, and the checkpoint found in models/sams recorded in the project."""
+    import dataclasses
+
+    import comfyui_harness as h
+    from mace_core.checkpoint import save_new_checkpoint
+    from mace_core.families import load_family
+
+    te, unet, vae = h.make_tiny_sd1_modules(seed=0, vae="sd")
+    model = Path(save_new_checkpoint(tmp_path / "tiny64-sd1.safetensors", unet=unet, vae=vae, text_encoder=te,
+                                     family=dataclasses.replace(load_family("sd1"), resolution=64)))
+    base = tmp_path / "comfyui"
+    (base / "models" / "sams").mkdir(parents=True)
+    shutil.copy(sam_checkpoint, base / "models" / "sams" / CHECKPOINT_NAME)
+
+    def erase(concepts: str, mask: str) -> dict:
+        return {"class_type": "MACEEraseConcepts",
+                "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "concepts": [concepts, 0],
+                           "steps": 2, "rank": 0, "lr": 0.0, "images": 1, "sample_steps": 3, "guidance": 0.0,
+                           "mask": mask, "training_seed": 7, "resolution": 64, "closed_form_only": False}}
+
+    def concepts(project: str) -> dict:
+        return {"class_type": "MACELoadConcepts",
+                "inputs": {"concepts": "cat", "default_type": "object", "preset": "none", "retain": "",
+                           "config_file": "", "project": project}}
+
+    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": model.name}},
+             "2": concepts("with-sam"), "3": erase("2", f"sam: {CHECKPOINT_NAME}"),
+             "4": concepts("with-attention"), "5": erase("4", "attention")}
+    cmd = h.run_in_fresh_process(base, model, graph, tmp_path / "out.safetensors", python=sam_python)
+    _run(Path(cmd[0]), cmd[1:], tmp_path)
+
+    projects = base / "models" / "mace"
+    overrides = json.loads((projects / "with-sam" / "manifest.json").read_text())["overrides"]
+    assert overrides["mask"] == "sam" and Path(overrides["sam_checkpoint"]) == base / "models" / "sams" / CHECKPOINT_NAME
+    (images, masks, _), (att_images, att_masks, _) = (_training_data(projects / p) for p in ("with-sam",
+                                                                                             "with-attention"))
+    assert list(images) == list(att_images) and all(np.array_equal(images[k], att_images[k]) for k in images)
+    assert any(not np.array_equal(np.asarray(masks[k]), np.asarray(att_masks[k])) for k in masks)
