@@ -736,8 +736,9 @@ class MACEEraseConcepts:
 
     def erase(self, model, clip, vae, concepts, steps, rank, lr, images, sample_steps, guidance, mask,
               training_seed, resolution, closed_form_only, preview="auto", objective="mace", alternative="",
-              low_vram=False, delete_images=False,
-              prompt=None, unique_id=None):
+              low_vram=False, delete_images=False, prompt=None, unique_id=None):
+        from mace_core.erase import describe_stages
+
         base = strip_mace(model)
         be = ComfyBackend(base, clip, vae, resolution or None)
         overrides = _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed, low_vram,
@@ -753,7 +754,7 @@ class MACEEraseConcepts:
         names = [c.phrase for c in project.spec().concepts]
         report = (f"erased: {', '.join(names)}\nproject: {project.root}\nstages: {res.metadata['mace.stages']}\n"
                   f"estimate: {res.report['estimate']}\n"
-                  f"timings: {json.dumps({k: round(v, 1) for k, v in res.report.get('timings', {}).items()})}\n"
+                  f"timings: {describe_stages(res.report)}\n"
                   f"reused LoRAs: {', '.join(res.report.get('reused_loras', [])) or 'none'}")
         shown = _preview(project, project.spec(), preview)  # before the images may be deleted
         deleted = _delete_images(project, delete_images)

@@ -156,7 +156,7 @@ def _fan_out(*callbacks: Progress | None) -> Progress:
 
 def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> Outcome:
     """Erase as `mace erase` does, into the host's checkpoint folder; project in models/mace/<name>."""
-    from mace_core.erase import erase, save_result
+    from mace_core.erase import describe_stages, erase, save_result
     from mace_core.estimate import check_fits, estimate
 
     t0 = time.perf_counter()
@@ -193,7 +193,7 @@ def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> 
                 gallery = _previews(host, holder, out, res.metadata, run, form.blur_explicit, prog)
         holder.clear()
     erased = [c["phrase"] for c in json.loads(res.metadata["mace.concepts"])]
-    timings = ", ".join(f"{k} {v:.1f}s" for k, v in res.report.get("timings", {}).items())
+    timings = describe_stages(res.report)
     lines = [f"Wrote **{out.name}** in `{out.parent}`.",
              f"Erased: {', '.join(erased)}." + (f" Kept: {', '.join(spec.retain)}." if spec.retain else ""),
              f"Project `{project.root.name}` (in `{project.root.parent}`): erase again with the same project name to resume "

@@ -21,7 +21,7 @@ from mace_core.checkpoint import load_checkpoint
 from mace_core.cli import main
 from mace_core.concepts import ErasureSpec, make_concept
 from mace_core.diffusers_backend import DiffusersBackend
-from mace_core.erase import erase, refuse
+from mace_core.erase import describe_stages, erase, refuse
 from mace_core.project import Project
 from tiny import file_digest, tiny_file
 
@@ -197,7 +197,11 @@ def test_estimate_of_a_resumed_or_extended_project_counts_only_what_is_left(tmp_
     one = 2 * 3 * 2 + 4  # a concept's drawing (CFG doubles) and training
     proj = Project(tmp_path / "p")
     assert unet_calls(ErasureSpec((cat,), (), over), project=proj) == one  # nothing there yet
-    erase(be, ErasureSpec((cat,), (), over), proj, ck.sha256)
+    rep = erase(be, ErasureSpec((cat,), (), over), proj, ck.sha256).report
+    # every stage's time and peak memory are reported (CPU: the process's peak RSS, which holds torch)
+    assert list(rep["timings"]) == list(rep["peak_memory_gb"]) == ["refine", "train", "fuse"]
+    assert all(0.1 < g < 24 for g in rep["peak_memory_gb"].values())
+    assert describe_stages(rep).startswith("refine ") and describe_stages(rep).count("GB)") == 3
     assert unet_calls(ErasureSpec((cat,), (), over), project=proj) == 0  # a rerun reuses everything
     assert unet_calls(ErasureSpec((dog,), (), over), project=proj) == one  # add: cat's LoRA is reused
     assert unet_calls(ErasureSpec((dog,), (), {**over, "steps": 5}), project=proj) == 2 * (one + 1)  # both retrain

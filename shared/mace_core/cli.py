@@ -325,7 +325,7 @@ def spec_from_args(args):
 
 def cmd_erase(args) -> int:
     from .concepts import validate
-    from .erase import erase
+    from .erase import describe_stages, erase
     from .project import Project
 
     spec = validate(spec_from_args(args))
@@ -354,7 +354,7 @@ def cmd_erase(args) -> int:
     _save_result(ck, res, out)
     if args.delete_images:
         _delete_images(Project(work))
-    log.info("stages: %s", ", ".join(f"{k} {v:.1f}s" for k, v in res.report["timings"].items()))
+    log.info("stages: %s", describe_stages(res.report))
     if res.report["reused_loras"]:
         log.info("reused finished LoRAs: %s", ", ".join(res.report["reused_loras"]))
     return 0

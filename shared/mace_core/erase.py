@@ -7,11 +7,13 @@ keyed by the file's tensor names, plus the metadata that records what was done.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -62,65 +64,101 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
     spec = project.spec()  # a project accumulates: earlier concepts stay erased
     mine = [c for i, c in enumerate(spec.concepts) if i % world == rank]
     run = spec.settings_for()
-    timings: dict[str, float] = {}
+    stage = StageLog(backend.device)
 
-    t0 = time.perf_counter()
-    for c in mine:
-        _stats(backend, project, c)
-    if rank == 0:
-        _priors(backend, project, spec)
-    barrier()
-    stats = {c.phrase: _stats(backend, project, c) for c in spec.concepts}
-    priors = _priors(backend, project, spec)
-    original = backend.original_weights()
-    refined = refine_weights(original, list(stats.values()), run, priors)
-    timings["refine"] = time.perf_counter() - t0
+    with stage("refine"):
+        for c in mine:
+            _stats(backend, project, c)
+        if rank == 0:
+            _priors(backend, project, spec)
+        barrier()
+        stats = {c.phrase: _stats(backend, project, c) for c in spec.concepts}
+        priors = _priors(backend, project, spec)
+        original = backend.original_weights()
+        refined = refine_weights(original, list(stats.values()), run, priors)
 
     loras: dict[str, LoRA] = {}
     reused: list[str] = []
     if not closed_form_only:
-        t0 = time.perf_counter()
-        base_delta = {k: refined[k] - original[k] for k in original if not k.endswith(POOLED_SUFFIX)}
-        for i, c in enumerate(mine):
-            h = settings_hash(spec, c)
-            if project.load_lora(c, h) is not None:
-                reused.append(c.phrase)
-            else:
-                if stop():
-                    raise InterruptedRun(f"stopped before training {c.phrase!r}; rerun to resume")
-                _train_concept(backend, project, spec, c, base_delta, h, prog, stop)
-            prog("concepts", i + 1, len(mine))
-        barrier()
-        loras = {c.phrase: project.load_lora(c, settings_hash(spec, c)) for c in spec.concepts}
-        timings["train"] = time.perf_counter() - t0
+        with stage("train"):
+            base_delta = {k: refined[k] - original[k] for k in original if not k.endswith(POOLED_SUFFIX)}
+            for i, c in enumerate(mine):
+                h = settings_hash(spec, c)
+                if project.load_lora(c, h) is not None:
+                    reused.append(c.phrase)
+                else:
+                    if stop():
+                        raise InterruptedRun(f"stopped before training {c.phrase!r}; rerun to resume")
+                    _train_concept(backend, project, spec, c, base_delta, h, prog, stop)
+                prog("concepts", i + 1, len(mine))
+            barrier()
+            loras = {c.phrase: project.load_lora(c, settings_hash(spec, c)) for c in spec.concepts}
 
-    t0 = time.perf_counter()
-    weights = _fuse(original, refined, spec, stats, loras, priors, run)
-    timings["fuse"] = time.perf_counter() - t0
+    with stage("fuse"):
+        weights = _fuse(original, refined, spec, stats, loras, priors, run)
     rounds: list[dict] = []
     if run.robust_rounds and not closed_form_only:
-        t0 = time.perf_counter()
-        for r in range(run.robust_rounds):
-            deltas = {k: weights[k] - original[k] for k in original if not k.endswith(POOLED_SUFFIX)}
-            for c in mine:
-                if stats[c.phrase].hardened > r:
-                    continue  # done before an interruption
-                if stop():
-                    raise InterruptedRun(f"stopped while hardening {c.phrase!r}; rerun to resume")
-                adv, loss = adversarial_stats(backend, deltas, project.load_latents(c),
-                                              get_type(c.type).train_prompt, c.anchor, run.attack_steps,
-                                              concept_seed(run.seed, c) + r)
-                project.save_stats(c, stats[c.phrase].add(adv, r + 1))
-                rounds.append({"round": r + 1, "concept": c.phrase, "attack_loss": loss})
-                prog("hardening", r + 1, run.robust_rounds)
-            barrier()
-            stats = {c.phrase: project.load_stats(c) for c in spec.concepts}
-            weights = _fuse(original, refine_weights(original, list(stats.values()), run, priors), spec, stats,
-                            loras, priors, run)
-        timings["harden"] = time.perf_counter() - t0
+        with stage("harden"):
+            for r in range(run.robust_rounds):
+                deltas = {k: weights[k] - original[k] for k in original if not k.endswith(POOLED_SUFFIX)}
+                for c in mine:
+                    if stats[c.phrase].hardened > r:
+                        continue  # done before an interruption
+                    if stop():
+                        raise InterruptedRun(f"stopped while hardening {c.phrase!r}; rerun to resume")
+                    adv, loss = adversarial_stats(backend, deltas, project.load_latents(c),
+                                                  get_type(c.type).train_prompt, c.anchor, run.attack_steps,
+                                                  concept_seed(run.seed, c) + r)
+                    project.save_stats(c, stats[c.phrase].add(adv, r + 1))
+                    rounds.append({"round": r + 1, "concept": c.phrase, "attack_loss": loss})
+                    prog("hardening", r + 1, run.robust_rounds)
+                barrier()
+                stats = {c.phrase: project.load_stats(c) for c in spec.concepts}
+                weights = _fuse(original, refine_weights(original, list(stats.values()), run, priors), spec, stats,
+                                loras, priors, run)
     meta = erasure_metadata(spec, base_sha256, base_name, closed_form_only)
-    return ErasureResult(weights, meta, {"timings": timings, "reused_loras": reused, "robust": rounds,
+    return ErasureResult(weights, meta, {"timings": stage.seconds, "peak_memory_gb": stage.peak_gb,
+                                         "reused_loras": reused, "robust": rounds,
                                          "losses": {c.phrase: project.lora_losses(c) for c in spec.concepts}})
+
+
+class StageLog:
+    """Wall time and peak memory of each stage of a run: on CUDA the most memory allocated on the
+    device during the stage; elsewhere the process's peak resident memory so far (the OS keeps no
+    per-stage peak; None where it cannot be read, e.g. Windows)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = {}
+        self.peak_gb: dict[str, float | None] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - t0
+            self.peak_gb[name] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if cuda else _peak_rss_gb()
+
+
+def _peak_rss_gb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kb / 2 ** 20 if sys.platform != "darwin" else kb / 2 ** 30  # macOS reports bytes
+
+
+def describe_stages(report: dict) -> str:
+    """"refine 1.2 s (peak 0.5 GB), train ..." from an `ErasureResult.report`."""
+    peaks = report.get("peak_memory_gb", {})
+    return ", ".join(f"{k} {v:.1f} s" + (f" (peak {peaks[k]:.2f} GB)" if peaks.get(k) is not None else "")
+                     for k, v in report.get("timings", {}).items())
 
 
 def _world() -> tuple[int, int, Callable[[], None]]:
