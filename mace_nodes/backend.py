@@ -225,7 +225,6 @@ class ComfyBackend:
                                             int(mod.heads)) for path, mod in attn2_modules(model)]
         self._unet_ready = False
         self._text_key = None
-        self._grad_params: dict[str, torch.Tensor] | None = None  # set inside differentiable()
 
     # --- text -------------------------------------------------------------------------------
 
@@ -269,6 +268,17 @@ class ComfyBackend:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> TextBatch:
+        return self._encode(prompts)
+
+    def encode_with_grad(self, prompts: Sequence[str]) -> TextBatch:
+        """`encode` inside autograd (the soft-token attack optimises token embeddings through it;
+        within `differentiable`). ComfyUI's CLIP adds its residuals in place (``x += ...``), which
+        autograd refuses for tensors it saved; saving copies instead makes the same arithmetic
+        differentiable."""
+        with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda t: t):
+            return self._encode(prompts)
+
+    def _encode(self, prompts: Sequence[str]) -> TextBatch:
         clip = self._need_clip()
         self._unet_ready = False  # encoding loads the text encoder; the UNet may have been offloaded
         tokenized = [{k: v[:1] for k, v in clip.tokenize(p).items()} for p in prompts]
@@ -293,6 +303,10 @@ class ComfyBackend:
         context = torch.cat(contexts).float()
         pooled_t = torch.cat(pooled).float() if self.family_name == "sdxl" else None
         return TextBatch(context, ids, pooled_t)
+
+    def text_token_embeddings(self) -> list[torch.nn.Module]:
+        """The token-embedding module of each text encoder (the soft-token attack hooks them)."""
+        return [m for n, m in self._need_clip().cond_stage_model.named_modules() if n.endswith("token_embedding")]
 
     # --- UNet -------------------------------------------------------------------------------
 
@@ -322,26 +336,21 @@ class ComfyBackend:
                                 target_width=w, target_height=h)
             kw["y"] = y.to(self.device, self.dtype)
         ts = t.to(self.device).float().expand(x.shape[0]) if t.ndim == 0 else t.to(self.device).float()
-        if self._grad_params is not None:
-            return torch.func.functional_call(base.diffusion_model, self._grad_params, (x, ts),
-                                              {"context": ctx, "transformer_options": {}, **kw}, strict=False)
         return base.diffusion_model(x, ts, context=ctx, transformer_options={}, **kw)
 
     @contextlib.contextmanager
     def differentiable(self) -> Iterator[None]:
-        """UNet passes that autograd can differentiate through (the abo objective). ComfyUI loads the
-        weights as inference tensors, which cannot be saved for backward; inside this context the UNet
-        runs on ordinary copies of them (``torch.func.functional_call``: the shared module is only
-        re-parametrised for the duration of each call, never written). Costs one copy of the UNet's
-        weights while it lasts."""
+        """UNet and text-encoder passes that autograd can differentiate through (the abo objective,
+        the soft-token attack of robust erasure). ComfyUI loads weights as inference tensors, which
+        cannot be saved for backward; inside this context they are ordinary copies (one more copy of
+        the UNet and text encoder in memory while it lasts)."""
         self._ensure_unet()
-        with torch.inference_mode(False):
-            self._grad_params = {n: (p.clone() if p.is_inference() else p).detach()
-                                 for n, p in self.patcher.model.diffusion_model.named_parameters()}
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_ordinary_parameters(self.patcher.model.diffusion_model))
+            if self.clip is not None:
+                self.clip.load_model()
+                stack.enter_context(_ordinary_parameters(self.clip.cond_stage_model))
             yield
-        finally:
-            self._grad_params = None
 
     # --- VAE --------------------------------------------------------------------------------
 
@@ -367,6 +376,26 @@ class ComfyBackend:
         while img.ndim > 4:  # video VAEs add a frame axis
             img = img.flatten(0, 1)
         return (img.float() * 2 - 1).clamp(-1, 1).movedim(-1, 1)
+
+
+@contextlib.contextmanager
+def _ordinary_parameters(module: torch.nn.Module) -> Iterator[None]:
+    """Within the block, ``module``'s inference-tensor parameters are ordinary tensors holding the same
+    values; the originals are put back afterwards. The swap is what torch.func.functional_call does
+    for one call, held for a block that reaches the module through ComfyUI's own methods; ComfyUI runs
+    one graph at a time, so nothing else sees it, and the values never change."""
+    swapped = []
+    with torch.inference_mode(False):
+        for mod in module.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None and p.is_inference():
+                    mod._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                    swapped.append((mod, name, p))
+    try:
+        yield
+    finally:
+        for mod, name, p in swapped:
+            mod._parameters[name] = p
 
 
 def _token_id(t) -> int:

@@ -417,7 +417,7 @@ def _train_inputs() -> dict:
 
 
 def _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed, low_vram: bool = False,
-                     objective: str = "mace", alternative: str = "") -> dict:
+                     objective: str = "mace", alternative: str = "", robust_rounds: int = 0) -> dict:
     """The settings the nodes' inputs override (0 / default: the concept type's own)."""
     out = {"seed": int(training_seed)}
     if low_vram:
@@ -426,6 +426,8 @@ def _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, trai
         out["objective"] = objective
         if alternative.strip():
             out["alternative"] = alternative.strip()
+    if int(robust_rounds) > 0:
+        out["robust_rounds"] = int(robust_rounds)
     for k, v in (("steps", steps), ("rank", rank), ("images", images), ("sample_steps", sample_steps)):
         if int(v) > 0:
             out[k] = int(v)
@@ -591,7 +593,7 @@ def _train(be: ComfyBackend, project, spec, base_sha, base_name, closed_form_onl
 
 
 def _objective_options() -> dict:
-    """Optional inputs of the training nodes: the stage-2 objective."""
+    """Optional inputs of the training nodes: the stage-2 objective and robust hardening."""
     return {
         "objective": (["mace", "abo"], {"default": "mace",
                                         "tooltip": "mace: the attention loss of the paper; abo (All-but-One): the "
@@ -600,6 +602,10 @@ def _objective_options() -> dict:
                                                    "backpropagates through the UNet)"}),
         "alternative": ("STRING", {"default": "", "tooltip": "abo: what the concept should turn into (e.g. 'a cow' "
                                                              "for 'a pig'); empty: nothing in particular"}),
+        "robust_rounds": ("INT", {"default": 0, "min": 0, "max": 10,
+                                  "tooltip": "adversarial hardening rounds after the erasure (0: off; the CLI's "
+                                             "--robust is 2): each round finds soft tokens that still draw the "
+                                             "concept and erases them too (single-text-encoder models: SD1, SD2)"}),
     }
 
 
@@ -661,7 +667,7 @@ class MACETrainLoRAs:
         }
 
     def train(self, model, clip, vae, steps, rank, lr, images, sample_steps, guidance, mask, training_seed,
-              resolution=0, original_model=None, preview="auto", objective="mace", alternative="",
+              resolution=0, original_model=None, preview="auto", objective="mace", alternative="", robust_rounds=0,
               low_vram=False, delete_images=False, prompt=None, unique_id=None):
         from mace_core.project import Project
 
@@ -680,7 +686,7 @@ class MACETrainLoRAs:
         project = Project(info["project"])
         ps = project.spec()
         spec = _with(ps, _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed,
-                                          low_vram, objective, alternative))
+                                          low_vram, objective, alternative, robust_rounds))
         res = _train(be, project, spec, info["base_sha256"], info["base_name"])
         loras = MaceLoras(str(project.root), wid, [c.phrase for c in project.spec().concepts], res.weights,
                           res.metadata, res.report)
@@ -736,13 +742,13 @@ class MACEEraseConcepts:
 
     def erase(self, model, clip, vae, concepts, steps, rank, lr, images, sample_steps, guidance, mask,
               training_seed, resolution, closed_form_only, preview="auto", objective="mace", alternative="",
-              low_vram=False, delete_images=False, prompt=None, unique_id=None):
+              robust_rounds=0, low_vram=False, delete_images=False, prompt=None, unique_id=None):
         from mace_core.erase import describe_stages
 
         base = strip_mace(model)
         be = ComfyBackend(base, clip, vae, resolution or None)
         overrides = _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed, low_vram,
-                                     objective, alternative)
+                                     objective, alternative, robust_rounds)
         overrides["clip_skip"] = _clip_skip(clip, be.family_name)
         spec = validate(_with(concepts.spec, overrides), be.tokenize)
         project, base_sha, base_name, wid = _project_for(concepts, base, be.family_name, spec, prompt, unique_id)

@@ -311,6 +311,42 @@ def test_abo_objective_trains_in_comfyui_without_touching_the_shared_model_and_m
     assert any(not torch.equal(erased.patches[k][-1][1][1][0], refined.patches[k][-1][1][1][0]) for k in v)
 
 
+def test_robust_rounds_run_in_comfyui_like_the_cli(comfyui, tiny64, tmp_path):
+    """The soft-token attack of robust erasure differentiates through ComfyUI's text encoder and UNet
+    (inference tensors); its round ends up in the project's statistics as with `mace erase --robust-rounds`."""
+    from mace_core.checkpoint import load_checkpoint
+    from mace_core.cli import main
+    from mace_core.concepts import make_concept
+    from mace_core.project import Project
+
+    train = {k: v for k, v in _train(None)["inputs"].items() if k not in ("model", "clip", "vae")}
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
+         "2": _concepts("cat", "robust"),
+         "3": {"class_type": "MACEEraseConcepts",
+               "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "concepts": ["2", 0], **train,
+                          "closed_form_only": False, "robust_rounds": 1}}}
+    model, _, report = comfyui.run(g)["3"]
+    assert "harden " in report, report
+    assert all(p.is_inference() for p in comfyui.run({"1": g["1"]})["1"][0].model.diffusion_model.parameters())
+    ours = Project(comfyui.models_dir / "mace" / "robust").load_stats(make_concept("cat"))
+    work = tmp_path / "cli"
+    assert main(["erase", str(tiny64.path), "--concept", "cat", "--type", "object", "--robust-rounds", "1",
+                 "--steps", str(FAST["steps"]), "--images", str(FAST["images"]),
+                 "--sample-steps", str(FAST["sample_steps"]), "--seed", str(FAST["seed"]), "--device", "cpu",
+                 "--out", str(tmp_path / "robust.safetensors"), "--work-dir", str(work)]) == 0
+    cli = Project(work).load_stats(make_concept("cat"))
+    assert ours.hardened == cli.hardened == 1 and ours.pairs == cli.pairs
+    base, out = load_checkpoint(tiny64.path), load_checkpoint(tmp_path / "robust.safetensors")
+    worst = 0.0
+    for k, wc in out.tensors.items():
+        if _is_kv(k):
+            wc, w0 = wc.float(), base.tensors[k].float()
+            wo = model.patches[k[len("model."):]][-1][1][1][0]
+            worst = max(worst, float((wo - wc).norm() / (wc - w0).norm()))
+    print(f"robust: host vs CLI, max ||dW|| / ||W_cli - W0|| = {worst:.2e}")
+    assert worst <= TOL_EDIT
+
+
 def test_a_host_restart_loses_nothing_already_trained(tiny64, tmp_path):
     """ComfyUI is killed (SIGKILL: a crash, a closed window) after it saved its first LoRA; a new
     ComfyUI process on the same folders resumes the project, and the erased weights equal those of an

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .backend import Backend
+from .backend import Backend, differentiable
 
 FILLER = ("in a quiet room with soft light and a wooden table near the window on a calm afternoon, "
           "there is")
@@ -64,7 +64,7 @@ def embedding_attack(backend: Backend, target_latents: torch.Tensor, template: s
     model denoise ``target_latents`` [N, c, h, w] (the base model's images of the concept).
 
     Needs a backend exposing ``text_token_embeddings()`` and ``encode_with_grad`` (our diffusers
-    backend; single text encoder: SD 1.x / 2.x and the toy world). The learned vectors replace
+    and ComfyUI backends; single text encoder: SD 1.x / 2.x and the toy world). The learned vectors replace
     placeholder tokens through a forward hook; the model's weights stay as they are. Returns the
     embeddings for `with_soft_tokens`.
     """
@@ -79,23 +79,24 @@ def embedding_attack(backend: Backend, target_latents: torch.Tensor, template: s
     opt = torch.optim.Adam([soft], lr=lr)
     prompt = soft_prompt(template, n_tokens)
     ac = backend.alphas_cumprod.float()
-    for step in range(steps):
-        i = torch.randint(0, target_latents.shape[0], (1,), generator=g)
-        t = torch.randint(50, 950, (1,), generator=g)
-        noise = torch.randn(target_latents[i].shape, generator=g)
-        a = ac[t].view(-1, 1, 1, 1)
-        x = (a.sqrt() * target_latents[i] + (1 - a).sqrt() * noise).to(backend.device)
-        with with_soft_tokens(backend, soft):
-            text = backend.encode_with_grad([prompt])
-            out = backend.predict(x, t.to(backend.device), text).float()
-        target = noise.to(out.device) if backend.prediction_type != "v_prediction" else \
-            (a.sqrt() * noise - (1 - a).sqrt() * target_latents[i]).to(out.device)
-        loss = F.mse_loss(out, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if on_step:
-            on_step(step + 1, steps, float(loss.detach()))
+    with torch.enable_grad(), differentiable(backend):
+        for step in range(steps):
+            i = torch.randint(0, target_latents.shape[0], (1,), generator=g)
+            t = torch.randint(50, 950, (1,), generator=g)
+            noise = torch.randn(target_latents[i].shape, generator=g)
+            a = ac[t].view(-1, 1, 1, 1)
+            x = (a.sqrt() * target_latents[i] + (1 - a).sqrt() * noise).to(backend.device)
+            with with_soft_tokens(backend, soft):
+                text = backend.encode_with_grad([prompt])
+                out = backend.predict(x, t.to(backend.device), text).float()
+            target = noise.to(out.device) if backend.prediction_type != "v_prediction" else \
+                (a.sqrt() * noise - (1 - a).sqrt() * target_latents[i]).to(out.device)
+            loss = F.mse_loss(out, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if on_step:
+                on_step(step + 1, steps, float(loss.detach()))
     return soft.detach()
 
 

@@ -11,8 +11,9 @@ width (SDXL 1280), C = channels of an attn2 layer, N = pixels of a layer's featu
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import ContextManager, Protocol, Sequence
 
 import torch
 
@@ -98,3 +99,11 @@ class Backend(Protocol):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """scaled latents -> images [B, 3, H, W] in [-1, 1]."""
+
+
+def differentiable(backend: Backend) -> ContextManager[None]:
+    """A context in which ``backend``'s passes can be differentiated through: its own
+    ``differentiable()`` where it has one (a host holding weights autograd cannot save for backward,
+    e.g. ComfyUI's inference tensors), else nothing to do."""
+    enter = getattr(backend, "differentiable", None)
+    return enter() if enter is not None else contextlib.nullcontext()

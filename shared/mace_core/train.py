@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .attention import QKCapture, token_attention, weight_deltas
-from .backend import Backend, TextBatch
+from .backend import Backend, TextBatch, differentiable
 from .concepts import Settings
 from .masks import ConceptData, resize_mask
 
@@ -162,17 +162,14 @@ def train_lora(backend: Backend, data: ConceptData, prompts: list[str], tokens: 
 def predict_for_backward(backend: Backend, low_vram: bool) -> Iterator[Callable[..., torch.Tensor]]:
     """``backend.predict`` for UNet passes that are differentiated through (the abo loss).
 
-    A backend whose weights autograd cannot save for backward (ComfyUI loads them as inference
-    tensors) offers ``differentiable()``, a context in which its passes can be differentiated.
+    Runs inside the backend's `differentiable` context (ComfyUI's weights are inference tensors).
     low_vram: activations are recomputed during the backward pass instead of kept (gradient
     checkpointing): block by block where the backend can switch it on (``gradient_checkpointing``,
     e.g. diffusers' UNet), else around the whole UNet call, which at least keeps one call's
     activations at a time. The arithmetic is the same, so the LoRA is the same.
     """
     with contextlib.ExitStack() as stack:
-        differentiable = getattr(backend, "differentiable", None)
-        if differentiable is not None:
-            stack.enter_context(differentiable())
+        stack.enter_context(differentiable(backend))
         switch = getattr(backend, "gradient_checkpointing", None)
         if not low_vram:
             yield backend.predict
