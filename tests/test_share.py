@@ -100,6 +100,22 @@ def test_model_card(tmp_path, erased):
     assert "license: creativeml-openrail-m" in front and "tags:" in front
     assert "| cat | a scene | object |" in text and "| dog |" in text
     assert "| erased | 97.0 |" in text and "![before and after](grid.png)" in text
+    robust = text.split("## Robustness")[1]
+    assert "Not hardened" in robust and "No red-team figures" in robust and "Relapse" in robust
+
+
+def test_model_card_reports_attack_success_before_and_after_hardening(tmp_path):
+    from mace_core.share import model_card
+
+    meta = {"mace.concepts": json.dumps([{"phrase": "cat", "anchor": "a scene", "type": "object"}]),
+            "mace.settings": json.dumps({"robust_rounds": 2})}
+    before = "| attack | ASR |\n|---|---:|\n| cat: soft-token | 90.0 |\n"
+    after = "| attack | ASR |\n|---|---:|\n| cat: soft-token | 30.0 |\n"
+    text = model_card(meta, "m", after, eval_before_md=before)
+    robust = text.split("## Robustness")[1]
+    assert "Hardened with 2 adversarial round(s)" in robust and "| cat: soft-token | 90.0 |" in robust
+    assert "| cat: soft-token | 30.0 |" in text.split("## Evaluation")[1].split("## Robustness")[0]
+    assert "Relapse" in robust and "No red-team figures" not in robust
 
 
 def test_card_refuses_a_model_without_erasure(tmp_path, capsys):

@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("card", help="write a model card (README.md) for sharing an erased model on a hub")
     p.add_argument("model", type=Path)
     p.add_argument("--out", type=Path, help="default: README.md beside the model")
-    p.add_argument("--eval", type=Path, help="a metrics .md to embed")
+    p.add_argument("--eval", type=Path, help="a metrics .md to embed (`mace eval` of this model)")
+    p.add_argument("--eval-before", type=Path, help="`mace eval --attacks` report of the same erasure without "
+                                                    "--robust: the card's before/after attack success rates")
     p.add_argument("--grid", help="an image (path or URL) to show")
     p.add_argument("--license", default="creativeml-openrail-m")
 
@@ -486,8 +488,9 @@ def cmd_card(args) -> int:
     if "mace.concepts" not in meta:
         raise MaceError(f"{args.model} has no mace.* metadata: it was not written by `mace erase`")
     eval_md = args.eval.read_text() if args.eval else None
+    before_md = args.eval_before.read_text() if args.eval_before else None
     out = args.out or args.model.with_name("README.md")
-    out.write_text(model_card(meta, args.model.stem, eval_md, args.grid, args.license))
+    out.write_text(model_card(meta, args.model.stem, eval_md, args.grid, args.license, before_md))
     print(f"wrote {out}")
     return 0
 

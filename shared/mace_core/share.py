@@ -81,8 +81,11 @@ def lora_deltas(lora: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, 
 
 
 def model_card(metadata: Mapping[str, str], name: str, eval_md: str | None = None,
-               grid: str | None = None, license: str = "creativeml-openrail-m") -> str:
-    """README.md for a hub, from an erased checkpoint's metadata (and optional evaluation)."""
+               grid: str | None = None, license: str = "creativeml-openrail-m",
+               eval_before_md: str | None = None) -> str:
+    """README.md for a hub, from an erased checkpoint's metadata and optional `mace eval` reports of
+    this model (``eval_md``) and of the same erasure without hardening (``eval_before_md``: its red
+    team is the "before" of the robustness section)."""
     concepts = json.loads(metadata.get("mace.concepts", "[]"))
     retain = json.loads(metadata.get("mace.retain", "[]"))
     settings = json.loads(metadata.get("mace.settings", "{}"))
@@ -106,6 +109,27 @@ def model_card(metadata: Mapping[str, str], name: str, eval_md: str | None = Non
              "An erased word also stops working in negative prompts."]
     if eval_md:
         body += ["", "## Evaluation", "", eval_md.strip()]
+    body += ["", "## Robustness", ""] + _robustness(int(settings.get("robust_rounds", 0) or 0), eval_md,
+                                                    eval_before_md)
     if grid:
         body += ["", f"![before and after]({grid})"]
     return "\n".join(front + [""] + body) + "\n"
+
+
+def _robustness(rounds: int, after_md: str | None, before_md: str | None) -> list[str]:
+    """What a publisher must say about attacks and relapse: the hardening done, the red team's attack
+    success rates before and after it (when both reports are given), and that fine-tuning undoes it."""
+    lines = [f"Hardened with {rounds} adversarial round(s) (`mace erase --robust`): each round's soft-token "
+             "attack was found and mapped onto the anchor too." if rounds else
+             "Not hardened (`mace erase --robust` adds adversarial rounds)."]
+    if before_md and after_md:
+        lines += ["", "Red team, attack success rate (% of images showing the concept), before hardening "
+                      "(the same erasure without `--robust`):", "", before_md.strip(), "",
+                  "and after: the Evaluation section above."]
+    elif not after_md or "attack" not in after_md.lower():
+        lines += ["", "No red-team figures were given (`mace eval --attacks`)."]
+    lines += ["", "Relapse: the erasure is a small edit of the cross-attention key/value weights; further "
+                  "fine-tuning of the model (even on unrelated images) can bring the concept back. On the "
+                  "project's toy world, 100 unrelated fine-tuning steps restored the erased shape to its "
+                  "original rate (benchmarks/RESULTS.md). Re-check after fine-tuning or merging."]
+    return lines
