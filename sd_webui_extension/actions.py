@@ -169,29 +169,29 @@ def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> 
     project = _project(host, form, out)
     with host.job("MACE erase"):
         prog("loading model", 0, 1)
-        ck, backend = _load(host, model, spec)
-        run = spec.settings_for()
-        prog("loading model", 1, 1)
-        est = estimate(backend, spec, form.closed_form_only, project=project)
-        log.info("MACE: %s", est.describe())
-        check_fits(est, backend.device)  # refuses, with advice, a GPU too small for this run
-        log.info("erasing %s from %s; project %s", ", ".join(c.phrase for c in spec.concepts), model.name,
-                 project.root)
-        res = erase(backend, spec, project, ck.sha256, ck.path.name, progress=prog, should_stop=host.should_stop,
-                    closed_form_only=form.closed_form_only)
-        save_result(ck, res, out)
-        deleted = project.delete_generated_images() if form.delete_images else None
-        del ck
-        host.refresh_checkpoints()
-        gallery, note = [], ""
-        holder = [backend]  # _previews releases the base model before loading the erased one
-        del backend
-        if form.previews:
-            if host.should_stop():
-                note = "Previews skipped (interrupted)."
-            else:
-                gallery = _previews(host, holder, out, res.metadata, run, form.blur_explicit, prog)
-        holder.clear()
+        with host.base_model(model) as ck:
+            backend = _backend(host, ck, spec)
+            run = spec.settings_for()
+            prog("loading model", 1, 1)
+            est = estimate(backend, spec, form.closed_form_only, project=project)
+            log.info("MACE: %s", est.describe())
+            check_fits(est, backend.device)  # refuses, with advice, a GPU too small for this run
+            log.info("erasing %s from %s; project %s", ", ".join(c.phrase for c in spec.concepts), model.name,
+                     project.root)
+            res = erase(backend, spec, project, ck.sha256, ck.path.name, progress=prog,
+                        should_stop=host.should_stop, closed_form_only=form.closed_form_only)
+            save_result(ck, res, out)
+            deleted = project.delete_generated_images() if form.delete_images else None
+            host.refresh_checkpoints()
+            gallery, note = [], ""
+            holder = [backend]  # _previews releases the base model before building the erased one
+            del backend
+            if form.previews:
+                if host.should_stop():
+                    note = "Previews skipped (interrupted)."
+                else:
+                    gallery = _previews(host, holder, ck, res, run, form.blur_explicit, prog)
+            holder.clear()
     erased = [c["phrase"] for c in json.loads(res.metadata["mace.concepts"])]
     timings = describe_stages(res.report)
     lines = [f"Wrote **{out.name}** in `{out.parent}`.",
@@ -212,13 +212,11 @@ def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> 
     return Outcome(out, "\n\n".join(l for l in lines if l), gallery, res.metadata)
 
 
-def _load(host: Host, model: Path, spec):
-    """(checkpoint, backend) of ``model`` on the host's device, reading the text encoder at the run's clip skip."""
-    from mace_core.checkpoint import load_checkpoint
+def _backend(host: Host, ck, spec):
+    """The checkpoint as a model on the host's device, reading the text encoder at the run's clip skip."""
     from mace_core.diffusers_backend import DiffusersBackend
 
-    ck = load_checkpoint(model)
-    return ck, DiffusersBackend.from_checkpoint(ck, device=host.device, clip_skip=spec.settings_for().clip_skip)
+    return DiffusersBackend.from_checkpoint(ck, device=host.device, clip_skip=spec.settings_for().clip_skip)
 
 
 def _project(host: Host, form: EraseForm, out: Path):
@@ -239,8 +237,8 @@ def estimate_run(host: Host, form: EraseForm) -> str:
     model = host.checkpoint_path(form.checkpoint)
     spec = build_spec(form, host)
     project = _project(host, form, host.checkpoint_folder() / f"{form.out_name.strip()}.safetensors")
-    with host.job("MACE estimate"):
-        _, backend = _load(host, model, spec)
+    with host.job("MACE estimate"), host.base_model(model) as ck:
+        backend = _backend(host, ck, spec)
         est = estimate(backend, spec, form.closed_form_only, project=project)
         gpu = gpu_memory_gb(backend.device)
         del backend
@@ -284,15 +282,18 @@ def _show(img, sensitive: bool, blur: bool):
     return im
 
 
-def _previews(host: Host, holder: list, out: Path, metadata: dict, run, blur: bool, prog: Progress) -> list:
-    """Before (the loaded base model, ``holder[0]``) and after (the file just written), same prompts
-    and seeds. The base model is released (popped from ``holder``) before the erased one is loaded,
-    so at most one model is in memory."""
-    from mace_core.checkpoint import load_checkpoint
+def _previews(host: Host, holder: list, ck, res, run, blur: bool, prog: Progress) -> list:
+    """Before (the loaded base model, ``holder[0]``) and after (the base checkpoint ``ck`` with the
+    erasure's edited weights, i.e. what was written), same prompts and seeds. The base model is
+    released (popped from ``holder``) before the erased one is built, so at most one is in memory;
+    the erased one shares every unedited tensor with ``ck`` (with a web UI's in-memory model, the
+    web UI's own)."""
+    from mace_core.checkpoint import with_edits
     from mace_core.diffusers_backend import DiffusersBackend
     from mace_core.sampling import generate
 
-    rows = preview_prompts(json.loads(metadata["mace.concepts"]), json.loads(metadata.get("mace.retain", "[]")))
+    meta = res.metadata
+    rows = preview_prompts(json.loads(meta["mace.concepts"]), json.loads(meta.get("mace.retain", "[]")))
     prompts = [p for _, p, _ in rows]
     seeds = [run.seed] * len(prompts)
     backend = holder.pop()
@@ -300,7 +301,8 @@ def _previews(host: Host, holder: list, out: Path, metadata: dict, run, blur: bo
                       on_batch=lambda d, n: prog("previews before", d, n))
     del backend
     host.free_memory()
-    after_backend = DiffusersBackend.from_checkpoint(load_checkpoint(out), device=host.device, clip_skip=run.clip_skip)
+    after_backend = DiffusersBackend.from_checkpoint(with_edits(ck, res.weights), device=host.device,
+                                                     clip_skip=run.clip_skip)
     after = generate(after_backend, prompts, seeds, run.sample_steps, run.guidance,
                      on_batch=lambda d, n: prog("previews after", d, n))
     del after_backend

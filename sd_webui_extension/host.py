@@ -11,7 +11,10 @@ import contextlib
 import gc
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:  # the package imports without torch (the core's checkpoint module needs it)
+    from mace_core.checkpoint import Checkpoint
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -60,6 +63,14 @@ class Host:
     def default_clip_skip(self) -> int:
         """The CLIP skip the host samples with (the erasure must act on that layer)."""
         return 1
+
+    @contextlib.contextmanager
+    def base_model(self, path: Path) -> Iterator[Checkpoint]:
+        """The checkpoint a job erases from, held for the block: here the file, read by the core's
+        loader; a web UI lends the copy it holds in memory where it can."""
+        from mace_core.checkpoint import load_checkpoint
+
+        yield load_checkpoint(path)
 
     # --- running a job ----------------------------------------------------------------------
     @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """Model files in and out: key maps against real checkpoints, round trips, bit-identity, metadata,
-and every bad input with a clear message and no file changed."""
+every bad input with a clear message and no file changed, and a host's in-memory state dict
+giving the file's checkpoint (and saved from the file)."""
 
 from __future__ import annotations
 
@@ -289,3 +290,67 @@ def test_fast_padding_matches_the_tokenizer(name):
         tok = make_tokenizer(spec)
         want = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         assert torch.equal(padded_ids(tok, prompts), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# A model a host already holds in memory (A1111's sd_model.state_dict(), ldm layout)
+
+
+def _host_copy(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """What a host holding ``path`` has: its own tensors (not the loader's), maybe cast, plus
+    buffers of its own that no file has (ldm's noise schedule)."""
+    sd = {k: v.clone() if dtype is None else v.to(dtype) for k, v in load_file(str(path)).items()}
+    return {**sd, "alphas_cumprod": torch.linspace(1, 0, 1000), "not_a_tensor": 3}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_in_memory_state_dict_builds_what_the_file_builds(name):
+    """The same tensors held in memory give the file's checkpoint and bit-identical modules, which
+    share the host's storage instead of copying it."""
+    from mace_core.checkpoint import MEMORY, checkpoint_from_state_dict, read_metadata
+
+    path = tiny_file(name)
+    from_file = load_checkpoint(path)
+    held = _host_copy(path)
+    mem = checkpoint_from_state_dict(held, path, read_metadata(path), sha256="ab" * 32)
+    assert mem.family == from_file.family and mem.source_format == MEMORY and mem.path == path
+    assert mem.sha256 == "ab" * 32 and "not_a_tensor" not in mem.tensors
+    a, b = build_components(from_file), build_components(mem)
+    for ma, mb in zip([a.unet, a.vae, *a.text_encoders], [b.unet, b.vae, *b.text_encoders]):
+        sa, sb = ma.state_dict(), mb.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    to_k = next(k for k in held if k.endswith("attn2.to_k.weight"))
+    built = next(m for n, m in b.unet.named_modules() if n.endswith("attn2.to_k"))
+    assert built.weight.data_ptr() == held[to_k].data_ptr()  # the host's tensor, not a copy
+
+
+def test_in_memory_inference_tensors_are_copied_so_training_can_backpropagate():
+    from mace_core.checkpoint import checkpoint_from_state_dict, read_metadata
+
+    path = tiny_file("sd1")
+    with torch.inference_mode():  # how Forge (and ComfyUI) create their weights
+        held = {k: v.clone() for k, v in load_file(str(path)).items()}
+    ck = checkpoint_from_state_dict(held, path, read_metadata(path))
+    assert not any(t.is_inference() for t in ck.tensors.values())
+    layer = next(m for n, m in build_components(ck).unet.named_modules() if n.endswith("attn2.to_k"))
+    x = torch.randn(2, layer.weight.shape[1], requires_grad=True)
+    layer(x).sum().backward()  # would raise for an inference-tensor weight
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_checkpoint_from_memory_is_saved_from_its_file(tmp_path, name):
+    """A host holding fp16 copies of an fp32 file: the output is the file with the edits, what saving
+    the file's own checkpoint writes, tensor for tensor (the host's casts and buffers stay out)."""
+    from mace_core.checkpoint import checkpoint_from_state_dict, read_metadata
+
+    path = tiny_file(name)
+    mem = checkpoint_from_state_dict(_host_copy(path, torch.float16), path, read_metadata(path))
+    edits = _kv_edits(mem)
+    a = save_edited(mem, edits, tmp_path / "from-memory.safetensors", {"mace.test": "1"})
+    b = save_edited(load_checkpoint(path), edits, tmp_path / "from-file.safetensors", {"mace.test": "1"})
+    ta, tb = load_file(str(a)), load_file(str(b))  # (bytes may differ: safetensors orders metadata freely)
+    assert ta.keys() == tb.keys() and read_metadata(a) == read_metadata(b)
+    assert all(ta[k].dtype == tb[k].dtype == torch.float32 and torch.equal(ta[k], tb[k]) for k in ta)

@@ -5,6 +5,9 @@
   gradio 3.41.2, A1111 1.10's pin, in `.cache/gradio341-venv` (built on first use);
 - `scripts/mace_tab.py` registering the tab against a stand-in of A1111's `modules`, and an erase /
   interrupt / resume / re-fuse run through the A1111 host on a tiny model;
+- the model: A1111's loaded model (a module holding a tiny file's tensors under A1111's names)
+  erased in memory, file unread, equal to `mace erase` of the file; otherwise the file, with the
+  web UI's model offloaded and restored even when the run fails; Forge always from the file;
 - a real browser: the standalone app served on localhost with a tiny SD1 model, driven by
   headless Debian Chromium through Playwright (never a downloaded browser); screenshot kept in
   `test-artifacts/webui.png`.
@@ -19,6 +22,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import runpy
 import shutil
 import socket
@@ -215,13 +219,20 @@ FAKE_A1111 = {
         import os, types
         model_path = os.path.join(os.environ['FAKE_A1111_MODELS'], 'Stable-diffusion')
         checkpoints_list = {}
+        model_data = types.SimpleNamespace(sd_model=None)  # the loaded model (None: none loaded)
+        calls = []  # (what, model) for the two calls that move the loaded model off and back onto the GPU
+        def unload_model_weights(sd_model=None, info=None):
+            calls.append(("unload", sd_model))
+        def send_model_to_device(m):
+            calls.append(("to_device", m))
         def list_models():
             checkpoints_list.clear()
             for name in sorted(os.listdir(model_path)):
                 if name.endswith(('.safetensors', '.ckpt')):
                     title = f"{name} [0123456789]"
                     checkpoints_list[title] = types.SimpleNamespace(
-                        title=title, filename=os.path.join(model_path, name), name=name, model_name=name)
+                        title=title, filename=os.path.join(model_path, name), name=name, model_name=name,
+                        sha256=None)
         def checkpoint_tiles():
             return sorted(checkpoints_list)
         def get_closet_checkpoint_match(search):
@@ -400,6 +411,188 @@ def test_a1111_host_erase_interrupt_resume_refuse(fake_a1111, one_thread):
     assert _erased(only_dog.path) == ["dog"]
     restored = actions.refuse_project(host, "no-pets", [], "restored", False)
     assert _erased(restored.path) == [] and "restored" in restored.message
+
+
+def _hijacked(key: str) -> str:
+    """A file key as A1111's loaded model names it after its hijack (sd_hijack.py): each text
+    encoder, and its token embedding, wrapped in a module that holds the original as ``wrapped``."""
+    key = re.sub(r"^(cond_stage_model|conditioner\.embedders\.\d+)\.", r"\1.wrapped.", key)
+    return key.replace("token_embedding.weight", "token_embedding.wrapped.weight")
+
+
+def _a1111_model(path: Path, info):
+    """A stand-in of A1111's loaded ``sd_model`` for ``path``: a module holding the file's tensors
+    under their hijacked names, with a buffer of its own (ldm's noise schedule) no file has; for
+    SDXL the conditioner also registered as ``cond_stage_model``, as the hijack does."""
+    import torch
+    from safetensors.torch import load_file
+
+    root = torch.nn.Module()
+    for key, t in load_file(str(path)).items():
+        *parents, leaf = _hijacked(key).split(".")
+        mod = root
+        for name in parents:
+            if name not in mod._modules:
+                mod.add_module(name, torch.nn.Module())
+            mod = mod._modules[name]
+        mod.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
+    root.register_buffer("alphas_cumprod", torch.linspace(1, 0, 1000))
+    if "conditioner" in root._modules:
+        root.add_module("cond_stage_model", root.conditioner)
+    root.sd_checkpoint_info = info
+    root.parameterization = "eps"
+    return root
+
+
+def _loaded(fake_a1111: Path):
+    """The stand-in's checkpoint file and info, and its sd_model loaded from that file."""
+    from modules import sd_models
+
+    from tiny import file_digest
+
+    info = next(iter(sd_models.checkpoints_list.values()))
+    path = Path(info.filename)
+    info.sha256 = file_digest(path)  # A1111 has hashed the loaded checkpoint
+    sd_models.model_data.sd_model = _a1111_model(path, info)
+    return path, info, sd_models.model_data.sd_model
+
+
+def test_a1111_erases_its_loaded_model_in_memory_as_the_cli_erases_the_file(fake_a1111, one_thread, monkeypatch,
+                                                                              tmp_path):
+    """The checkpoint A1111 has loaded is erased from A1111's own tensors: no read of the file before
+    the output is written (then its tensors are the output's), no hash, nothing offloaded, A1111's
+    weights untouched; the output equals `mace erase` of the file, bit for bit (same fp32 tensors)."""
+    import torch
+    from safetensors.torch import load_file
+
+    import mace_core.checkpoint as checkpoint
+    import mace_core.erase as erase_module
+    from mace_core import cli
+    from mace_core.checkpoint import read_metadata
+    from modules import sd_models
+
+    from sd_webui_extension.a1111 import A1111Host
+
+    path, info, model = _loaded(fake_a1111)
+    reads, phase = [], ["erasing"]
+    load, erase = checkpoint.load_checkpoint, erase_module.erase
+
+    def recording_load(p, *args, **kw):
+        reads.append((Path(p).name, phase[0]))
+        return load(p, *args, **kw)
+
+    def recording_erase(*args, **kw):
+        res = erase(*args, **kw)
+        phase[0] = "saving"
+        return res
+
+    form = actions.EraseForm(checkpoint=info.title, concepts="cat", out_name="no-cat", numbers=dict(TINY_SETTINGS))
+    with monkeypatch.context() as mp:
+        mp.setattr(checkpoint, "load_checkpoint", recording_load)
+        mp.setattr(erase_module, "erase", recording_erase)
+        mp.setattr(checkpoint, "file_sha256", lambda p: pytest.fail(f"hashed {p} although A1111 knows its sha256"))
+        res = actions.run_erase(A1111Host(device="cpu"), form)
+    assert reads == [(path.name, "saving")]  # the file's tensors, read once, to write the output
+    assert sd_models.calls == []  # A1111's model stayed where it was: nothing was duplicated
+    assert len(res.gallery) >= 4  # before/after previews, the "after" built on A1111's tensors too
+    file_tensors = load_file(str(path))
+    held = model.state_dict()
+    assert all(torch.equal(held[_hijacked(k)], t) for k, t in file_tensors.items())  # A1111's weights never written
+
+    cli_out = tmp_path / "cli-no-cat.safetensors"
+    assert cli.main(["erase", str(path), "--concept", "cat", "--out", str(cli_out), "--steps", TINY_SETTINGS["steps"],
+                     "--images", TINY_SETTINGS["images"], "--sample-steps", TINY_SETTINGS["sample_steps"],
+                     "--device", "cpu"]) == 0
+    tab, ours = load_file(str(res.path)), load_file(str(cli_out))
+    assert tab.keys() == ours.keys() == file_tensors.keys()
+    assert all(tab[k].dtype == ours[k].dtype and torch.equal(tab[k], ours[k]) for k in tab)
+    assert any(not torch.equal(tab[k], file_tensors[k]) for k in tab)  # something was erased
+    a, b = read_metadata(res.path), read_metadata(cli_out)
+    for key in ("mace.concepts", "mace.settings", "mace.base_sha256"):
+        assert a[key] == b[key], key
+    assert a["mace.base_sha256"] == info.sha256  # the project's identity is the file's, so `mace fuse/add` work
+
+
+@pytest.mark.parametrize("name", ["sd2", "sdxl"])
+def test_a1111_loaded_sd2_and_sdxl_models_convert_without_reading_the_file(fake_a1111, monkeypatch, name):
+    """SD2 (OpenCLIP) and SDXL (two embedders, also reachable as ``cond_stage_model``) hijacked names
+    become the file's checkpoint, holding A1111's tensors themselves."""
+    import torch
+
+    import mace_core.checkpoint as checkpoint
+    from modules import sd_models
+
+    from sd_webui_extension.a1111 import A1111Host
+    from tiny import tiny_file
+
+    path = Path(shutil.copy(tiny_file(name), fake_a1111 / "Stable-diffusion" / f"tiny-{name}.safetensors"))
+    sd_models.list_models()
+    info = next(i for i in sd_models.checkpoints_list.values() if i.filename == str(path))
+    model = _a1111_model(path, info)
+    sd_models.model_data.sd_model = model
+    from_file = checkpoint.load_checkpoint(path)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **kw: pytest.fail("read the file"))
+    with A1111Host(device="cpu").base_model(path) as ck:
+        assert ck.family == from_file.family and ck.source_format == checkpoint.MEMORY
+        held = model.state_dict()
+        for k, t in from_file.tensors.items():
+            assert torch.equal(ck.tensors[k], t) and ck.tensors[k].data_ptr() == held[_hijacked(k)].data_ptr(), k
+    assert sd_models.calls == []
+
+
+def test_a1111_file_path_offloads_the_loaded_model_and_restores_it_even_when_the_run_fails(fake_a1111, one_thread,
+                                                                                            caplog):
+    """A1111's loaded weights with a LoRA still merged in are not the file's: the tab reads the file,
+    and A1111's model is off the GPU while the tab's copy is there, back afterwards, also after a
+    failure."""
+    import logging
+
+    from modules import sd_models
+
+    from sd_webui_extension.a1111 import A1111Host
+
+    path, info, model = _loaded(fake_a1111)
+    model.model.diffusion_model.network_current_names = (("some-lora", 1.0, 1.0, None),)  # A1111's Lora extension
+    host = A1111Host(device="cpu")
+    form = actions.EraseForm(checkpoint=info.title, concepts="cat", out_name="no-cat", previews=False,
+                             numbers=dict(TINY_SETTINGS))
+    during = []
+
+    def fail_while_training(label, done, total):
+        if label.startswith("training"):
+            during.append(list(sd_models.calls))
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    with caplog.at_level(logging.INFO, logger="mace.webui"), pytest.raises(RuntimeError, match="simulated"):
+        actions.run_erase(host, form, progress=fail_while_training)
+    assert "reading tiny-sd1.safetensors from disk" in caplog.text and "LoRA" in caplog.text
+    assert during == [[("unload", model)]]
+    assert sd_models.calls == [("unload", model), ("to_device", model)]
+
+    assert "Estimate" in actions.estimate_run(host, form)  # the host is free again; the same pair around it
+    assert sd_models.calls == [("unload", model), ("to_device", model)] * 2
+
+
+def test_forge_model_is_read_from_the_file_and_unloaded_for_the_run(fake_a1111, one_thread, caplog):
+    """Forge's loaded model (``forge_objects``) is never used in memory (its weights are inference
+    tensors): the tab reads the file and unloads Forge's models for the run (Forge reloads them)."""
+    import logging
+    import types
+
+    from modules import sd_models
+
+    from sd_webui_extension.a1111 import A1111Host
+
+    info = next(iter(sd_models.checkpoints_list.values()))
+    forge = types.SimpleNamespace(forge_objects=types.SimpleNamespace(), sd_checkpoint_info=info)
+    sd_models.model_data.sd_model = forge
+    form = actions.EraseForm(checkpoint=info.title, concepts="cat", out_name="no-cat", previews=False,
+                             closed_form_only=True, numbers=dict(TINY_SETTINGS))
+    with caplog.at_level(logging.INFO, logger="mace.webui"):
+        res = actions.run_erase(A1111Host(device="cpu"), form)
+    assert "inference_mode" in caplog.text
+    assert sd_models.calls == [("unload", forge), ("to_device", forge)]
+    assert _erased(res.path) == ["cat"]
 
 
 def test_standalone_host_interrupt_flag_stops_a_run(tiny_model, one_thread):

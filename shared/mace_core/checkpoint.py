@@ -1,10 +1,12 @@
 """Model files in and out: single-file checkpoints (.safetensors, .ckpt) and diffusers folders.
 
 Loading reads a file into an ldm-layout state dict (`Checkpoint`) and, on request, builds
-diffusers/transformers modules from it through `keymap`. Saving an erasure never re-converts:
-it copies the input's tensors and replaces only the edited ones, so every other tensor is
-bit-identical and keeps its dtype. Writes are atomic (temp file + rename) and refuse to touch
-the input file.
+diffusers/transformers modules from it through `keymap`. A model a host already holds in memory
+in the same layout (A1111's ``sd_model.state_dict()``) becomes a `Checkpoint` through the same
+function (`checkpoint_from_state_dict`), so both give the same modules. Saving an erasure never
+re-converts: it copies the input file's tensors and replaces only the edited ones, so every other
+tensor is bit-identical and keeps its dtype. Writes are atomic (temp file + rename) and refuse to
+touch the input file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,10 @@ from .keymap import Entry, apply, clip_entries, unet_entries, vae_entries
 
 TOKENIZER_DIR = Path(__file__).parent / "data" / "clip_tokenizer"
 _HASH_PLACEHOLDER = "0x" + "0" * 64
+#: `Checkpoint.source_format` of a model taken from a host's memory rather than read from its file
+MEMORY = "memory"
+
+log = logging.getLogger("mace.checkpoint")
 
 
 @dataclass
@@ -32,7 +39,8 @@ class Checkpoint:
     """A loaded model: its family and its tensors in the original (ldm) layout.
 
     ``tensors`` maps full file keys (e.g. ``model.diffusion_model.input_blocks.1.1...``) to CPU
-    tensors in the file's dtypes.
+    tensors in the file's dtypes; for ``source_format == MEMORY`` to the host's own tensors (its
+    device and dtypes, shared, not copied), while ``path`` is still the file they came from.
     """
 
     path: Path
@@ -109,10 +117,13 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, n
 
 
-def load_checkpoint(path: str | Path, prediction_type: str | None = None, family: Family | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, prediction_type: str | None = None, family: Family | None = None,
+                    sha256: str | None = None) -> Checkpoint:
     """Read a model file or diffusers folder into an ldm-layout `Checkpoint`.
 
-    ``family`` overrides detection (a caller that knows the architecture of a file without metadata).
+    ``family`` overrides detection (a caller that knows the architecture of a file without metadata);
+    ``sha256`` is the file's hash when the caller already knows it (a web UI caches it), which
+    spares reading the whole file again to compute it.
 
     Raises `MaceError` with what was found and what is supported for anything else.
     """
@@ -120,7 +131,9 @@ def load_checkpoint(path: str | Path, prediction_type: str | None = None, family
     if not path.exists():
         raise MaceError(f"model not found: {path}")
     if path.is_dir():
-        return _load_diffusers_folder(path, prediction_type)
+        ckpt = _load_diffusers_folder(path, prediction_type)
+        ckpt._sha256 = sha256
+        return ckpt
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         header, _ = _read_header(path)
@@ -139,15 +152,42 @@ def load_checkpoint(path: str | Path, prediction_type: str | None = None, family
             raise UnsupportedModelError(f"{path}: cannot read as a weights-only torch checkpoint ({e}). "
                                         "Files that need pickled code are refused for safety; convert to "
                                         ".safetensors with a trusted tool.") from None
-        tensors = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            tensors = {k: v for k, v in (tensors or {}).items() if isinstance(v, torch.Tensor)}
-        metadata, fmt = {}, "ckpt"
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        tensors, metadata, fmt = sd if isinstance(sd, dict) else {}, {}, "ckpt"
     else:
         raise UnsupportedModelError(f"{path}: unsupported file type {suffix!r}; expected .safetensors, .ckpt "
                                     "or a diffusers folder")
+    return checkpoint_from_state_dict(tensors, path, metadata, prediction_type=prediction_type, family=family,
+                                      sha256=sha256, source_format=fmt)
+
+
+def checkpoint_from_state_dict(state_dict: Mapping[str, object], path: str | Path,
+                               metadata: Mapping[str, str] | None = None, *, prediction_type: str | None = None,
+                               family: Family | None = None, sha256: str | None = None,
+                               source_format: str = MEMORY) -> Checkpoint:
+    """A `Checkpoint` of an ldm-layout state dict: the one way from tensors to a checkpoint, for a
+    file (`load_checkpoint`) and for a model a host holds in memory (A1111's ``sd_model.state_dict()``
+    with its wrappers' names removed), so both detect the same family and build the same modules.
+
+    ``path`` is the model's file: it names the model and, for a checkpoint from memory, is what
+    `save_edited` writes the output from. ``metadata`` is the file's (`read_metadata` reads just the
+    header); ``sha256`` the file's hash when known (else computed from the file on first use).
+    Non-tensor values are dropped; tensors are kept as they are (any device and dtype, no copy),
+    except inference tensors (made under ``torch.inference_mode``), which autograd cannot save for
+    the LoRA training's backward pass: those are copied.
+
+    Raises `UnsupportedModelError` when the keys or shapes are not a supported family's.
+    """
+    path = Path(path)
+    metadata = dict(metadata or {})
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    inference = [k for k, v in tensors.items() if v.is_inference()]
+    if inference:
+        log.info("copying %d inference tensors of %s so that training can backpropagate through them",
+                 len(inference), path.name)
+        tensors.update({k: tensors[k].clone() for k in inference})
     family = family or detect_family(tensors.keys(), metadata, path.name, prediction_type)
-    ckpt = Checkpoint(path, family, tensors, metadata, fmt)
+    ckpt = Checkpoint(path, family, tensors, metadata, source_format, sha256)
     _validate(ckpt)
     return ckpt
 
@@ -212,7 +252,11 @@ def _component_entries(fam: Family, modules) -> list[tuple[torch.nn.Module, list
 def build_components(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu") -> Components:
     """Instantiate UNet, VAE and text encoder(s) from the checkpoint's tensors (strict: every
-    module tensor must come from the file, so nothing is silently left at random init)."""
+    module tensor must come from the file, so nothing is silently left at random init).
+
+    A tensor already on ``device`` in ``dtype`` is used as it is, not copied: modules built from a
+    host's in-memory checkpoint share its storage (never written: the stages edit through hooks).
+    """
     fam = ckpt.family
     modules = _meta_modules(fam)
     for module, entries in _component_entries(fam, modules):
@@ -401,7 +445,13 @@ def save_edited(ckpt: Checkpoint, edits: Mapping[str, torch.Tensor], out: str | 
 
     Edited tensors are cast to the dtype of the tensor they replace; every other tensor is the
     input's own object, so it is bit-identical. ``metadata`` is merged over the input's.
+
+    A checkpoint taken from a host's memory is written from its file, read now: the host's copy
+    may be cast (A1111 holds fp16 of an fp32 file), lack the file's EMA weights or carry its own
+    buffers, and the output must be the file with the edits, as `mace erase` writes it.
     """
+    if ckpt.source_format == MEMORY:
+        ckpt = load_checkpoint(ckpt.path, sha256=ckpt._sha256)
     tensors = with_edits(ckpt, edits).tensors
     meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith(("modelspec.", "mace."))}
     if ckpt.family.family not in ("sd1", "sd2", "sd2-v", "sdxl") or _nonstandard(ckpt.family):

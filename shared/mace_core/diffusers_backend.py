@@ -8,11 +8,12 @@ from typing import Sequence
 import torch
 
 from .backend import CrossAttentionLayer, TextBatch
-from .checkpoint import Checkpoint, Components, build_components, load_checkpoint
+from .checkpoint import MEMORY, Checkpoint, Components, build_components, load_checkpoint
 from .families import Family, with_clip_skip
 from .keymap import attn2_name
 
 POOLED_KEY = "model.diffusion_model.label_emb.0.0.weight"
+HOST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # a host's weights the stages can run in as they are
 
 
 def alphas_cumprod(scheduler: dict) -> torch.Tensor:
@@ -53,12 +54,22 @@ class DiffusersBackend:
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device: str = "auto", dtype: torch.dtype | None = None,
                         clip_skip: int = 1) -> "DiffusersBackend":
+        """The model on ``device`` (auto: cuda when available) in ``dtype``.
+
+        Default dtype: fp16 on CUDA, fp32 elsewhere; on CUDA a checkpoint from a host's memory keeps
+        the host's dtype, so its tensors are shared rather than copied, and a host run in fp32
+        because its GPU computes fp16 badly (A1111 ``--no-half``) is not switched to fp16. The
+        modules are built on ``device`` directly, so tensors already there are not copied either.
+        """
         dev = resolve_device(device)
-        dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+        if dtype is None:
+            dtype = torch.float16 if dev.type == "cuda" else torch.float32
+            if ckpt.source_format == MEMORY and dev.type == "cuda" and ckpt.dtype in HOST_DTYPES:
+                dtype = ckpt.dtype
         if clip_skip != 1:
             ckpt = Checkpoint(ckpt.path, with_clip_skip(ckpt.family, clip_skip), ckpt.tensors, ckpt.metadata,
                               ckpt.source_format, ckpt._sha256)
-        return cls(build_components(ckpt, dtype=dtype, device="cpu"), dev, dtype)
+        return cls(build_components(ckpt, dtype=dtype, device=dev), dev, dtype)
 
     @classmethod
     def from_file(cls, path: str | Path, **kw) -> "DiffusersBackend":
