@@ -226,3 +226,22 @@ def test_low_vram_draws_one_image_at_a_time_and_the_same_images(backend):
     assert (batched.latents - single.latents).abs().max() <= 1e-5
     assert (batched.masks == single.masks).float().mean() >= 0.99
     assert abs(batched.images.astype(int) - single.images.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_batched_training_on_a_half_precision_model_keeps_fp32_lora_factors(dtype):
+    """Batch size > 1 and a frozen model in half precision (the GPU default): the LoRA factors, their
+    gradients and the optimiser stay fp32, and the loss still falls."""
+    from toyworld import TOY_MODEL  # trained: a random tiny UNet overflows half precision
+
+    half = DiffusersBackend.from_file(TOY_MODEL, device="cpu", dtype=dtype)
+    assert next(half.components.unet.parameters()).dtype == dtype
+    s = Settings(steps=20, lr=2e-2, images=2, sample_steps=5, guidance=5.0, batch_size=2)
+    prompts = ["a photo of a red square", "a blue square"]
+    data = draw_concept(half, prompts[0], "square", [1, 2], s.sample_steps, s.guidance)
+    tokens = phrase_token_mask(half, prompts, "square", with_end=True)
+    zero = {k: torch.zeros_like(v) for k, v in half.original_weights().items()}
+    lora, losses = train_lora(half, data, prompts, tokens, zero, s, seed=0)
+    assert all(t.dtype == torch.float32 for t in [*lora.down.values(), *lora.up.values()])
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5]), losses
