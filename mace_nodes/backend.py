@@ -16,7 +16,6 @@ repository root ``__init__.py`` may be imported by tools that are not ComfyUI).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import uuid
 from typing import Iterator, Mapping, Sequence
 
@@ -122,8 +121,13 @@ def edited_keys(model) -> list[str]:
 
 def effective_weights(model, keys: Sequence[str]) -> dict[str, torch.Tensor]:
     """The weights ``model`` samples with (its unpatched values with ITS patches applied, e.g. a LoRA
-    loaded before MACE), fp32 on CPU, by ComfyUI key; never the values another clone patched in."""
+    loaded before MACE), fp32 on CPU, by ComfyUI key; never the values another clone patched in.
+    Patches are applied as ``ModelPatcher.patch_weight_to_device`` applies them: in fp32, the result
+    rounded to the weight's dtype (fp16 on most GPUs), so these are also the values ComfyUI's Save
+    Checkpoint writes of ``model``."""
+    import comfy.float
     import comfy.lora
+    import comfy.model_patcher
 
     patches = model.get_key_patches(UNET_PREFIX)
     out = {}
@@ -132,23 +136,24 @@ def effective_weights(model, keys: Sequence[str]) -> dict[str, torch.Tensor]:
             raise MaceError(f"this MODEL has no weight {k}")
         entry = patches[k]
         w, convert = entry[0] if isinstance(entry[0], tuple) else (entry[0], None)  # (weight, convert) since 2024
+        dtype = w.dtype
         w = w.detach().to(device="cpu", dtype=torch.float32, copy=True)
         if convert is not None:
             w = convert(w, inplace=True)
         if len(entry) > 1:
             w = comfy.lora.calculate_weight(entry[1:], w, k)
+            w = comfy.float.stochastic_rounding(w, dtype, seed=comfy.model_patcher.string_to_seed(k))
         out[k] = w.float()
     return out
 
 
 def weights_id(model) -> str:
-    """Identity of a MODEL's edited weights (sha256 of their fp32 values): what an erasure project
-    made in ComfyUI records as its base (a MODEL does not know the file it came from)."""
-    h = hashlib.sha256(b"mace-comfy-weights-v1")
-    for k, w in sorted(effective_weights(model, edited_keys(model)).items()):
-        h.update(f"{k}|{tuple(w.shape)}".encode())
-        h.update(w.contiguous().numpy().tobytes())
-    return h.hexdigest()
+    """Identity of the edited weights ``model`` samples with (`mace_core.project.weights_id`): what an
+    erasure project made in ComfyUI records as its base (a MODEL does not know the file it came from);
+    the CLI computes the same id from a file."""
+    from mace_core.project import weights_id as core_weights_id
+
+    return core_weights_id({file_key(k): w for k, w in effective_weights(model, edited_keys(model)).items()})
 
 
 def mace_info(model) -> dict | None:

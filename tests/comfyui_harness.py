@@ -28,7 +28,9 @@ Deviations from a user's ComfyUI, all confined to tests:
   channel/context sizes of the model classes in ``comfy.supported_models.models``, and builds
   the CLIP text encoder at its fixed CLIP-L size. :func:`register_tiny_sd1` adds a subclass of
   ``comfy.supported_models.SD15`` for a tiny UNet (and a tiny text encoder), the same way a
-  custom node could; :func:`register_from_checkpoint` does it from a file's ``mace.arch``.
+  custom node could; :func:`register_tiny_model` does the same for SD2 / SD2-v (``SD20``) and
+  SDXL (``SDXL``, two text encoders); :func:`register_from_checkpoint` does it from a file's
+  ``mace.arch`` (:func:`make_tiny_checkpoint` writes such files for every family).
 * The VAE: ComfyUI sizes an SD1 VAE from fixed numbers (ch 128, ch_mult [1, 2, 4, 4] -- or
   [1, 2, 4] at 4x when there is no third downsample -- 2 res blocks per level) and loads it
   with ``strict=False``. Other VAEs either fail to load (size mismatch) or, worse, load with
@@ -742,8 +744,8 @@ def register_tiny_sd1(*, model_channels: int, context_dim: int, num_heads: int =
     key = (model_channels, context_dim, use_linear_in_transformer)
     signature = json.dumps([key, num_heads, dict(text_config) if text_config is not None else None,
                             latent_scale_factor], sort_keys=True, default=str)
-    old = _REGISTERED.get(key)
-    if old is not None and old.tiny_signature == signature and old in sm.models:
+    old = _registered(key, signature)
+    if old is not None:
         return old
     attrs: dict[str, Any] = {
         "tiny_signature": signature,
@@ -753,14 +755,8 @@ def register_tiny_sd1(*, model_channels: int, context_dim: int, num_heads: int =
         "unet_extra_config": {"num_heads": num_heads, "num_head_channels": -1},
         "__module__": __name__,
     }
-    if latent_scale_factor is not None and abs(latent_scale_factor - 0.18215) > 1e-9:
-        scale = float(latent_scale_factor)
-
-        class TinyLatentFormat(latent_formats.SD15):
-            def __init__(self):
-                super().__init__(scale_factor=scale)
-
-        attrs["latent_format"] = TinyLatentFormat
+    if latent_scale_factor is not None:
+        attrs["latent_format"] = _latent_format(latent_formats.SD15, latent_scale_factor)
     if text_config is not None:
         cfg = _comfy_text_config(text_config)
         if cfg["hidden_size"] != context_dim:
@@ -784,13 +780,42 @@ def register_tiny_sd1(*, model_channels: int, context_dim: int, num_heads: int =
 
         attrs["clip_target"] = clip_target
         attrs["tiny_text_config"] = cfg
-    cls = type(name or f"TinySD1_{model_channels}_{context_dim}", (sm.SD15,), attrs)
+    return _install(key, type(name or f"TinySD1_{model_channels}_{context_dim}", (sm.SD15,), attrs))
+
+
+def _registered(key: tuple, signature: str) -> type | None:
+    """The class registered under ``key`` with this signature, if it is still in ComfyUI's list."""
+    import comfy.supported_models as sm
+
+    old = _REGISTERED.get(key)
+    return old if old is not None and old.tiny_signature == signature and old in sm.models else None
+
+
+def _install(key: tuple, cls: type) -> type:
+    """Put ``cls`` first in ``comfy.supported_models.models`` (the loader takes the first class whose
+    ``unet_config`` matches), replacing what was registered under ``key``."""
+    import comfy.supported_models as sm
+
     old = _REGISTERED.pop(key, None)
     if old is not None and old in sm.models:
         sm.models.remove(old)
     sm.models.insert(0, cls)
     _REGISTERED[key] = cls
     return cls
+
+
+def _latent_format(base: type, scale: float) -> type:
+    """``base`` (a comfy.latent_formats class), or a subclass with the VAE's scaling factor."""
+    if abs(base().scale_factor - float(scale)) <= 1e-9:
+        return base
+    scale = float(scale)
+
+    class TinyLatentFormat(base):
+        def __init__(self):
+            super().__init__()
+            self.scale_factor = scale
+
+    return TinyLatentFormat
 
 
 def unregister_tiny_sd1(cls: type) -> None:
@@ -800,6 +825,79 @@ def unregister_tiny_sd1(cls: type) -> None:
     for k, v in list(_REGISTERED.items()):
         if v is cls:
             del _REGISTERED[k]
+
+
+# The text encoders each ComfyUI base class builds, by the name their model_options key carries.
+_TEXT_ENCODERS = {"sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
+
+
+def register_tiny_model(kind: str, *, unet_config: Mapping, num_head_channels: int,
+                        text_configs: Mapping[str, Mapping], latent_scale_factor: float | None = None,
+                        name: str | None = None) -> type:
+    """Teach ComfyUI's checkpoint loader a tiny SD2 (``kind="sd2"``, epsilon or v) or SDXL model.
+
+    Adds (first in ``comfy.supported_models.models``) a subclass of ``comfy.supported_models.SD20``
+    or ``SDXL`` whose ``unet_config`` is ``unet_config`` (the values of the base class's matched keys
+    as ``comfy.model_detection.detect_unet_config`` reads them from the tiny weights; see
+    `register_from_checkpoint`) and whose attention heads are ``num_head_channels`` wide (SD2 and
+    SDXL fix the width per head, 64, instead of the count; it cannot be read from weights).
+    ``text_configs``: CLIPTextConfig-style dicts by ComfyUI encoder name (sd2: ``clip_h``; sdxl:
+    ``clip_l``, ``clip_g``). The stock text-encoder and tokenizer classes are kept: the sizes reach
+    them through their own ``model_options["<name>_model_config"]`` override.
+
+    SD2's own v-prediction test reads ``output_blocks.11``, which a tiny UNet does not have; the
+    tiny class takes the ``v_pred`` key instead (what ComfyUI's CheckpointSave writes for a
+    v-prediction model, and what ComfyUI's SDXL loader reads)."""
+    import comfy.model_base as model_base
+    import comfy.supported_models as sm
+
+    base = {"sd2": sm.SD20, "sdxl": sm.SDXL}[kind]
+    if set(text_configs) != set(_TEXT_ENCODERS[kind]):
+        raise ValueError(f"{kind} has text encoders {_TEXT_ENCODERS[kind]}, got {sorted(text_configs)}")
+    missing = set(base.unet_config) - set(unet_config)
+    if missing:
+        raise ValueError(f"unet_config needs {sorted(missing)}")
+    unet_config = {k: unet_config[k] for k in base.unet_config}
+    overrides = {f"{n}_model_config": _comfy_text_config(c) for n, c in text_configs.items()}
+    for n, cfg in overrides.items():
+        if n.startswith("clip_g") and cfg.get("projection_dim", cfg["hidden_size"]) != cfg["hidden_size"]:
+            raise ValueError("ComfyUI's CLIP-G text_projection is square: projection_dim must be hidden_size")
+    key = (kind, json.dumps(unet_config, sort_keys=True))
+    signature = json.dumps([key, num_head_channels, overrides, latent_scale_factor], sort_keys=True, default=str)
+    old = _registered(key, signature)
+    if old is not None:
+        return old
+
+    def clip_target(self, state_dict={}):  # noqa: B006 - ComfyUI's signature
+        target = base.clip_target(self, state_dict)
+        target.clip = _with_model_options(target.clip, overrides)
+        return target
+
+    attrs: dict[str, Any] = {
+        "tiny_signature": signature,
+        "unet_config": unet_config,
+        "unet_extra_config": {**base.unet_extra_config, "num_heads": -1, "num_head_channels": num_head_channels},
+        "clip_target": clip_target,
+        "__module__": __name__,
+    }
+    if kind == "sd2":
+        attrs["model_type"] = lambda self, state_dict, prefix="": (
+            model_base.ModelType.V_PREDICTION if "v_pred" in state_dict else model_base.ModelType.EPS)
+    if latent_scale_factor is not None:
+        attrs["latent_format"] = _latent_format(base.latent_format, latent_scale_factor)
+    cls_name = name or f"Tiny{base.__name__}_{unet_config['model_channels']}_{unet_config['context_dim']}"
+    return _install(key, type(cls_name, (base,), attrs))
+
+
+def _with_model_options(clip_cls: type, extra: Mapping[str, Any]) -> type:
+    """A subclass of ComfyUI's text-encoder class ``clip_cls`` built with ``extra`` merged into its
+    ``model_options`` (ComfyUI's SDClipModel reads ``<name>_model_config`` from them)."""
+    class Tiny(clip_cls):
+        def __init__(self, *args, model_options={}, **kwargs):  # noqa: B006 - ComfyUI's signature
+            super().__init__(*args, model_options={**model_options, **extra}, **kwargs)
+
+    Tiny.__name__ = Tiny.__qualname__ = f"Tiny{clip_cls.__name__}"
+    return Tiny
 
 
 def _comfy_text_config(text_config: Mapping) -> dict:
@@ -826,18 +924,22 @@ def read_mace_arch(path: str | Path) -> dict | None:
 def register_from_checkpoint(path: str | Path) -> type | None:
     """Register the tiny model class a file needs, from its ``mace.arch`` (automatic detection).
 
-    Returns None for a standard SD1 file (nothing to register). Raises ValueError for what
-    ComfyUI's SD1 UNet cannot represent (GroupNorm groups other than 32, per-block head counts)."""
+    Returns None for a standard-size file (nothing to register). Raises ValueError for what
+    ComfyUI's UNet cannot represent (GroupNorm groups other than 32; SD1: per-block head counts;
+    SD2/SDXL: per-block head widths)."""
     arch = read_mace_arch(path)
     if arch is None:
         raise ValueError(f"{path} has no mace.arch metadata; call register_tiny_sd1() yourself")
-    if arch.get("family") != "sd1":
-        raise ValueError(f"{path} is family {arch.get('family')!r}; only sd1 is supported here")
+    family = arch.get("family")
+    if family not in ("sd1", "sd2", "sd2-v", "sdxl"):
+        raise ValueError(f"{path} is family {family!r}; expected sd1, sd2, sd2-v or sdxl")
     unet, vae = arch["unet"], arch.get("vae", {})
-    te = arch["text_encoders"][0]["config"]
     if unet.get("norm_num_groups", 32) != 32:
         raise ValueError("ComfyUI's UNet uses GroupNorm(32); this UNet has "
                          f"norm_num_groups={unet.get('norm_num_groups')}")
+    if family != "sd1":
+        return _register_sd2_sdxl(path, arch)
+    te = arch["text_encoders"][0]["config"]
     heads = unet.get("num_attention_heads") or unet.get("attention_head_dim") or 8
     if isinstance(heads, (list, tuple)):
         if len(set(heads)) != 1:
@@ -854,6 +956,34 @@ def register_from_checkpoint(path: str | Path) -> type | None:
                              use_linear_in_transformer=bool(unet.get("use_linear_projection")),
                              text_config=None if standard_text else te,
                              latent_scale_factor=vae.get("scaling_factor"))
+
+
+def _register_sd2_sdxl(path: str | Path, arch: Mapping) -> type | None:
+    """`register_tiny_model` for an SD2 / SD2-v / SDXL file: the UNet sizes as ComfyUI detects them
+    from the file's weights, the head width and text encoders from its ``mace.arch``."""
+    import comfy.model_detection as md
+    import comfy.supported_models as sm
+    from safetensors import safe_open
+
+    kind = "sdxl" if arch["family"] == "sdxl" else "sd2"
+    prefix = "model.diffusion_model."
+    with safe_open(str(path), framework="pt") as f:
+        unet_sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    detected = md.detect_unet_config(unet_sd, prefix)
+    if {"sd2": sm.SD20, "sdxl": sm.SDXL}[kind].matches(detected):
+        return None  # the real sizes: ComfyUI knows them
+    unet = arch["unet"]
+    channels = unet["block_out_channels"]
+    heads = unet.get("num_attention_heads") or unet["attention_head_dim"]  # diffusers' SD2/SDXL name for the count
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(channels)
+    attn = [i for i, t in enumerate(unet["down_block_types"]) if "CrossAttn" in t] + [len(channels) - 1]  # + mid
+    widths = {channels[i] // heads[i] for i in attn}
+    if len(widths) != 1:
+        raise ValueError(f"ComfyUI's {kind} UNet takes one head width; this UNet has {sorted(widths)}")
+    names = _TEXT_ENCODERS[kind]
+    return register_tiny_model(kind, unet_config=detected, num_head_channels=widths.pop(),
+                               text_configs={n: te["config"] for n, te in zip(names, arch["text_encoders"])},
+                               latent_scale_factor=arch.get("vae", {}).get("scaling_factor"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -990,6 +1120,76 @@ def make_tiny_sd1_checkpoint(path: str | Path, seed: int = 0, *, vae: str | Mapp
     te, unet, v = make_tiny_sd1_modules(seed, vae=vae, text_config=text_config, unet_config=unet_config)
     return Path(save_new_checkpoint(str(path), family="sd1", unet=unet, vae=v, text_encoder=te,
                                     metadata=dict(metadata or {})))
+
+
+# Tiny SD2 / SDXL at sizes ComfyUI's stock classes build once registered (register_from_checkpoint):
+# GroupNorm(32), one width per attention head (16 here), text encoders with more than 2 layers (ComfyUI
+# reads the penultimate one and asserts it is not the first), CLIP-G's projection as wide as its hidden
+# state, and SDXL's size conditioning at ComfyUI's fixed 256 channels per number (6 numbers).
+TINY_SD2_TEXT_CONFIG = {**TINY_TEXT_CONFIG, "num_hidden_layers": 3, "hidden_act": "gelu"}
+TINY_SDXL_TEXT_CONFIGS = ({**TINY_TEXT_CONFIG, "num_hidden_layers": 3}, TINY_SD2_TEXT_CONFIG)  # CLIP-L, CLIP-G
+TINY_SD2_UNET_CONFIG = {**TINY_UNET_CONFIG, "attention_head_dim": (2, 4), "use_linear_projection": True}
+TINY_SDXL_UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4,
+                             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                             block_out_channels=(32, 64), layers_per_block=1, transformer_layers_per_block=(1, 2),
+                             cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+                             norm_num_groups=32, addition_embed_type="text_time", addition_time_embed_dim=256,
+                             projection_class_embeddings_input_dim=32 + 6 * 256)
+
+
+def make_tiny_modules(family: str, seed: int = 0, *, vae: str | Mapping = "sd"):
+    """Seeded random ([text encoders], unet, vae) diffusers/transformers modules of a tiny ``family``
+    (sd1, sd2, sd2-v, sdxl) that ComfyUI loads once `register_from_checkpoint` registered its file.
+    The VAE ("sd": SD's own sizes, which ComfyUI infers unaided) has the family's scaling factor."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from mace_core.families import load_family
+
+    if family == "sd1":
+        te, unet, v = make_tiny_sd1_modules(seed, vae=vae)
+        return [te], unet, v
+    vae_cfg = {"sd": SD_VAE_CONFIG, "tiny": TINY_VAE_CONFIG}.get(vae, vae) if isinstance(vae, str) else vae
+    vae_cfg = {**vae_cfg, "scaling_factor": load_family(family).vae["scaling_factor"]}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if family == "sdxl":
+            tes = [CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TEXT_CONFIGS[0])).eval(),
+                   CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_CONFIGS[1])).eval()]
+            unet = UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG).eval()
+        elif family in ("sd2", "sd2-v"):
+            tes = [CLIPTextModel(CLIPTextConfig(**TINY_SD2_TEXT_CONFIG)).eval()]
+            unet = UNet2DConditionModel(**TINY_SD2_UNET_CONFIG).eval()
+        else:
+            raise ValueError(f"unknown family {family!r}; expected sd1, sd2, sd2-v or sdxl")
+        v = AutoencoderKL(**vae_cfg).eval()
+    return tes, unet, v
+
+
+def make_tiny_checkpoint(path: str | Path, family: str, seed: int = 0, *, resolution: int | None = None,
+                         vae: str | Mapping = "sd") -> Path:
+    """Write a tiny ``family`` single file with ``mace_core.checkpoint.save_new_checkpoint``;
+    ``resolution``: the image side its ``mace.arch`` family names (what `mace erase` draws at). A
+    v-prediction file gets ComfyUI's ``v_pred`` hint (see `register_tiny_model`); the core ignores it."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+
+    from mace_core.checkpoint import _HASH_PLACEHOLDER, read_metadata, save_new_checkpoint, write_safetensors
+    from mace_core.families import load_family
+
+    tes, unet, v = make_tiny_modules(family, seed, vae=vae)
+    fam = load_family(family)
+    fam = dataclasses.replace(fam, resolution=resolution) if resolution else fam
+    path = Path(save_new_checkpoint(str(path), fam, unet=unet, vae=v, text_encoder=tes[0],
+                                    text_encoder_2=tes[1] if len(tes) > 1 else None))
+    if fam.prediction_type == "v_prediction":
+        meta = {**read_metadata(path), "modelspec.hash_sha256": _HASH_PLACEHOLDER}  # refilled for the new data
+        write_safetensors({**load_file(str(path)), "v_pred": torch.tensor([])}, path, meta)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -392,22 +392,40 @@ def _delete_images(project) -> None:
 
 
 def _project_and_base(args):
-    """The erasure project of ``args.project`` and its base model (checked by hash)."""
+    """(project, base model, the base's sha256 as the project records it) of ``args.project``.
+
+    The model (``--model``, else the recorded path) must be the project's base file (same sha256), or
+    hold the cross-attention weights the project was made from (same `weights_id`): a project made in
+    ComfyUI records that id, and only that id when its MODEL was patched before the MACE nodes (e.g. by
+    a LoRA), since such a MODEL is no file."""
     from .checkpoint import load_checkpoint
-    from .project import Project
+    from .erase import editable_weights
+    from .project import Project, weights_id
 
     proj = Project(args.project)
-    m = proj.manifest()
-    ck = load_checkpoint(args.model or m["base"]["path"])
-    if ck.sha256 != m["base"]["sha256"]:
-        raise MaceError(f"{ck.path} is not the model this project was made from; pass --model with the original")
-    return proj, ck
+    base = proj.manifest()["base"]
+    if not args.model and not Path(base["path"]).exists():
+        raise MaceError(f"the base model this project records, {base['path']!r}, is not a file here (a project made "
+                        "in ComfyUI records the checkpoint's name); pass --model with it")
+    ck = load_checkpoint(args.model or base["path"])
+    wid = weights_id(editable_weights(ck.tensors))
+    if wid in (base["sha256"], base.get("weights_id")) or ck.sha256 == base["sha256"]:
+        return proj, ck, base["sha256"]
+    if base.get("weights_id") == base["sha256"]:
+        advice = ("the project was made in ComfyUI from a MODEL patched before the MACE nodes (e.g. by a LoRA): pass "
+                  "a checkpoint holding exactly those patched weights (e.g. that MODEL saved by ComfyUI's Save "
+                  "Checkpoint)")
+    else:
+        advice = f"pass --model with the original ({base['path']})"
+    raise MaceError(f"{ck.path.name} is not the model project {proj.root.name!r} was made from: neither the file "
+                    f"(sha256 {ck.sha256[:12]}...) nor its cross-attention weights (weights id {wid[:12]}...) are "
+                    f"the project's base ({base['sha256'][:12]}...); {advice}")
 
 
 def cmd_fuse(args) -> int:
     from .erase import editable_weights, refuse
 
-    proj, ck = _project_and_base(args)
+    proj, ck, _ = _project_and_base(args)
     res = refuse(proj, editable_weights(ck.tensors), args.only, args.exclude)
     _save_result(ck, res, Path(args.out))
     return 0
@@ -418,10 +436,10 @@ def cmd_add(args) -> int:
     from .diffusers_backend import DiffusersBackend
     from .erase import erase
 
-    proj, ck = _project_and_base(args)
+    proj, ck, base_sha256 = _project_and_base(args)
     new = _cli_concepts(args.concept, args.type or "object", args.anchor)
     be = DiffusersBackend.from_checkpoint(ck, device=args.device, dtype=_dtype(args.dtype))
-    res = erase(be, ErasureSpec(tuple(new)), proj, ck.sha256, ck.path.name, progress=_Bars())
+    res = erase(be, ErasureSpec(tuple(new)), proj, base_sha256, ck.path.name, progress=_Bars())
     # stage 1 is re-solved with every concept; LoRAs of earlier concepts are reused as trained
     log.info("re-solved stage 1 for all concepts; reused LoRAs: %s", ", ".join(res.report["reused_loras"]) or "none")
     _save_result(ck, res, Path(args.out))

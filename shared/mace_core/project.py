@@ -15,11 +15,12 @@ re-fusing, restoring and adding concepts work without it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
@@ -179,6 +180,21 @@ class Project:
     def load_priors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         p = self.root / "priors.safetensors"
         return _load(p) if p.is_file() else ({}, {})
+
+
+def weights_id(weights: Mapping[str, torch.Tensor]) -> str:
+    """Identity of a model's editable weights (`mace_core.erase.editable_weights`, by file key): the
+    sha256 of their names, shapes and fp32 values. A project made from a model that is not a file as it
+    is (in ComfyUI: a MODEL patched before the MACE nodes, e.g. by a LoRA) records it as its base
+    (``base.weights_id``, then also ``base.sha256``); `mace fuse / add --model FILE` accept a file whose
+    editable weights have this id. Names are hashed without the file's ``model.`` prefix (as ComfyUI
+    names them), so the ids projects already record stay valid."""
+    h = hashlib.sha256(b"mace-comfy-weights-v1")
+    for k in sorted(weights, key=lambda k: k.removeprefix("model.")):
+        w = weights[k].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{k.removeprefix('model.')}|{tuple(w.shape)}".encode())
+        h.update(w.numpy().tobytes())
+    return h.hexdigest()
 
 
 def _merge(m: dict, spec: ErasureSpec) -> dict:

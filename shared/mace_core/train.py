@@ -102,11 +102,13 @@ def attention_loss(cap: QKCapture, layers, lora: LoRA, base_delta: Mapping[str, 
 
 
 def init_lora(layers, keys: list[str], rank: int, g: torch.Generator, device) -> LoRA:
-    """Factors for ``keys``: down kaiming-uniform (as peft initialises lora_A), up zero (delta 0 at start)."""
+    """Factors for ``keys``: down kaiming-uniform (as peft initialises lora_A), up zero (delta 0 at start).
+    Drawn in sorted key order: hosts list their layers in different orders (diffusers: down, up, mid;
+    ComfyUI: input, middle, output), and the same seed must give the same LoRA on every host."""
     shapes = {key: mod.weight.shape for layer in layers for key, mod in ((layer.k_key, layer.to_k),
                                                                           (layer.v_key, layer.to_v))}
     down, up = {}, {}
-    for key in keys:
+    for key in sorted(keys):
         c, dim = shapes[key]
         bound = 1 / math.sqrt(dim)
         down[key] = ((torch.rand(rank, dim, generator=g) * 2 - 1) * bound).to(device).requires_grad_()
