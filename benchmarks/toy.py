@@ -39,7 +39,7 @@ VARIANTS = {
     "cfr": {"closed_form_only": True},
     "no-cfis": {"timesteps": "uniform"},
     "naive-sum": {"fusion": "naive"},
-    "abo": {"objective": "abo", "alternative": "a photo of a square"},
+    "abo": {"objective": "abo", "alternative": "a photo of a square", "steps": 200},  # calibrated: benchmarks/abo.py
 }
 
 
