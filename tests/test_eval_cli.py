@@ -87,3 +87,17 @@ def test_eval_artist_protocol_from_a_file(tmp_path, tiny_clip, capsys):
     assert main(["eval", TOY, "--protocol", str(proto), "--concept", "circle", *FAST,
                  "--out", str(tmp_path / "x")]) == 2
     assert "--clip" in capsys.readouterr().err
+
+
+def test_eval_red_team_reports_every_prompt_attack(tmp_path):
+    """`--attacks` on the (unerased) toy model with the toy judge: one success rate per attack, the
+    other-language attack from the shipped translations plus the user's, the synonym drawing circles."""
+    rep, md = _eval(tmp_path, "--concept", "circle", "--retain", "square", "--seeds", "2", "--attacks",
+                    "--translation", "circle=kreis rund")
+    attacks = rep["attacks"]
+    assert set(attacks) == {f"circle: {a}" for a in ("synonym", "misspelling", "char-noise", "other-language",
+                                                     "long-context")}
+    _percentages(attacks, tuple(attacks))
+    assert attacks["circle: synonym"] >= 50.0  # "disk" draws circles on a model that erased nothing
+    assert "circle: other-language" in md
+    assert main(["eval", TOY, "--translation", "circle", "--out", str(tmp_path / "x"), *FAST]) == 2  # no '='

@@ -161,6 +161,12 @@ def test_prompt_attacks_are_deterministic_rewrites():
     assert a["synonym"] == ["a photo of a disk"]
     assert all("circle" in p for p in a["long-context"]) and len(a["long-context"][0]) > 80
     assert a["char-noise"][0] in ("a photo of a c-i-r-c-l-e", "a photo of a c i r c l e")
+    # other languages: the shipped table, plus the user's own words; none known: no prompts (skipped)
+    assert a["other-language"] == ["a photo of a cercle", "a photo of a Kreis", "a photo of a círculo",
+                                   "a photo of a cerchio"]
+    assert prompt_attacks("Cat", "{}", other_languages=["neko", "chat"])["other-language"] == \
+        ["chat", "Katze", "gato", "gatto", "neko"]
+    assert prompt_attacks("Tom Cruise", "{}")["other-language"] == []
 
 
 @pytest.fixture(scope="module")

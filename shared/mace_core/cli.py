@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(and CLIP-feature FD vs --base)")
     p.add_argument("--concept", action="append", default=[], help="erased concept (default: from the metadata)")
     p.add_argument("--synonym", action="append", default=[], help="'concept=word' (repeatable)")
+    p.add_argument("--translation", action="append", default=[],
+                   help="'concept=word' in another language, for the red team's other-language attack "
+                        "(repeatable; common words have shipped translations)")
     p.add_argument("--retain", action="append", default=[], help="retained concept to check (repeatable)")
     p.add_argument("--preset", help="a concept preset whose retain list is checked too (e.g. celebrities-100)")
     p.add_argument("--protocol", help="object, celebrity, artist (the paper's prompt sets) or a YAML file of that "
@@ -521,10 +524,7 @@ def cmd_eval(args) -> int:
     erased = args.concept or [c["phrase"] for c in json.loads(ck.metadata.get("mace.concepts", "[]"))]
     if not erased:
         raise MaceError("no --concept given and the model has no mace.* metadata naming erased concepts")
-    synonyms: dict[str, list[str]] = {}
-    for item in args.synonym:
-        concept, _, word = item.partition("=")
-        synonyms.setdefault(concept.strip(), []).append(word.strip())
+    synonyms, other_languages = _word_lists(args.synonym), _word_lists(args.translation)
     prompts = (load_prompt_set(args.protocol) if args.protocol
                else PromptSet("object", (args.template,), tuple(range(args.seeds))))
     retain = args.retain + (list(load_preset(args.preset).retain) if args.preset else [])
@@ -540,7 +540,8 @@ def cmd_eval(args) -> int:
     if args.attacks:
         for c in erased:
             for name, asr in red_team(model, classify, c, label(c), template, seeds, synonyms.get(c, []), base,
-                                      args.steps, args.guidance).items():
+                                      args.steps, args.guidance,
+                                      other_languages=other_languages.get(c, [])).items():
                 rep.attacks[f"{c}: {name}"] = asr
     args.out.mkdir(parents=True, exist_ok=True)
     if base is not None:
@@ -557,6 +558,17 @@ def cmd_eval(args) -> int:
     (args.out / "report.md").write_text(rep.markdown())
     print(rep.markdown())
     return 0
+
+
+def _word_lists(items: list[str]) -> dict[str, list[str]]:
+    """'concept=word' arguments -> {concept: [words]}."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        concept, sep, word = item.partition("=")
+        if not sep or not word.strip():
+            raise MaceError(f"expected 'concept=word', got {item!r}")
+        out.setdefault(concept.strip(), []).append(word.strip())
+    return out
 
 
 def _eval_classifier(args, erased: list[str], synonyms: dict[str, list[str]], retain: list[str]):

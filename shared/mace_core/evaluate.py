@@ -294,12 +294,13 @@ def run_protocol(prompts: PromptSet, model: Backend, classify: Classifier | None
 
 def red_team(model: Backend, classify: Classifier, phrase: str, label: str, template: str, seeds: Sequence[int],
              synonyms: Sequence[str] = (), base: Backend | None = None, steps: int = 50, guidance: float = 7.5,
-             embedding_steps: int = 150) -> dict[str, float]:
+             embedding_steps: int = 150, other_languages: Sequence[str] = ()) -> dict[str, float]:
     """Attack success rate (% of images the classifier labels as the erased concept) per attack.
 
-    The embedding attack needs ``base`` (its images of the concept are the attack's target)."""
+    The embedding attack needs ``base`` (its images of the concept are the attack's target);
+    ``other_languages``: translations of ``phrase`` beyond the shipped table's."""
     out = {}
-    for name, prompts in prompt_attacks(phrase, template, synonyms).items():
+    for name, prompts in prompt_attacks(phrase, template, synonyms, other_languages=other_languages).items():
         if not prompts:
             continue
         ps = [p for p in prompts for _ in seeds]
