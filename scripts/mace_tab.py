@@ -15,7 +15,7 @@ for _p in (_ROOT, os.path.join(_ROOT, "shared")):
         sys.path.append(_p)
 
 import mace_core  # noqa: E402,F401  (imported now, while the paths above are on sys.path)
-import sd_webui_extension  # noqa: E402
+import sd_webui_extension  # noqa: E402,F401  (the same: the tab imports its modules later)
 from modules import script_callbacks  # noqa: E402
 
 _HOST = None

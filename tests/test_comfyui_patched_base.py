@@ -6,7 +6,6 @@ as ``base.sha256``). `mace fuse` / `mace add` accept a ``--model`` file holding 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
