@@ -84,7 +84,7 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
             base_delta = {k: refined[k] - original[k] for k in original if not k.endswith(POOLED_SUFFIX)}
             for i, c in enumerate(mine):
                 h = settings_hash(spec, c)
-                if project.load_lora(c, h) is not None:
+                if project.has_lora(c, h):
                     reused.append(c.phrase)
                 else:
                     if stop():

@@ -54,19 +54,23 @@ def _left(spec: ErasureSpec, project: Project | None) -> list[tuple[Concept, Set
     spec = project.merged(spec)
     out = []
     for c in spec.concepts:
-        s, stats = spec.settings_for(c), project.load_stats(c)
-        trained = project.load_lora(c, settings_hash(spec, c)) is not None
-        out.append((c, s, stats is None, not trained, max(0, s.robust_rounds - (stats.hardened if stats else 0))))
+        s, hardened = spec.settings_for(c), project.hardened(c)
+        out.append((c, s, hardened is None, not project.has_lora(c, settings_hash(spec, c)),
+                    max(0, s.robust_rounds - (hardened or 0))))
     return out
 
 
 def unet_calls(spec: ErasureSpec, closed_form_only: bool = False, project: Project | None = None) -> int:
     """UNet calls of a run, counted in batch-of-one units: drawing (CFG doubles), training
     (one pass per step and sample; abo: three), hardening; with ``project``, only what is left."""
+    return _calls(_left(spec, project), closed_form_only)
+
+
+def _calls(left: list[tuple[Concept, Settings, bool, bool, int]], closed_form_only: bool) -> int:
     if closed_form_only:
         return 0
     n = 0
-    for _, s, _, train, rounds in _left(spec, project):
+    for _, s, _, train, rounds in left:
         if train:
             n += s.images * s.sample_steps * 2
             n += s.steps * s.batch_size * (3 if s.objective == "abo" else 1)
@@ -98,8 +102,9 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     t0 = time.perf_counter()
     backend.encode(["a photo of a cat"] * 8)
     enc = (time.perf_counter() - t0) / 8
-    prompts = sum(2 * len(concept_prompts(c)) for c, _, encode, _, _ in _left(spec, project) if encode)
-    calls = unet_calls(spec, closed_form_only, project)
+    left = _left(spec, project)
+    prompts = sum(2 * len(concept_prompts(c)) for c, _, encode, _, _ in left if encode)
+    calls = _calls(left, closed_form_only)
     if project is not None:
         spec = project.merged(spec)  # the memory is that of the whole merged run
     peak = None

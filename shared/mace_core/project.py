@@ -49,6 +49,17 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
+def _metadata(path: Path) -> dict[str, str] | None:
+    """A saved file's metadata without its tensors (None when there is no file): what resuming needs
+    to know of a concept's LoRA and statistics, cheap for thousands of concepts."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
 class Project:
     """An erasure project folder (see module docstring)."""
 
@@ -160,6 +171,16 @@ class Project:
         _save(lora.state_dict(), self.concept_dir(c) / "lora.safetensors",
               {"alpha": str(lora.alpha), "settings_hash": settings_hash, "phrase": c.phrase,
                "losses": json.dumps([round(x, 6) for x in losses])})
+
+    def has_lora(self, c: Concept, settings_hash: str) -> bool:
+        """Whether the concept's LoRA was trained with these stage-2 settings (read from its metadata)."""
+        meta = _metadata(self.concept_dir(c) / "lora.safetensors")
+        return meta is not None and meta.get("settings_hash") == settings_hash
+
+    def hardened(self, c: Concept) -> int | None:
+        """Adversarial rounds already in the concept's statistics; None when it has none yet."""
+        meta = _metadata(self.concept_dir(c) / "stats.safetensors")
+        return None if meta is None else int(meta.get("hardened", 0))
 
     def load_lora(self, c: Concept, settings_hash: str | None = None) -> LoRA | None:
         p = self.concept_dir(c) / "lora.safetensors"
