@@ -236,7 +236,9 @@ def estimate_run(host: Host, form: EraseForm) -> str:
         raise MaceError("pick a checkpoint to erase from")
     model = host.checkpoint_path(form.checkpoint)
     spec = build_spec(form, host)
-    project = _project(host, form, host.checkpoint_folder() / f"{form.out_name.strip()}.safetensors")
+    name = (form.out_name or "").strip()  # the estimate does not need a valid output name yet
+    project = (_project(host, form, host.checkpoint_folder() / f"{name}.safetensors")
+               if name or (form.project or "").strip() else None)
     with host.job("MACE estimate"), host.base_model(model) as ck:
         backend = _backend(host, ck, spec)
         est = estimate(backend, spec, form.closed_form_only, project=project)
@@ -247,7 +249,8 @@ def estimate_run(host: Host, form: EraseForm) -> str:
     why = refusal(est, gpu)
     if why:
         lines.append(f"**Too large for this GPU:** {why}")
-    lines.append(f"What project {project.root.name!r} already holds is reused and not counted.")
+    if project is not None:
+        lines.append(f"What project {project.root.name!r} already holds is reused and not counted.")
     return "\n\n".join(lines)
 
 
