@@ -45,13 +45,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _planned(spec: ErasureSpec, project: Project | None) -> ErasureSpec:
+    """What `erase` runs: ``spec`` merged into ``project`` (earlier concepts stay erased)."""
+    return spec if project is None else project.merged(spec)
+
+
 def _left(spec: ErasureSpec, project: Project | None) -> list[tuple[Concept, Settings, bool, bool, int]]:
-    """What `erase` still does per concept of ``spec`` merged into ``project``: (concept, its settings,
-    needs its stage-1 encodings, needs its LoRA trained, hardening rounds left); what the project
-    already holds (LoRAs trained with the same settings, rounds hardened) counts as done."""
+    """What `erase` still does per concept of the planned ``spec`` (`_planned`): (concept, its
+    settings, needs its stage-1 encodings, needs its LoRA trained, hardening rounds left); what
+    ``project`` already holds (LoRAs trained with the same settings, rounds hardened) counts as done."""
     if project is None:
         return [(c, spec.settings_for(c), True, True, spec.settings_for(c).robust_rounds) for c in spec.concepts]
-    spec = project.merged(spec)
     out = []
     for c in spec.concepts:
         s, hardened = spec.settings_for(c), project.hardened(c)
@@ -63,7 +67,7 @@ def _left(spec: ErasureSpec, project: Project | None) -> list[tuple[Concept, Set
 def unet_calls(spec: ErasureSpec, closed_form_only: bool = False, project: Project | None = None) -> int:
     """UNet calls of a run, counted in batch-of-one units: drawing (CFG doubles), training
     (one pass per step and sample; abo: three), hardening; with ``project``, only what is left."""
-    return _calls(_left(spec, project), closed_form_only)
+    return _calls(_left(_planned(spec, project), project), closed_form_only)
 
 
 def _calls(left: list[tuple[Concept, Settings, bool, bool, int]], closed_form_only: bool) -> int:
@@ -83,6 +87,8 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
              repeats: int = 2, project: Project | None = None) -> Estimate:
     """Time and peak GPU memory of erasing ``spec`` on ``backend``; with ``project``, of what `erase`
     would still do there (its concepts merged in, finished work reused)."""
+    spec = _planned(spec, project)  # the memory is that of the whole merged run
+    low_vram = all(spec.settings_for(c).low_vram for c in spec.concepts)
     size = size or backend.resolution
     h = size // backend.vae_scale
     x = torch.zeros(1, backend.latent_channels, h, h, device=backend.device)
@@ -105,26 +111,22 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     left = _left(spec, project)
     prompts = sum(2 * len(concept_prompts(c)) for c, _, encode, _, _ in left if encode)
     calls = _calls(left, closed_form_only)
-    if project is not None:
-        spec = project.merged(spec)  # the memory is that of the whole merged run
     peak = None
     if cuda:
         resident = torch.cuda.memory_allocated()
         act = torch.cuda.max_memory_allocated() - resident  # one no-grad pass's activations, batch 1
-        grad_act = _backward_activations(backend, x, t, text, spec) if train_rows(spec, closed_form_only) else 0
+        grad_act = _backward_activations(backend, x, t, text, low_vram) if train_rows(spec, closed_form_only) else 0
         peak = peak_gb(spec, resident, act, grad_act, closed_form_only)
-    low_vram = all(spec.settings_for(c).low_vram for c in spec.concepts)
     return Estimate(calls * step + prompts * enc, peak, calls, step, low_vram)
 
 
-def _backward_activations(backend: Backend, x: torch.Tensor, t: torch.Tensor, text, spec: ErasureSpec) -> int:
+def _backward_activations(backend: Backend, x: torch.Tensor, t: torch.Tensor, text, low_vram: bool) -> int:
     """Bytes a differentiated UNet pass at batch 1 keeps for its backward (the abo loss), measured
     with low-VRAM mode's gradient checkpointing when the run uses it."""
-    low = all(spec.settings_for(c).low_vram for c in spec.concepts)
     torch.cuda.synchronize()
     resident = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    with torch.enable_grad(), predict_for_backward(backend, low) as predict:
+    with torch.enable_grad(), predict_for_backward(backend, low_vram) as predict:
         xg = x.clone().requires_grad_()  # something must require grad for the pass to keep activations
         predict(xg, t, text).float().square().mean().backward()
     torch.cuda.synchronize()
