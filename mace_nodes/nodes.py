@@ -83,14 +83,19 @@ def projects_roots() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths(PROJECT_FOLDER)]
 
 
-def sam_checkpoints() -> list[str]:
-    """SAM checkpoints (segment-anything ``.pth``, the model type in the name: vit_b/vit_l/vit_h) in
-    ``models/sams``, the folder other ComfyUI node packs keep them in (or extra paths under "sams")."""
+def _sam_folder():
+    """ComfyUI's ``folder_paths`` with "sams" registered: ``models/sams``, the folder other ComfyUI node
+    packs keep SAM checkpoints in (extra paths may be added under "sams")."""
     import folder_paths
 
     if SAM_FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path(SAM_FOLDER, os.path.join(folder_paths.models_dir, SAM_FOLDER))
-    return [f for f in folder_paths.get_filename_list(SAM_FOLDER) if f.endswith((".pth", ".pt"))]
+    return folder_paths
+
+
+def sam_checkpoints() -> list[str]:
+    """SAM checkpoints (segment-anything ``.pth``, the model type in the name: vit_b/vit_l/vit_h)."""
+    return [f for f in _sam_folder().get_filename_list(SAM_FOLDER) if f.endswith((".pth", ".pt"))]
 
 
 def project_names() -> list[str]:
@@ -435,10 +440,7 @@ def _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, trai
         if float(v) > 0:
             out[k] = float(v)
     if mask and mask.startswith(SAM_PREFIX):
-        import folder_paths
-
-        sam_checkpoints()  # registers the folder
-        path = folder_paths.get_full_path(SAM_FOLDER, mask[len(SAM_PREFIX):])
+        path = _sam_folder().get_full_path(SAM_FOLDER, mask[len(SAM_PREFIX):])
         if path is None:
             raise MaceError(f"SAM checkpoint {mask[len(SAM_PREFIX):]!r} not found in models/{SAM_FOLDER}")
         out["mask"], out["sam_checkpoint"] = "sam", path
@@ -598,8 +600,8 @@ def _objective_options() -> dict:
         "objective": (["mace", "abo"], {"default": "mace",
                                         "tooltip": "mace: the attention loss of the paper; abo (All-but-One): the "
                                                    "concept's guidance is turned toward 'alternative' while the "
-                                                   "unconditional prediction is held (keeps layouts; slower, it "
-                                                   "backpropagates through the UNet)"}),
+                                                   "unconditional prediction is held (slower: it backpropagates "
+                                                   "through the UNet)"}),
         "alternative": ("STRING", {"default": "", "tooltip": "abo: what the concept should turn into (e.g. 'a cow' "
                                                              "for 'a pig'); empty: nothing in particular"}),
         "robust_rounds": ("INT", {"default": 0, "min": 0, "max": 10,
