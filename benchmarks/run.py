@@ -75,6 +75,21 @@ def measure(device: torch.device, out: dict):
         out["peak_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak[0]) / 2 ** 30
 
 
+@contextmanager
+def encoder_seconds(be: DiffusersBackend, out: dict):
+    """Time spent inside the text encoders' forward passes during the block (``out["seconds"]``)."""
+    out["seconds"], start, handles = 0.0, {}, []
+    for te in be.components.text_encoders:
+        handles.append(te.register_forward_pre_hook(lambda m, a: start.__setitem__(id(m), time.perf_counter())))
+        handles.append(te.register_forward_hook(
+            lambda m, a, o: out.__setitem__("seconds", out["seconds"] + time.perf_counter() - start[id(m)])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def build(arch: str, device: torch.device, dtype: torch.dtype) -> DiffusersBackend:
     fam = tiny_family("sd1") if arch == "tiny" else load_family(arch)
     if arch == "toy":
@@ -161,19 +176,30 @@ def run(args) -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     be = build(args.arch, device, dtype)
     print(f"# {args.arch} on {device} ({torch.get_num_threads()} threads), dtype {str(dtype)[6:]}")
-    print("| concepts | mode | refine s | train s | fuse s | total s | peak GB |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    flops = None
+    if args.project_arch:
+        from vram import stage1_flops
+
+        flops = stage1_flops(args.project_arch)
+        print(f"# projection: {args.project_arch} stage 1 = {flops / 1e12:.2f} TFLOP per concept (traced), at "
+              f"{args.gpu_tflops:g} TFLOP/s sustained; projected s = total s - text-encoder s + concepts x TFLOP / rate")
+    print("| concepts | mode | refine s | train s | fuse s | total s | peak GB |" + (" projected GPU s |" if flops else ""))
+    print("|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if flops else ""))
     plans = [(n, True) for n in args.counts] + [(n, False) for n in args.full_counts]
     for n, closed in plans:
         over = {"steps": args.steps, "images": args.images, "sample_steps": args.sample_steps, "lam": 1.0}
         spec = ErasureSpec(tuple(make_concept(p, "a thing") for p in concept_names(n)), (), over)
         with tempfile.TemporaryDirectory() as d:
             m: dict = {}
-            with measure(device, m):
+            enc: dict = {}
+            with measure(device, m), encoder_seconds(be, enc):
                 res = erase(be, spec, Project(d), "bench", closed_form_only=closed)
             t = res.report["timings"]
+            projected = ""
+            if flops and closed:
+                projected = f" {m['seconds'] - enc['seconds'] + n * flops / (args.gpu_tflops * 1e12):.2f} |"
             print(f"| {n} | {'closed form' if closed else 'full'} | {t['refine']:.2f} | {t.get('train', 0):.2f} | "
-                  f"{t['fuse']:.2f} | {m['seconds']:.2f} | {m['peak_gb']:.2f} |", flush=True)
+                  f"{t['fuse']:.2f} | {m['seconds']:.2f} | {m['peak_gb']:.2f} |{projected}", flush=True)
         if closed and n <= args.baseline_max:
             mb: dict = {}
             with measure(device, mb):
@@ -194,6 +220,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--sample-steps", type=int, default=30)
+    ap.add_argument("--project-arch", choices=["sd1", "sd2", "sdxl"],
+                    help="also project closed-form times onto a GPU for this full-size model: the run's time outside "
+                         "the text encoders (tokenising, alignment, solves: host work a GPU does not speed up) plus "
+                         "the full-size encoders' traced FLOPs at --gpu-tflops")
+    ap.add_argument("--gpu-tflops", type=float, default=100.0,
+                    help="sustained fp16 throughput assumed for the projection (an H100 peaks near 990 dense)")
     ap.add_argument("--no-data-baseline", dest="data_baseline", action="store_false",
                     help="skip timing the training images' generation against the authors' way")
     run(ap.parse_args())

@@ -220,6 +220,9 @@ def test_low_vram_draws_one_image_at_a_time_and_the_same_images(backend):
     from mace_core.masks import DRAW_BATCH, draw_batch
 
     assert draw_batch(Settings(low_vram=True)) == 1 and draw_batch(Settings()) == DRAW_BATCH
+    # a fixed pixel budget: 2 SDXL images (1024 px) at once, 3 of SD2-768; low-VRAM stays at one
+    assert draw_batch(Settings(), 1024) == 2 and draw_batch(Settings(), 768) == 3
+    assert draw_batch(Settings(low_vram=True), 1024) == 1
     seeds = [1, 2, 3]
     batched = draw_concept(backend, "a photo of a cat", "cat", seeds, 3, 3.0)
     single = draw_concept(backend, "a photo of a cat", "cat", seeds, 3, 3.0, batch_size=1)

@@ -136,11 +136,9 @@ class with_soft_tokens:
 
     def __enter__(self):
         def hook(module, args, output):
-            ids = args[0]
-            out = output.clone()
-            for i, tok in enumerate(self.ids):
-                where = ids == tok
-                out[where] = self.soft[i].to(out.dtype)
+            ids, out = args[0], output
+            for i, tok in enumerate(self.ids):  # a select, not a masked write: no data-dependent shapes
+                out = torch.where((ids == tok)[..., None], self.soft[i].to(out.dtype), out)
             return out
         for mod in self.backend.text_token_embeddings():
             self.handles.append(mod.register_forward_hook(hook))

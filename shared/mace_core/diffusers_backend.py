@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +37,11 @@ def resolve_device(device: str = "auto") -> torch.device:
 class DiffusersBackend:
     """A model held as diffusers UNet/VAE and transformers CLIP text encoder(s)."""
 
-    def __init__(self, components: Components, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, components: Components, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 offload: bool = False):
+        """``offload``: keep the text encoder(s) and the VAE in CPU memory while the UNet runs (they are
+        idle then: prompts are encoded before a sampling or training loop, images decoded after it),
+        fetched back when next used. Only worth it on a GPU; the outputs are the same either way."""
         self.components = components
         self.family: Family = components.family
         self.family_name = self.family.family
@@ -47,9 +52,11 @@ class DiffusersBackend:
         self.latent_channels = int(self.family.vae["latent_channels"])
         self.vae_scale = 2 ** (len(self.family.vae["block_out_channels"]) - 1)
         self.alphas_cumprod = alphas_cumprod(self.family.scheduler)
-        for m in self._modules():
-            m.to(self.device)
+        _move(self._modules(), self.device)
         self._layers = self._find_layers()
+        self.offload = offload
+        self.resident = {"text", "unet", "vae"}  # parts on self.device (the others are parked on the CPU)
+        self._text_in_graph = False  # the last encoding is being differentiated: its encoder must stay put
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device: str = "auto", dtype: torch.dtype | None = None,
@@ -69,15 +76,32 @@ class DiffusersBackend:
         if clip_skip != 1:
             ckpt = Checkpoint(ckpt.path, with_clip_skip(ckpt.family, clip_skip), ckpt.tensors, ckpt.metadata,
                               ckpt.source_format, ckpt._sha256)
-        return cls(build_components(ckpt, dtype=dtype, device=dev), dev, dtype)
+        # Parking a host's tensors would free nothing (the host still holds them) and copy them to RAM.
+        offload = dev.type == "cuda" and ckpt.source_format != MEMORY
+        return cls(build_components(ckpt, dtype=dtype, device=dev), dev, dtype, offload)
 
     @classmethod
     def from_file(cls, path: str | Path, **kw) -> "DiffusersBackend":
         return cls.from_checkpoint(load_checkpoint(path), **kw)
 
-    def _modules(self) -> list[torch.nn.Module]:
+    def _modules(self, part: str | None = None) -> list[torch.nn.Module]:
         c = self.components
-        return [c.unet, c.vae, *c.text_encoders]
+        parts = {"unet": [c.unet], "vae": [c.vae], "text": list(c.text_encoders)}
+        return parts[part] if part else [m for ms in parts.values() for m in ms]
+
+    def _use(self, part: str) -> None:
+        """Make ``part`` ("text", "unet", "vae") resident; with ``offload``, a UNet pass first parks the
+        text encoders (unless a graph through them is alive) and the VAE on the CPU."""
+        if not self.offload:
+            return
+        if part == "unet":
+            for idle in ("vae",) if self._text_in_graph else ("text", "vae"):
+                if idle in self.resident:
+                    _move(self._modules(idle), torch.device("cpu"))
+                    self.resident.discard(idle)
+        if part not in self.resident:
+            _move(self._modules(part), self.device)
+            self.resident.add(part)
 
     def _find_layers(self) -> list[CrossAttentionLayer]:
         out = []
@@ -97,7 +121,7 @@ class DiffusersBackend:
         return tensors_key(tensors, how)
 
     def tokenize(self, prompt: str) -> list[int]:
-        return self.components.tokenizers[0](prompt, truncation=False).input_ids
+        return list(token_ids(self.components.tokenizers[0], prompt))
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> TextBatch:
@@ -105,6 +129,8 @@ class DiffusersBackend:
 
     def encode_with_grad(self, prompts: Sequence[str]) -> TextBatch:
         """`encode` inside autograd (the embedding attack optimises token embeddings through it)."""
+        self._text_in_graph = torch.is_grad_enabled()
+        self._use("text")
         contexts, pooled, ids0 = [], None, None
         for te, tok, spec in zip(self.components.text_encoders, self.components.tokenizers, self.family.text_encoders):
             ids = padded_ids(tok, prompts).to(self.device)
@@ -138,6 +164,7 @@ class DiffusersBackend:
         return out
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        self._use("unet")
         unet = self.components.unet
         kw = {}
         if self.family.is_sdxl:
@@ -159,14 +186,30 @@ class DiffusersBackend:
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        self._use("vae")
         vae = self.components.vae
         z = vae.encode(images.to(self.device, self.dtype)).latent_dist.mean
         return z * vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        self._use("vae")
         vae = self.components.vae
         return vae.decode(latents.to(self.device, self.dtype) / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+def _move(modules: Sequence[torch.nn.Module], device: torch.device) -> None:
+    """Move modules to ``device``, leaving alone those already there (no copy, no tree walk)."""
+    for m in modules:
+        if any(p.device != device for p in m.parameters()):
+            m.to(device)
+
+
+@functools.lru_cache(maxsize=4096)
+def token_ids(tok, prompt: str) -> tuple[int, ...]:
+    """Ids of one prompt with start/end tokens, untruncated. Cached: stage 1 tokenises every template
+    prompt twice (encoding, alignment) and the anchor's prompts once per concept."""
+    return tuple(tok(prompt, truncation=False).input_ids)
 
 
 def padded_ids(tok, prompts: Sequence[str]) -> torch.Tensor:
@@ -176,7 +219,7 @@ def padded_ids(tok, prompts: Sequence[str]) -> torch.Tensor:
     n = tok.model_max_length
     rows = []
     for p in prompts:
-        ids = tok(p).input_ids
+        ids = list(token_ids(tok, p))
         if len(ids) > n:
             ids = ids[:n - 1] + ids[-1:]
         rows.append(ids + [tok.pad_token_id] * (n - len(ids)))

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from . import __version__
-from .backend import Backend
+from .backend import Backend, TextBatch
 from .concepts import Concept, ErasureSpec, concept_prompts, get_type, settings_hash, train_prompt, validate
 from .errors import InterruptedRun
 from .fuse import fuse, naive_sum, separate
@@ -67,12 +67,13 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
     stage = StageLog(backend.device)
 
     with stage("refine"):
+        anchors: dict[tuple[str, ...], TextBatch] = {}  # encoded once per run for concepts sharing one
         for c in mine:
-            _stats(backend, project, c)
+            _stats(backend, project, c, anchors)
         if rank == 0:
             _priors(backend, project, spec)
         barrier()
-        stats = {c.phrase: _stats(backend, project, c) for c in spec.concepts}
+        stats = {c.phrase: _stats(backend, project, c, anchors) for c in spec.concepts}
         priors = _priors(backend, project, spec)
         original = backend.original_weights()
         refined = refine_weights(original, list(stats.values()), run, priors)
@@ -202,10 +203,13 @@ def refuse(project: Project, original: Mapping[str, torch.Tensor], only=None, ex
 # ---------------------------------------------------------------------------------------------
 
 
-def _stats(backend: Backend, project: Project, c: Concept) -> ConceptStats:
+def _stats(backend: Backend, project: Project, c: Concept, anchors: dict[tuple[str, ...], TextBatch]) -> ConceptStats:
     st = project.load_stats(c)
     if st is None:
-        st = concept_stats(backend, concept_prompts(c), concept_prompts(c, c.anchor))
+        anchor_prompts = tuple(concept_prompts(c, c.anchor))
+        if anchor_prompts not in anchors:
+            anchors[anchor_prompts] = backend.encode(list(anchor_prompts))
+        st = concept_stats(backend, concept_prompts(c), anchor_prompts, anchor_text=anchors[anchor_prompts])
         project.save_stats(c, st)
     return st
 
@@ -253,7 +257,7 @@ def _train_concept(backend: Backend, project: Project, spec: ErasureSpec, c: Con
     prompt = train_prompt(c)
     data = draw_concept(backend, prompt, c.phrase, [seed + i for i in range(s.images)], s.sample_steps,
                         s.guidance, "none" if s.mask == "none" else "attention", s.mask_threshold,
-                        batch_size=draw_batch(s), on_batch=lambda d, n: prog(f"drawing {c.phrase}", d, n))
+                        batch_size=draw_batch(s, backend.resolution), on_batch=lambda d, n: prog(f"drawing {c.phrase}", d, n))
     if s.mask == "sam":
         from .sam import refine_masks  # optional dependency, imported only when asked for
 

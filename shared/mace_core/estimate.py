@@ -116,7 +116,7 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
         resident = torch.cuda.memory_allocated()
         act = torch.cuda.max_memory_allocated() - resident  # one no-grad pass's activations, batch 1
         grad_act = _backward_activations(backend, x, t, text, low_vram) if train_rows(spec, closed_form_only) else 0
-        peak = peak_gb(spec, resident, act, grad_act, closed_form_only)
+        peak = peak_gb(spec, resident, act, grad_act, closed_form_only, size)
     return Estimate(calls * step + prompts * enc, peak, calls, step, low_vram)
 
 
@@ -133,11 +133,12 @@ def _backward_activations(backend: Backend, x: torch.Tensor, t: torch.Tensor, te
     return torch.cuda.max_memory_allocated() - resident
 
 
-def peak_rows(spec: ErasureSpec, closed_form_only: bool = False) -> int:
-    """UNet batch rows at drawing's peak: two per image drawn at once under CFG (none: stage 1 alone)."""
+def peak_rows(spec: ErasureSpec, closed_form_only: bool = False, size: int = 512) -> int:
+    """UNet batch rows at drawing's peak: two per image of ``size`` px drawn at once under CFG (none:
+    stage 1 alone)."""
     if closed_form_only:
         return 0
-    return max(2 * min(draw_batch(s), s.images) for s in map(spec.settings_for, spec.concepts))
+    return max(2 * min(draw_batch(s, size), s.images) for s in map(spec.settings_for, spec.concepts))
 
 
 def train_rows(spec: ErasureSpec, closed_form_only: bool = False) -> int:
@@ -149,10 +150,11 @@ def train_rows(spec: ErasureSpec, closed_form_only: bool = False) -> int:
     return max((2 * s.batch_size if s.objective == "abo" else 0) for s in map(spec.settings_for, spec.concepts))
 
 
-def peak_gb(spec: ErasureSpec, resident: int, act: int, grad_act: int, closed_form_only: bool = False) -> float:
+def peak_gb(spec: ErasureSpec, resident: int, act: int, grad_act: int, closed_form_only: bool = False,
+            size: int = 512) -> float:
     """Peak GPU memory in GB: what is resident (weights) plus the larger of drawing's activations
     (``act`` bytes per no-grad row) and training's (``grad_act`` bytes kept per differentiated row)."""
-    extra = max(peak_rows(spec, closed_form_only) * act, train_rows(spec, closed_form_only) * grad_act)
+    extra = max(peak_rows(spec, closed_form_only, size) * act, train_rows(spec, closed_form_only) * grad_act)
     return (resident + extra) / 2 ** 30
 
 

@@ -21,7 +21,8 @@ from .backend import Backend, TextBatch
 from .concepts import Settings
 from .sampling import sample_latents, to_uint8
 
-DRAW_BATCH = 8  # training images sampled at once (twice that many UNet rows under CFG)
+DRAW_BATCH = 8  # SD1.5 training images (512 px) sampled at once (twice that many UNet rows under CFG)
+DRAW_PIXELS = DRAW_BATCH * 512 * 512  # the same pixels per batch at other sizes: 2 SDXL images (1024 px)
 
 
 @dataclass
@@ -106,9 +107,11 @@ def draw_concept(backend: Backend, prompt: str, phrase: str, seeds: Sequence[int
     return ConceptData(latents, torch.cat(masks), images)
 
 
-def draw_batch(settings: Settings) -> int:
-    """Images sampled at once: one at a time in low-VRAM mode (the same images: noise is per seed)."""
-    return 1 if settings.low_vram else DRAW_BATCH
+def draw_batch(settings: Settings, resolution: int = 512) -> int:
+    """Images of ``resolution`` px sampled (and decoded) at once: a fixed pixel budget, so drawing's
+    activations do not grow with the model's size (SDXL at 8 images a batch traces at ~26 GB,
+    benchmarks/vram.py); one at a time in low-VRAM mode. The same images either way: noise is per seed."""
+    return 1 if settings.low_vram else max(1, DRAW_PIXELS // resolution ** 2)
 
 
 def _attention_map(cap: QKCapture, layers, tokens: torch.Tensor, b: int, hw: tuple[int, int]) -> torch.Tensor:
