@@ -43,11 +43,14 @@ VARIANTS = {
 }
 
 
-def erased_backend(ck, concepts, overrides, closed_form_only=False):
+def erased_backend(ck, concepts, overrides, closed_form_only=False, report: dict | None = None):
+    """The toy model with ``concepts`` erased (``report``, if given, receives the run's report)."""
     with tempfile.TemporaryDirectory() as d:
         base = DiffusersBackend.from_checkpoint(ck, device="cpu")
         res = erase(base, ErasureSpec(tuple(make_concept(c, "", "toy") for c in concepts), (), overrides),
                     Project(d), ck.sha256, closed_form_only=closed_form_only)
+    if report is not None:
+        report.update(res.report)
     return DiffusersBackend.from_checkpoint(with_edits(ck, res.weights), device="cpu")
 
 
@@ -71,18 +74,22 @@ def main() -> None:
     ck = load_checkpoint(TOY_MODEL)
     judge = Judge.load()
     rows = {}
-    print("| variant | Acc_e | Acc_g | Acc_s | H_o | seconds |\n|---|---:|---:|---:|---:|---:|", flush=True)
+    print("| variant | Acc_e | Acc_g | Acc_s | H_o | LoRA loss, first -> last 5 steps | seconds |\n"
+          "|---|---:|---:|---:|---:|---|---:|", flush=True)
     for name in args.variants:
         t0 = time.perf_counter()
+        report: dict = {}
         if name == "base":
             be = DiffusersBackend.from_checkpoint(ck, device="cpu")
         else:
             v = dict(VARIANTS[name])
             cfo = v.pop("closed_form_only", False)
-            be = erased_backend(ck, [args.concept], {**over, **v}, cfo)
+            be = erased_backend(ck, [args.concept], {**over, **v}, cfo, report)
         s = object_scores(be, judge, [args.concept], args.seeds)
         rows[name] = s
-        print(f"| {name} | {s.acc_e:.1f} | {s.acc_g:.1f} | {s.acc_s:.1f} | {s.h_o:.1f} | "
+        losses = report.get("losses", {}).get(args.concept) or []
+        loss = (f"{sum(losses[:5]) / 5:.3f} -> {sum(losses[-5:]) / 5:.3f}" if len(losses) >= 10 else "-")
+        print(f"| {name} | {s.acc_e:.1f} | {s.acc_g:.1f} | {s.acc_s:.1f} | {s.h_o:.1f} | {loss} | "
               f"{time.perf_counter() - t0:.0f} |", flush=True)
     if args.extra:
         extra_cases(ck, judge, over, args.seeds * 5)

@@ -146,7 +146,7 @@ def stages(backend: DiffusersBackend, low_vram: bool):
     from mace_core.harden import adversarial_stats
 
     yield "hardening attack step", lambda: adversarial_stats(backend, delta, data.latents[:1], "a photo of {}",
-                                                             c.anchor, 1, 0)
+                                                             concept_prompts(c, "{}"), c.anchor, 1, 0)
 
 
 def main() -> None:

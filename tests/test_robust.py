@@ -46,3 +46,30 @@ def test_hardening_maps_the_attack_onto_the_anchor(tmp_path):
     # a rerun resumes: the finished round is not repeated
     again = erase(be, ErasureSpec((cat,), (), {**FAST, "robust_rounds": 1, "attack_steps": 15}), proj, ck.sha256)
     assert again.report["robust"] == [] and proj.load_stats(cat).hardened == 1
+
+
+def test_hardening_defeats_the_attacks_that_beat_plain_erasure(tmp_path):
+    """On the toy world: the soft tokens a hardening round finds are kept in the project; those that
+    succeed against the plain erasure (>= 60% of images judged the erased shape) succeed markedly
+    less (by >= 50 points) against the hardened model, on the same seeds. (A fresh attack against
+    the hardened model is another matter: benchmarks/RESULTS.md reports it.)"""
+    from mace_core.checkpoint import with_edits
+    from mace_core.evaluate import soft_token_asr, toy_classifier
+    from toyworld import TOY_MODEL
+
+    ck = load_checkpoint(TOY_MODEL)
+    base = DiffusersBackend.from_checkpoint(ck, device="cpu")
+    circle = make_concept("circle", "", "toy")
+    proj = Project(tmp_path)
+    plain = erase(base, ErasureSpec((circle,)), proj, ck.sha256)
+    hard = erase(base, ErasureSpec((circle,), (), {"robust_rounds": 2}), proj, ck.sha256)  # resumes: same LoRA
+    attacks = proj.load_attacks(circle)
+    assert len(attacks) == 2 and hard.report["reused_loras"] == ["circle"]
+    classify, seeds = toy_classifier(), list(range(10))
+    models = {name: DiffusersBackend.from_checkpoint(with_edits(ck, r.weights), device="cpu")
+              for name, r in (("plain", plain), ("hard", hard))}
+    rates = [{name: soft_token_asr(m, soft, classify, "circle", template, seeds, 20, 5.0)
+              for name, m in models.items()} for soft, template in attacks]
+    winning = [r for r in rates if r["plain"] >= 60.0]
+    assert winning, rates  # hardening found an attack that beats plain erasure ...
+    assert all(r["hard"] <= r["plain"] - 50.0 for r in winning), rates  # ... and closed it

@@ -107,9 +107,10 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
                         continue  # done before an interruption
                     if stop():
                         raise InterruptedRun(f"stopped while hardening {c.phrase!r}; rerun to resume")
-                    adv, loss = adversarial_stats(backend, deltas, project.load_latents(c),
-                                                  get_type(c.type).train_prompt, c.anchor, run.attack_steps,
-                                                  concept_seed(run.seed, c) + r)
+                    adv, loss, soft = adversarial_stats(backend, deltas, project.load_latents(c),
+                                                        get_type(c.type).train_prompt, concept_prompts(c, "{}"),
+                                                        c.anchor, run.attack_steps, concept_seed(run.seed, c) + r)
+                    project.save_attack(c, r + 1, soft, get_type(c.type).train_prompt)
                     project.save_stats(c, stats[c.phrase].add(adv, r + 1))
                     rounds.append({"round": r + 1, "concept": c.phrase, "attack_loss": loss})
                     prog("hardening", r + 1, run.robust_rounds)

@@ -320,9 +320,15 @@ def embedding_asr(model: Backend, base: Backend, classify: Classifier, phrase: s
     target = draw_concept(base, template.replace("{}", phrase), phrase, [10_000 + s for s in seeds], steps, guidance,
                           mask_mode="none").latents
     soft = embedding_attack(model, target, template, steps=attack_steps)
-    prompt = soft_prompt(template, soft.shape[0])
+    return soft_token_asr(model, soft, classify, label, template, seeds, steps, guidance)
+
+
+def soft_token_asr(model: Backend, soft: torch.Tensor, classify: Classifier, label: str, template: str,
+                   seeds: Sequence[int], steps: int = 50, guidance: float = 7.5) -> float:
+    """Success rate (%) of given soft tokens [n, W] on ``model``: images of ``soft_prompt(template, n)``
+    judged ``label`` (e.g. a hardening round's attack, `Project.load_attacks`, replayed on another model)."""
     with with_soft_tokens(model, soft):
-        images = generate(model, [prompt] * len(seeds), list(seeds), steps, guidance)
+        images = generate(model, [soft_prompt(template, soft.shape[0])] * len(seeds), list(seeds), steps, guidance)
     return accuracy(classify(images), label)
 
 

@@ -136,6 +136,18 @@ class Project:
         t, meta = _load(p)
         return ConceptStats(pairs=int(meta["pairs"]), hardened=int(meta.get("hardened", 0)), **t)
 
+    def save_attack(self, c: Concept, round_: int, soft: torch.Tensor, template: str) -> None:
+        """The soft tokens hardening round ``round_`` found against the model erased so far (for
+        auditing and red-teaming: `attacks.with_soft_tokens` on ``soft_prompt(template, n)``)."""
+        _save({"soft": soft.float().cpu()}, self.concept_dir(c) / "attacks" / f"round{round_}.safetensors",
+              {"template": template, "round": str(round_)})
+
+    def load_attacks(self, c: Concept) -> list[tuple[torch.Tensor, str]]:
+        """(soft tokens, template) of every hardening round so far, in round order."""
+        folder = self.concept_dir(c) / "attacks"
+        files = sorted(folder.glob("round*.safetensors"), key=lambda f: int(f.stem[5:])) if folder.is_dir() else []
+        return [(t["soft"], m["template"]) for t, m in map(_load, files)]
+
     def save_latents(self, c: Concept, latents: torch.Tensor) -> None:
         _save({"latents": latents.float()}, self.concept_dir(c) / "latents.safetensors")
 
