@@ -1,26 +1,32 @@
-"""Soft-token attack against plain and hardened (`--robust`) erasure, on the toy world.
+"""Soft-token attacks against plain and hardened (`--robust`) erasure, on the toy world.
 
     python benchmarks/robust.py --concept square --rounds 2
 
-For each model: the erased word's own prompts (direct) and the soft-token embedding attack's success
-rate (2 learned tokens, 150 steps, on the base model's images of the shape), as % of images the
-toy judge reads as the erased shape; template "a photo of a blue {}", DDIM 20 steps, CFG 5.
+Erases the concept, then hardens the same project for ``--rounds`` rounds (the LoRA is reused). For
+each model: the erased word's own prompts (direct), a fresh soft-token embedding attack (2 learned
+tokens, 150 steps, on the base model's images of the shape, learned against that model), and the
+attacks the hardening rounds found (kept in the project) replayed on both models; as % of images the
+toy judge reads as the erased shape, 10 seeds; template "a photo of a blue {}" (the rounds' attacks:
+their own template), DDIM 20 steps, CFG 5.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shared"))
 
-from mace_core.checkpoint import load_checkpoint  # noqa: E402
+from mace_core.checkpoint import load_checkpoint, with_edits  # noqa: E402
+from mace_core.concepts import ErasureSpec, make_concept  # noqa: E402
 from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
-from mace_core.evaluate import embedding_asr, toy_classifier  # noqa: E402
+from mace_core.erase import erase  # noqa: E402
+from mace_core.evaluate import embedding_asr, soft_token_asr, toy_classifier  # noqa: E402
 from mace_core.metrics import accuracy  # noqa: E402
+from mace_core.project import Project  # noqa: E402
 from mace_core.sampling import generate  # noqa: E402
-from toy import erased_backend  # noqa: E402  (benchmarks/toy.py, beside this script)
 from toyworld import TOY_MODEL  # noqa: E402
 
 TEMPLATE, STEPS, GUIDANCE = "a photo of a blue {}", 20, 5.0
@@ -35,14 +41,23 @@ def main() -> None:
     ck, classify = load_checkpoint(TOY_MODEL), toy_classifier()
     base = DiffusersBackend.from_checkpoint(ck, device="cpu")
     seeds = list(range(args.seeds))
-    print(f"| {args.concept} | direct | soft tokens |\n|---|---:|---:|")
-    for name, rounds in (("plain erasure", 0), (f"--robust-rounds {args.rounds}", args.rounds)):
-        model = erased_backend(ck, [args.concept], {"robust_rounds": rounds})
+    c = make_concept(args.concept, "", "toy")
+    with tempfile.TemporaryDirectory() as d:
+        proj = Project(d)
+        results = {"plain erasure": erase(base, ErasureSpec((c,)), proj, ck.sha256),
+                   f"--robust-rounds {args.rounds}": erase(base, ErasureSpec((c,), (), {"robust_rounds": args.rounds}),
+                                                           proj, ck.sha256)}
+        attacks = proj.load_attacks(c)
+    heads = " | ".join(f"round {i + 1}'s attack" for i in range(len(attacks)))
+    print(f"| {args.concept} | direct | fresh soft tokens | {heads} |\n|---|---:|---:|" + "---:|" * len(attacks))
+    for name, res in results.items():
+        model = DiffusersBackend.from_checkpoint(with_edits(ck, res.weights), device="cpu")
         direct = accuracy(classify(generate(model, [TEMPLATE.replace("{}", args.concept)] * len(seeds), seeds,
                                             STEPS, GUIDANCE)), args.concept)
         soft = embedding_asr(model, base, classify, args.concept, args.concept, TEMPLATE, seeds, STEPS, GUIDANCE,
                              attack_steps=150)
-        print(f"| {name} | {direct:.1f} | {soft:.1f} |", flush=True)
+        replay = [soft_token_asr(model, a, classify, args.concept, t, seeds, STEPS, GUIDANCE) for a, t in attacks]
+        print(f"| {name} | {direct:.1f} | {soft:.1f} | " + " | ".join(f"{r:.1f}" for r in replay) + " |", flush=True)
 
 
 if __name__ == "__main__":

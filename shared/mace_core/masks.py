@@ -101,9 +101,10 @@ def draw_concept(backend: Backend, prompt: str, phrase: str, seeds: Sequence[int
         if on_batch:
             on_batch(min(s + batch_size, len(seeds)), len(seeds))
     latents = torch.cat(lats)
-    # decoded in the sampling batches: all at once would hold every image's decoder activations together
-    images = np.concatenate([to_uint8(backend.decode_latents(latents[i:i + batch_size]).cpu())
-                             for i in range(0, len(latents), batch_size)])
+    # decoded one at a time: the decoder's full-resolution activations would otherwise be drawing's peak
+    # (SD1.5: 2.9 GB for 8 images, 0.3 GB for one; benchmarks/vram.py), and decoding is a small part of
+    # the time next to the sampling steps
+    images = np.concatenate([to_uint8(backend.decode_latents(latents[i:i + 1]).cpu()) for i in range(len(latents))])
     return ConceptData(latents, torch.cat(masks), images)
 
 
