@@ -13,7 +13,7 @@ from mace_core.metrics import accuracy
 from mace_core.sampling import generate
 from toyworld import TOY_MODEL
 
-# blue: the judge reads half of the model's large red circles as "none" (see benchmarks/RESULTS.md)
+# one color keeps the sample small; blue is where the first decoder already drew clean circles
 TEMPLATE = "a photo of a blue {}"
 SEEDS = list(range(10))
 STEPS, GUIDANCE = 20, 5.0
