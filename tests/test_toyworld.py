@@ -136,11 +136,13 @@ def test_base_model_quality(judge):
         pytest.skip(f"{quality.DEFAULT_MODEL} is not built yet (python shared/toyworld/train_model.py)")
     res = quality.measure(quality.load_backend(), judge, seeds=4, steps=25, cfg=5.0, synonyms=True, per_color=False,
                           verbose=True)
-    # a broken model (no text conditioning, noise, blank) scores ~12% shape and ~20% color
-    assert res["shape_acc"] >= 0.85, quality.format_table(res)
-    assert res["synonym_shape_acc"] >= 0.80, quality.format_table(res)
-    assert res["color_acc"] >= 0.85, quality.format_table(res)
-    assert res["min_shape_acc"] >= 0.5, quality.format_table(res)
+    # The bar (shape >= 90% for every shape, color >= 90%, synonyms >= 85%) on this small
+    # sample, with room for its size in the per-shape figure (8 images a shape: two may miss). A broken
+    # model (no text conditioning, noise, blank) scores ~12% shape and ~20% color.
+    assert res["shape_acc"] >= 0.90, quality.format_table(res)
+    assert res["synonym_shape_acc"] >= 0.85, quality.format_table(res)
+    assert res["color_acc"] >= 0.90, quality.format_table(res)
+    assert res["min_shape_acc"] >= 0.75, quality.format_table(res)
 
 
 def test_mace_demo_erases_circle_and_writes_its_outputs(tmp_path):

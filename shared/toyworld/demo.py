@@ -44,7 +44,10 @@ def run_demo(args) -> int:
     base = DiffusersBackend.from_checkpoint(ck, device="cpu")
     spec = ErasureSpec((make_concept(shape, "", "toy"),))
     print(f"erasing {shape!r} from {ck.path.name}")
-    res = erase(base, spec, Project(out / "project"), ck.sha256, ck.path.name,
+    # one project per (shape, model): a project accumulates concepts and belongs to one base model, and
+    # each demo erases one shape from the shipped model (a rerun resumes; an updated model starts afresh)
+    project = Project(out / f"project-{shape}-{ck.sha256[:12]}")
+    res = erase(base, spec, project, ck.sha256, ck.path.name,
                 progress=lambda label, d, n: print(f"\r  {label}: {d}/{n}   ", end="", flush=True))
     print()
     erased_path = out / f"toy-without-{shape}.safetensors"
