@@ -77,6 +77,7 @@ def fake_backend(arch: str, dtype: torch.dtype) -> DiffusersBackend:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    torch.__future__.set_overwrite_module_params_on_conversion(True)  # fake parameters cannot be swapped in place
     fam = load_family(arch)
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel(**fam.unet).eval(), AutoencoderKL(**fam.vae).eval()
@@ -99,7 +100,6 @@ def stage1_flops(arch: str, dtype: torch.dtype = torch.float16) -> float:
     prompts and the anchor's, plus the Gram sums), counted on fake tensors."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    torch.__future__.set_overwrite_module_params_on_conversion(True)
     c = make_concept("amber basil", "a thing")
     with FakeTensorMode(allow_non_fake_inputs=True):
         be = fake_backend(arch, dtype)
@@ -154,7 +154,6 @@ def main() -> None:
     ap.add_argument("--arch", nargs="+", default=["sd1", "sdxl"], choices=["sd1", "sd2", "sdxl"])
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     args = ap.parse_args()
-    torch.__future__.set_overwrite_module_params_on_conversion(True)  # fake parameters cannot be swapped in place
     for arch in args.arch:
         print(f"{arch}: stage-1 statistics of one concept = {stage1_flops(arch) / 1e12:.2f} TFLOP")
     print("| model | mode | stage | traced peak GB | traced |\n|---|---|---|---:|---|")

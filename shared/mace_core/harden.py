@@ -18,7 +18,7 @@ import torch
 from .attacks import embedding_attack, soft_prompt, with_soft_tokens
 from .attention import weight_deltas
 from .backend import Backend
-from .refine import ConceptStats, align, outer_sum
+from .refine import ConceptStats, align, pair_stats
 
 
 def adversarial_stats(backend: Backend, deltas: dict[str, torch.Tensor], latents: torch.Tensor, template: str,
@@ -45,19 +45,14 @@ def adversarial_stats(backend: Backend, deltas: dict[str, torch.Tensor], latents
     with with_soft_tokens(backend, soft):
         ctx = backend.encode(prompts).context
     actx = backend.encode(anchor_prompts).context
-    T, d = ctx.shape[1], ctx.shape[2]
-    ic, ia = [], []
-    for k, (p, a) in enumerate(zip(prompts, anchor_prompts)):
+    T = ctx.shape[1]
+    pairs = []
+    for p, a in zip(prompts, anchor_prompts):
         ids, aids = backend.tokenize(p), backend.tokenize(a)
-        pairs = align(ids, aids, T)
+        ps = align(ids, aids, T)
         # the soft tokens themselves: the span that differs, onto the anchor's last span token
-        paired, anchor_paired = {i for i, _ in pairs}, {j for _, j in pairs}
+        paired, anchor_paired = {i for i, _ in ps}, {j for _, j in ps}
         last_anchor = max((j for j in range(1, len(aids) - 1) if j not in anchor_paired), default=0)
-        pairs += [(i, last_anchor) for i in range(1, min(len(ids) - 1, T)) if i not in paired]
-        ic += [k * T + i for i, _ in pairs]
-        ia += [k * T + j for _, j in pairs]
-    e = ctx.reshape(-1, d)[torch.tensor(ic, device=ctx.device)]
-    es = actx.reshape(-1, d)[torch.tensor(ia, device=actx.device)]
-    allpos = ctx.reshape(-1, d)
-    st = ConceptStats(outer_sum(es, e), outer_sum(e, e), outer_sum(allpos, allpos), len(ic))
+        pairs.append(ps + [(i, last_anchor) for i in range(1, min(len(ids) - 1, T)) if i not in paired])
+    st = pair_stats(ctx, actx, pairs)
     return st, float(sum(losses[-10:]) / max(1, len(losses[-10:]))), soft

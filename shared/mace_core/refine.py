@@ -82,19 +82,25 @@ def concept_stats(backend: Backend, prompts: Sequence[str], anchor_prompts: Sequ
     anchor share its encodings)."""
     ct = concept_text if concept_text is not None else backend.encode(list(prompts))
     at = anchor_text if anchor_text is not None else backend.encode(list(anchor_prompts))
-    d, T = ct.context.shape[-1], ct.context.shape[1]
-    ic, ia = [], []
-    for k, (p, a) in enumerate(zip(prompts, anchor_prompts)):
-        for i, j in align(backend.tokenize(p), backend.tokenize(a), T):
-            ic.append(k * T + i)
-            ia.append(k * T + j)
-    e = ct.context.reshape(-1, d)[torch.tensor(ic, device=ct.context.device)]
-    es = at.context.reshape(-1, d)[torch.tensor(ia, device=at.context.device)]
-    allpos = ct.context.reshape(-1, d)
-    pooled = {}
+    T = ct.context.shape[1]
+    pairs = [align(backend.tokenize(p), backend.tokenize(a), T) for p, a in zip(prompts, anchor_prompts)]
+    st = pair_stats(ct.context, at.context, pairs)
     if ct.pooled is not None:
-        pooled = {"pooled_cross": outer_sum(at.pooled, ct.pooled), "pooled_gram": outer_sum(ct.pooled, ct.pooled)}
-    return ConceptStats(outer_sum(es, e), outer_sum(e, e), outer_sum(allpos, allpos), len(ic), **pooled)
+        st.pooled_cross, st.pooled_gram = outer_sum(at.pooled, ct.pooled), outer_sum(ct.pooled, ct.pooled)
+    return st
+
+
+def pair_stats(concept: torch.Tensor, anchor: torch.Tensor, pairs: Sequence[Sequence[tuple[int, int]]]
+               ) -> ConceptStats:
+    """The sums of `ConceptStats` from contexts [B, T, D] of B prompts and of their anchor versions,
+    over ``pairs[k]``: the aligned (prompt position, anchor position) pairs of prompt k."""
+    T, d = concept.shape[1], concept.shape[2]
+    ic = [k * T + i for k, ps in enumerate(pairs) for i, _ in ps]
+    ia = [k * T + j for k, ps in enumerate(pairs) for _, j in ps]
+    e = concept.reshape(-1, d)[torch.tensor(ic, dtype=torch.long, device=concept.device)]
+    es = anchor.reshape(-1, d)[torch.tensor(ia, dtype=torch.long, device=anchor.device)]
+    allpos = concept.reshape(-1, d)
+    return ConceptStats(outer_sum(es, e), outer_sum(e, e), outer_sum(allpos, allpos), len(ic))
 
 
 def outer_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -140,6 +140,10 @@ def render_set(n: int, seed: int, cache_dir: Path | None = None):
 
 
 # --------------------------------------------------------------------------- VAE
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+
+
 def train_vae(vae, x: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
               kl_weight: float = 1e-6, log_every: int = 200, callback=None):
     g = torch.Generator().manual_seed(seed)
@@ -153,7 +157,7 @@ def train_vae(vae, x: torch.Tensor, steps: int, batch: int, lr: float, seed: int
         post = vae.encode(xb).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
-        rec_loss = F.mse_loss(rec, xb) + 0.5 * F.l1_loss(rec, xb)
+        rec_loss = reconstruction_loss(rec, xb)
         kl = post.kl().mean() / z[0].numel()
         loss = rec_loss + kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -211,8 +215,7 @@ def harden_decoder(vae, x: torch.Tensor, steps: int, seed: int, sigma: float = D
         idx = torch.randint(0, x.shape[0], (batch,), generator=g)
         z = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
         z = z + sigma * spread * torch.rand(batch, 1, 1, 1, generator=g) * torch.randn(z.shape, generator=g)
-        rec = vae.decode(z).sample
-        loss = F.mse_loss(rec, x[idx]) + 0.5 * F.l1_loss(rec, x[idx])
+        loss = reconstruction_loss(vae.decode(z).sample, x[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -444,10 +447,11 @@ def decoder_only(args, cfg: dict) -> None:
     """Stage 3 on a saved model: its text encoder and UNet are written back unchanged (fp16 -> fp32 ->
     fp16 is exact), its decoder hardened; metadata kept, with the decoder's settings added."""
     from mace_core.checkpoint import load_checkpoint
-    from toyworld.quality import load_backend
+    from mace_core.diffusers_backend import DiffusersBackend
 
-    meta = {k: v for k, v in load_checkpoint(args.harden_decoder_of).metadata.items() if k.startswith("toyworld.")}
-    comp = load_backend(args.harden_decoder_of).components
+    ck = load_checkpoint(args.harden_decoder_of)
+    meta = {k: v for k, v in ck.metadata.items() if k.startswith("toyworld.")}
+    comp = DiffusersBackend.from_checkpoint(ck, device="cpu", dtype=torch.float32).components
     imgs, _ = render_set(cfg["n_images"], args.seed + 1, args.render_cache)
     t0 = time.time()
     harden_decoder(comp.vae, torch.from_numpy(world.to_tensor_range(imgs)), cfg["decoder_steps"], args.seed + 4)
