@@ -68,6 +68,16 @@ def constraints() -> str:
     return "\n".join(sorted(lines)) + "\n"
 
 
+def shell_command(args: list[str]) -> str:
+    """`args` as one command line for A1111's `launch.run_pip`, which runs it through the shell
+    (sh or cmd.exe): every argument in double quotes, the quoting both shells share, so `<`, `>`
+    and spaces in requirements and paths reach pip instead of becoming redirections."""
+    bad = [a for a in args if '"' in a]
+    if bad:
+        raise ValueError(f"cannot quote {bad[0]!r} for the shell")
+    return " ".join(f'"{a}"' for a in args)
+
+
 def main() -> int:
     missing = [r for r in requirements() if not satisfied(r)]
     if not missing:
@@ -86,7 +96,7 @@ def main() -> int:
     try:
         import launch  # A1111 / Forge
 
-        launch.run_pip(" ".join(f'"{a}"' if " " in a else a for a in args), "mace requirements")
+        launch.run_pip(shell_command(args), "mace requirements")
         ok = True
     except ImportError:
         ok = subprocess.run([sys.executable, "-m", "pip", *args]).returncode == 0

@@ -79,3 +79,20 @@ def test_install_keeps_host_pins(host, tmp_path):
     # a second run has nothing to do
     again = subprocess.run([str(py), str(ROOT / "install.py")], capture_output=True, text=True)
     assert "all requirements are installed" in again.stdout
+
+
+def test_a1111_command_line_survives_the_shell(tmp_path):
+    """A1111's `launch.run_pip` runs `"python" -m pip {command}` through the shell: requirements
+    with `<`/`>` and paths with spaces must reach pip as they are, and no file may appear (the
+    unquoted `diffusers>=0.27` redirected into a file named `=0.27`)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from install import shell_command
+    finally:
+        sys.path.remove(str(ROOT))
+    args = ["install", "diffusers>=0.27", "diffusers<=0.31.0", "x!=1;python_version<'4'",
+            "-c", str(tmp_path / "a dir" / "pins.txt")]
+    out = subprocess.run(f"printf '%s\\n' {shell_command(args)}", shell=True, cwd=tmp_path,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == args
+    assert list(tmp_path.iterdir()) == []
