@@ -24,16 +24,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shared"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic.py
 
 import torch  # noqa: E402
 
 from mace_core.checkpoint import Components, make_tokenizer  # noqa: E402
 from mace_core.concepts import ErasureSpec, make_concept  # noqa: E402
 from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
-from mace_core.erase import erase  # noqa: E402
+from mace_core.erase import POOLED_SUFFIX, erase  # noqa: E402
 from mace_core.families import load_family  # noqa: E402
 from mace_core.project import Project  # noqa: E402
-from mace_core.synthetic import random_modules, tiny_family  # noqa: E402
+from synthetic import random_modules, tiny_family  # noqa: E402
 
 WORDS = ("amber basil cedar delta ember fjord garnet harbor indigo juniper kestrel lagoon meadow nimbus "
          "orchid pepper quartz raven saffron tundra umber velvet willow xenon yarrow zephyr").split()
@@ -108,7 +109,7 @@ def baseline_closed_form(be: DiffusersBackend, spec: ErasureSpec) -> float:
     from mace_core.refine import align
 
     t0 = time.perf_counter()
-    w0 = {k: v.to(be.device) for k, v in be.original_weights().items()}
+    w0 = {k: v.to(be.device) for k, v in be.original_weights().items() if not k.endswith(POOLED_SUFFIX)}
     pairs = []  # list of (e, e*) vectors, as the authors' code keeps them
     for c in spec.concepts:
         ps, anchors = concept_prompts(c), concept_prompts(c, c.anchor)

@@ -23,7 +23,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shared"))
 
 from mace_core.checkpoint import load_checkpoint, with_edits  # noqa: E402
-from mace_core.concepts import ErasureSpec, make_concept  # noqa: E402
+from mace_core.concepts import ErasureSpec, load_preset, make_concept  # noqa: E402
 from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
 from mace_core.erase import erase  # noqa: E402
 from mace_core.metrics import accuracy  # noqa: E402
@@ -43,11 +43,13 @@ VARIANTS = {
 }
 
 
-def erased_backend(ck, concepts, overrides, closed_form_only=False, report: dict | None = None):
-    """The toy model with ``concepts`` erased (``report``, if given, receives the run's report)."""
+def erased_backend(ck, concepts, overrides, closed_form_only=False, report: dict | None = None, ctype: str = "toy",
+                   retain: list[str] = ()):
+    """The model of checkpoint ``ck`` with ``concepts`` (of type ``ctype``) erased, ``retain`` kept
+    (``report``, if given, receives the run's report)."""
     with tempfile.TemporaryDirectory() as d:
         base = DiffusersBackend.from_checkpoint(ck, device="cpu")
-        res = erase(base, ErasureSpec(tuple(make_concept(c, "", "toy") for c in concepts), (), overrides),
+        res = erase(base, ErasureSpec(tuple(make_concept(c, "", ctype) for c in concepts), tuple(retain), overrides),
                     Project(d), ck.sha256, closed_form_only=closed_form_only)
     if report is not None:
         report.update(res.report)
@@ -66,6 +68,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=8, help="seeds per color (5 colors) per shape word")
     ap.add_argument("--set", action="append", default=[], help="setting override key=value")
     ap.add_argument("--extra", action="store_true", help="also the shared-word, close-pair and mass cases")
+    ap.add_argument("--type", default="toy", help="concept type whose preset erases (calibrate the real types here)")
+    ap.add_argument("--mass", type=int, default=0, metavar="N",
+                    help="instead of the variants' concept alone, erase it with N-1 other names (the MACE "
+                         "paper's 100 celebrities): the other shapes must stay")
     args = ap.parse_args()
     over = {}
     for kv in args.set:
@@ -84,7 +90,8 @@ def main() -> None:
         else:
             v = dict(VARIANTS[name])
             cfo = v.pop("closed_form_only", False)
-            be = erased_backend(ck, [args.concept], {**over, **v}, cfo, report)
+            erased = [args.concept, *mass_names(args.mass - 1)]
+            be = erased_backend(ck, erased, {**over, **v}, cfo, report, args.type)
         s = object_scores(be, judge, [args.concept], args.seeds)
         rows[name] = s
         losses = report.get("losses", {}).get(args.concept) or []
@@ -93,6 +100,11 @@ def main() -> None:
               f"{time.perf_counter() - t0:.0f} |", flush=True)
     if args.extra:
         extra_cases(ck, judge, over, args.seeds * 5)
+
+
+def mass_names(n: int) -> list[str]:
+    """The first ``n`` names of the MACE paper's 100-celebrity erasure group: words the toy model never saw."""
+    return [c.phrase for c in load_preset("celebrities-100").concepts[:n]] if n > 0 else []
 
 
 def extra_cases(ck, judge, over: dict, n: int) -> None:

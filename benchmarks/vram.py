@@ -133,11 +133,13 @@ def stages(backend: DiffusersBackend, low_vram: bool):
     tokens = phrase_token_mask(backend, prompts, c.phrase, with_end=True)
     delta = {l.k_key: torch.zeros(l.to_k.weight.shape) for l in backend.cross_attention()}
     delta.update({l.v_key: torch.zeros(l.to_v.weight.shape) for l in backend.cross_attention()})
+    original = backend.original_weights()  # W0 as erase passes it: built before the traces, not counted in them
     yield "stage 1 (text encoding, 1 concept)", lambda: concept_stats(backend, concept_prompts(c),
                                                                           concept_prompts(c, c.anchor))
     yield f"drawing {n} image(s) at once + masks", lambda: draw_concept(
         backend, prompt, c.phrase, list(range(n)), 1, 7.5, batch_size=n)
-    yield "LoRA step, mace objective", lambda: train_lora(backend, data, prompts, tokens, delta, s, 0)
+    yield "LoRA step, mace objective", lambda: train_lora(backend, data, prompts, tokens, delta, s, 0,
+                                                          original=original)
     abo = Settings(steps=1, images=8, low_vram=low_vram, objective="abo", alternative="a photo of a dog")
     yield f"LoRA step, abo objective (batch {abo.batch_size})", lambda: train_lora(
         backend, data, prompts, tokens, delta, abo, 0)

@@ -365,14 +365,6 @@ class ComfyBackend:
         return self.vae
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        vae = self._need_vae()
-        self._unet_ready = False
-        pixels = ((images.float().cpu() + 1) / 2).clamp(0, 1).movedim(1, -1)
-        z = vae.encode(pixels)
-        return self.patcher.model.latent_format.process_in(z.float()).to(self.device)
-
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self._need_vae()
         self._unet_ready = False

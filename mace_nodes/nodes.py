@@ -7,25 +7,30 @@ soon as each is done) under ``models/mace/<project>``; rerunning a graph resumes
 Re-fuse node restores or re-fuses any subset of its concepts in seconds. Results reach the MODEL only
 as ``add_patches({key: ("set", (W,))})`` on a ``clone()``: the MODEL that went in samples exactly as
 before.
+
+Nodes are on ComfyUI's V3 schema (``comfy_api.latest``: `io.ComfyNode` classes registered through
+`MaceExtension`, ComfyUI 0.3.75 or newer); their ids are the class names saved workflows name, and
+each node's widgets keep the order those workflows store their values in.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
+import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from comfy_api.latest import ComfyExtension, io, ui
 
-from mace_core.concepts import (ErasureSpec, concept_types, load_config, load_preset, make_concept, merge_specs,
-                                parse_lines, preset_names, validate)
+from mace_core.concepts import (ErasureSpec, SettingInfo, concept_types, parse_lines, preset_names, setting_info,
+                                setting_infos, validate)
 from mace_core.errors import MaceError
+from mace_core.project import Project
+from mace_core.request import BaseModel, Request, build_spec as core_spec, text_lines, validate_project_name
 
 from .backend import (ComfyBackend, edited_keys, effective_weights, family_name, file_key, mace_info, patched_model,
                       strip_mace, weights_id)
@@ -39,6 +44,14 @@ PROJECT_FOLDER = "mace"
 SAM_FOLDER = "sams"
 SAM_PREFIX = "sam: "  # mask choice "sam: <checkpoint file in models/sams>"
 DEFAULT = "type default"
+# Core settings (`mace_core.concepts.Settings`) by the node that offers them. Refine: stage 1;
+# the training nodes: the first ones as required widgets (saved workflows store them in this order),
+# every other setting the core declares as optional widgets (`_optional_inputs`), so a new setting shows up
+# here without a change. The seed is 'training_seed', the mask a widget of its own (SAM checkpoints),
+# the CLIP skip read from the CLIP.
+REFINE_SETTINGS = ("lam", "prior", "domain")
+TRAIN_SETTINGS = ("steps", "rank", "lr", "images", "sample_steps", "guidance")
+OWN_WIDGETS = ("seed", "mask", "sam_checkpoint", "clip_skip")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,14 +119,10 @@ def project_names() -> list[str]:
     return sorted(names)
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+-]{0,99}$")
-
-
 def project_path(name: str) -> Path:
-    name = name.strip()
-    if not _NAME.match(name) or name.endswith(".") or ".." in name:
-        raise MaceError(f"project name {name!r}: use letters, digits, spaces and _ . + - (no slashes), "
-                        "at most 100 characters")
+    """The folder of project ``name`` (checked by the core's `validate_project_name`): where it exists
+    among `projects_roots`, else in the first."""
+    name = validate_project_name(name)
     roots = projects_roots()
     for root in roots:
         if (root / name / "manifest.json").is_file():
@@ -212,11 +221,26 @@ def _upstream_checkpoint(prompt, unique_id, input_name: str = "model") -> tuple[
     return None, False
 
 
-def _base_identity(model, prompt, unique_id, wid: str | None = None) -> tuple[str, str, str]:
-    """(project base id, base name, weights id). A MODEL straight from a checkpoint loader, unpatched,
-    is identified by the file's sha256 (as the CLI does, so `mace fuse/add` work on the project);
-    otherwise by the sha256 of its cross-attention weights."""
-    wid = wid or weights_id(model)
+def _model_weights(model):
+    """``model``'s editable weights by file key, as the core's base-identity rule reads them."""
+    return {file_key(k): w for k, w in effective_weights(model, edited_keys(model)).items()}
+
+
+def _request(concepts: MaceConcepts | None, base, family: str, spec: ErasureSpec, prompt, unique_id,
+             project: Path | None = None, **kw) -> Request:
+    """The core's `Request` for a run on the MODEL ``base``: its project (``project``, else the one
+    ``concepts`` names or an automatic name) and its identity (`_base_identity`); ``kw``: the
+    request's other fields."""
+    wid = weights_id(base)
+    root = project or project_path(concepts.project or auto_project_name(family, wid, spec))
+    sha, name = _base_identity(base, prompt, unique_id, wid)
+    return Request(spec, BaseModel(sha, name, wid), root, project_what="project", find_base=_checkpoint_file, **kw)
+
+
+def _base_identity(model, prompt, unique_id, wid: str) -> tuple[str, str]:
+    """(base id, base name) for a new project. A MODEL straight from a checkpoint loader, unpatched, is
+    identified by the file's sha256 (as the CLI does, so `mace fuse/add` work on the project);
+    otherwise by ``wid``, the sha256 of its cross-attention weights."""
     name, direct = _upstream_checkpoint(prompt, unique_id)
     if name and direct and not model.patches:
         try:
@@ -224,31 +248,10 @@ def _base_identity(model, prompt, unique_id, wid: str | None = None) -> tuple[st
 
             path = folder_paths.get_full_path("checkpoints", name)
             if path:
-                return _file_sha256(path), name, wid
+                return _file_sha256(path), name
         except OSError:
             pass
-    return wid, name or "ComfyUI MODEL", wid
-
-
-def _check_project_base(project, model, wid: str) -> None:
-    """The project was made from this MODEL (its weights id, or the CLI's base file's weights)."""
-    m = project.manifest()
-    base = m.get("base", {})
-    if wid in (base.get("sha256"), base.get("weights_id")):
-        return
-    path = _checkpoint_file(base.get("path", ""))
-    if path and path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        keys = edited_keys(model)
-        ours = effective_weights(model, keys)
-        with safe_open(path, "pt") as f:
-            names = set(f.keys())
-            if all(file_key(k) in names for k in keys) and all(
-                    torch.allclose(f.get_tensor(file_key(k)).float(), ours[k], rtol=1e-3, atol=1e-4) for k in keys):
-                return
-    raise MaceError(f"project {project.root.name!r} was made from another model ({base.get('path', '?')}); "
-                    "connect that model, or pick another project")
+    return wid, name or "ComfyUI MODEL"
 
 
 def _checkpoint_file(name: str) -> str | None:
@@ -263,28 +266,6 @@ def _checkpoint_file(name: str) -> str | None:
         return folder_paths.get_full_path("checkpoints", name)
     except Exception:  # noqa: BLE001
         return None
-
-
-def _project_for(concepts: MaceConcepts, base, family: str, spec: ErasureSpec, prompt, unique_id):
-    """(Project, base id, base name, weights id) for a run on ``base``: an existing project must have been
-    made from this model (then its recorded base identity is kept), a new one gets this model's."""
-    from mace_core.project import Project
-
-    wid = weights_id(base)
-    project = Project(project_path(concepts.project or auto_project_name(family, wid, spec)))
-    if project.exists():
-        _check_project_base(project, base, wid)
-        b = project.manifest()["base"]
-        return project, b["sha256"], b.get("path", ""), wid
-    base_sha, base_name, _ = _base_identity(base, prompt, unique_id, wid)
-    return project, base_sha, base_name, wid
-
-
-def _record_weights_id(project, wid: str) -> None:
-    m = project.manifest()
-    if m.get("base", {}).get("weights_id") != wid:
-        m["base"]["weights_id"] = wid
-        project.write_manifest(m)
 
 
 def _preview(project, spec: ErasureSpec, mode: str) -> torch.Tensor:
@@ -338,107 +319,101 @@ def _resolve_file(name: str) -> Path:
     return p
 
 
-def load_concept_file(path: Path, default_type: str) -> ErasureSpec:
-    """A YAML config (as `mace erase --config`), a CSV (columns phrase, anchor, type[, role]; role
-    "retain" puts the row in the retain list; a header row naming the columns is optional) or a text
-    file (one ``phrase | anchor | type`` per line)."""
-    if not path.is_file():
-        raise MaceError(f"concept file not found: {path} (give an absolute path or a file in ComfyUI's input folder)")
-    suffix = path.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        return load_config(path)
-    text = path.read_text(encoding="utf-8-sig")
-    if suffix != ".csv":
-        return ErasureSpec(tuple(parse_lines(text, default_type)))
-    rows = [r for r in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in r)]
-    cols = ["phrase", "anchor", "type", "role"]
-    if rows and rows[0] and rows[0][0].strip().lower() in ("phrase", "concept"):
-        cols = [c.strip().lower().replace("concept", "phrase") for c in rows[0]]
-        rows = rows[1:]
-        if "phrase" not in cols:
-            raise MaceError(f"{path}: the header row needs a 'phrase' column")
-    concepts, retain = [], []
-    for n, row in enumerate(rows, 1):
-        rec = {c: (row[i].strip() if i < len(row) else "") for i, c in enumerate(cols)}
-        if rec.get("phrase", "").startswith("#"):
-            continue
-        if rec.get("role", "").lower() in ("retain", "keep", "preserve"):
-            retain.append(rec["phrase"])
-            continue
-        try:
-            concepts.append(make_concept(rec.get("phrase", ""), rec.get("anchor", ""), rec.get("type") or default_type))
-        except MaceError as e:
-            raise MaceError(f"{path.name} row {n}: {e}") from None
-    return ErasureSpec(tuple(concepts), tuple(retain))
-
-
 def build_spec(concepts: str, default_type: str, preset: str = "none", retain: str = "",
                config_file: str = "") -> ErasureSpec:
-    """The request of a Load Concepts node (preset < file < lines, as the CLI layers them)."""
-    spec = ErasureSpec(())
-    if preset and preset != "none":
-        spec = merge_specs(spec, load_preset(preset))
-    if config_file and config_file.strip():
-        spec = merge_specs(spec, load_concept_file(_resolve_file(config_file), default_type))
-    lines = parse_lines(concepts or "", default_type)
-    keep = [r.split("#", 1)[0].strip() for r in (retain or "").splitlines()]
-    spec = merge_specs(spec, ErasureSpec(tuple(lines), tuple(r for r in keep if r)))
+    """The request of a Load Concepts node (preset < file < lines, as every front-end layers them)."""
+    file = _resolve_file(config_file) if config_file and config_file.strip() else None
+    if file is not None and not file.is_file():
+        raise MaceError(f"concept file not found: {file} (give an absolute path or a file in ComfyUI's input folder)")
+    spec = core_spec(preset=None if preset in ("", "none") else preset, file=file, lines=concepts or "",
+                     default_type=default_type, retain=text_lines(retain))
+    if not spec.concepts:  # the core's message names the CLI's flags
+        raise MaceError("no concepts to erase: write one per line in 'concepts', pick a 'preset' or give a "
+                        "'config_file'")
     return validate(spec)
 
 
 # ---------------------------------------------------------------------------------------------
-# Nodes
+# Nodes (ComfyUI's V3 schema: `io.ComfyNode` classes registered by `MaceExtension`)
 
 
 def _type_names() -> list[str]:
     return sorted(concept_types())
 
 
-def _train_inputs() -> dict:
-    return {
-        "steps": ("INT", {"default": 0, "min": 0, "max": 100000,
-                          "tooltip": "LoRA training steps per concept (0 = the concept type's default, e.g. 50; "
-                                     "explicit: 120)"}),
-        "rank": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip": "LoRA rank (0 = default, 1)"}),
-        "lr": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-5, "round": False,
-                         "tooltip": "learning rate (0 = the type's default: object 1e-4, celebrity/style 1e-3)"}),
-        "images": ("INT", {"default": 0, "min": 0, "max": 1000,
-                           "tooltip": "training images per concept, drawn by the ORIGINAL model (0 = default, 8)"}),
-        "sample_steps": ("INT", {"default": 0, "min": 0, "max": 1000,
-                                 "tooltip": "DDIM steps to draw each training image (0 = default, 30)"}),
-        "guidance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
-                               "tooltip": "CFG scale for the training images (0 = default, 7.5)"}),
-        "mask": ([DEFAULT, "attention", "none"] + [SAM_PREFIX + f for f in sam_checkpoints()],
-                 {"tooltip": "where the concept is in each training image: attention (cross-attention maps of "
-                             "the same sampling pass), none (whole image; the default for styles and explicit "
-                             "content), or 'sam: <file>': the attention mask's box and centre prompt a SAM "
-                             "checkpoint from models/sams (needs the segment-anything package)"}),
-        "training_seed": ("INT", {"default": 2024, "min": 0, "max": 2 ** 31 - 1,
-                                  "tooltip": "seed of image drawing and training; keep it fixed to resume a project"}),
-        "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
-                               "tooltip": "side of the training images in pixels (0 = the model family's: SD1/SD2 "
-                                          "512, SD2-768-v 768, SDXL 1024; the CLI always uses the family's)"}),
-    }
+def _train_inputs() -> list[io.Input]:
+    return [
+        *_setting_inputs(TRAIN_SETTINGS),
+        io.Combo.Input("mask", options=[DEFAULT, "attention", "none"] + [SAM_PREFIX + f for f in sam_checkpoints()],
+                       default=DEFAULT,
+                       tooltip="where the concept is in each training image: attention (cross-attention maps of "
+                               "the same sampling pass), none (whole image; the default for styles and explicit "
+                               "content), or 'sam: <file>': the attention mask's box and centre prompt a SAM "
+                               "checkpoint from models/sams (needs the segment-anything package)"),
+        io.Int.Input("training_seed", default=2024, min=0, max=2 ** 31 - 1,
+                     tooltip="seed of image drawing and training; keep it fixed to resume a project"),
+        io.Int.Input("resolution", default=0, min=0, max=4096, step=8,
+                     tooltip="side of the training images in pixels (0 = the model family's: SD1/SD2 512, "
+                             "SD2-768-v 768, SDXL 1024; the CLI always uses the family's)"),
+    ]
 
 
-def _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed, low_vram: bool = False,
-                     objective: str = "mace", alternative: str = "", robust_rounds: int = 0) -> dict:
-    """The settings the nodes' inputs override (0 / default: the concept type's own)."""
-    out = {"seed": int(training_seed)}
-    if low_vram:
-        out["low_vram"] = True
-    if objective != "mace":
-        out["objective"] = objective
-        if alternative.strip():
-            out["alternative"] = alternative.strip()
-    if int(robust_rounds) > 0:
-        out["robust_rounds"] = int(robust_rounds)
-    for k, v in (("steps", steps), ("rank", rank), ("images", images), ("sample_steps", sample_steps)):
-        if int(v) > 0:
-            out[k] = int(v)
-    for k, v in (("lr", lr), ("guidance", guidance)):
-        if float(v) > 0:
-            out[k] = float(v)
+def _setting_input(info: SettingInfo, optional: bool = False) -> io.Input:
+    """A widget for a core setting, from its declaration: numbers start at their "unset" value (the
+    concept type's default, `_unset`), choices at "type default", text empty, switches off."""
+    tip = f"{info.help} (default: {info.type_defaults()})"
+    if info.choices:
+        return io.Combo.Input(info.name, options=[DEFAULT, *info.choices], default=DEFAULT, tooltip=tip,
+                              optional=optional)
+    if info.kind is bool:
+        return io.Boolean.Input(info.name, default=False, tooltip=tip, optional=optional)
+    if info.kind is str:
+        return io.String.Input(info.name, default="", tooltip=tip, optional=optional)
+    unset = _unset(info)
+    tip += f"; {unset:g} = the concept type's default"
+    if info.kind is int:
+        return io.Int.Input(info.name, default=int(unset), min=int(unset), max=int(info.max or 2 ** 31 - 1),
+                            tooltip=tip, optional=optional)
+    step = 10.0 ** (math.floor(math.log10(abs(info.default))) - 1) if info.default else 0.01
+    return io.Float.Input(info.name, default=float(unset), min=float(unset), max=float(info.max or 1e9), step=step,
+                          round=False, tooltip=tip, optional=optional)
+
+
+def _unset(info: SettingInfo) -> float:
+    """The widget value meaning "the concept type's default": the bound of a setting that must be
+    positive (0), else one below its minimum (-1 for a setting that may be 0)."""
+    return info.above if info.above is not None else (info.min or 0) - 1
+
+
+def _setting_inputs(names, optional: bool = False) -> list[io.Input]:
+    return [_setting_input(setting_info(n), optional) for n in names]
+
+
+def _overrides(values: dict) -> dict:
+    """The settings the nodes' inputs ``values`` (setting name -> widget value) set: a widget left at
+    its "unset" value keeps the concept type's default."""
+    out = {}
+    for name, v in values.items():
+        info = setting_info(name)
+        if info.choices:
+            keep = v != DEFAULT
+        elif info.kind in (int, float):
+            keep = v is not None and float(v) > _unset(info)
+            v = info.kind(v) if keep else v
+        elif info.kind is str:
+            v = (v or "").strip()
+            keep = bool(v)
+        else:
+            keep = bool(v)
+        if keep:
+            out[name] = v
+    return out
+
+
+def _train_overrides(mask: str, training_seed: int, settings: dict) -> dict:
+    """The settings the training nodes' inputs override: ``settings`` (widgets named after core
+    settings, `_overrides`), the seed, and the mask (a SAM checkpoint of models/sams resolved)."""
+    out = {**_overrides(settings), "seed": int(training_seed)}
     if mask and mask.startswith(SAM_PREFIX):
         path = _sam_folder().get_full_path(SAM_FOLDER, mask[len(SAM_PREFIX):])
         if path is None:
@@ -449,51 +424,102 @@ def _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, trai
     return out
 
 
-class MACELoadConcepts:
-    DESCRIPTION = ("What to erase: one concept per line as 'phrase', 'phrase | anchor' or 'phrase | anchor | type' "
-                   "(the anchor is what the phrase will draw instead; '#' starts a comment), a shipped preset, "
-                   "and/or a YAML/CSV/text file; plus a retain list of concepts to protect. 'project' names the "
-                   "erasure project folder in models/mace/ (empty: a name derived from the model and concepts); "
-                   "re-running a graph with the same project resumes it.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (CONCEPTS,)
-    RETURN_NAMES = ("concepts",)
-    FUNCTION = "load"
+def _optional_inputs(*, refine: bool) -> list[io.Input]:
+    """Optional inputs of the training nodes: the preview, every other core setting (`_setting_inputs`;
+    with ``refine`` also stage 1's, which the one-shot node runs too) and deleting the training images."""
+    others = [i.name for i in setting_infos() if i.name not in TRAIN_SETTINGS + OWN_WIDGETS
+              and (refine or i.name not in REFINE_SETTINGS)]
+    return [io.Combo.Input("preview", options=["auto", "show", "blur", "hide"], default="auto", optional=True,
+                           tooltip="the training_images output: each image beside its mask; auto blurs explicit "
+                                   "concepts"),
+            *_setting_inputs(others, optional=True),
+            io.Boolean.Input("delete_images", default=False, optional=True,
+                             tooltip="when done, delete the training images drawn into the project (they may show "
+                                     "what was erased); re-fusing still works")]
+
+
+def _run(be: ComfyBackend, req: Request, preview: str = "hide"):
+    """Plan and run ``req`` through the core's run layer on ``be`` (the ORIGINAL model: it draws the
+    images; the LoRAs train on its refined weights, applied by hooks), with grad enabled (ComfyUI runs
+    nodes in inference mode), ComfyUI progress and cancel. Returns the `run.Report` and the training
+    images' preview (taken before they may be deleted). The estimate is logged before the run starts."""
+    import comfy.model_management as mm
+    from mace_core.run import plan, run
+
+    progress = _Progress(req.planned())
+    shown = []
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            p = plan(req, be)
+            log.info("MACE: %s (what the project already holds is reused and not counted)", p.estimate.describe())
+            rep = run(p, be, progress=progress, should_stop=_interrupt_check,
+                      before_cleanup=lambda proj: shown.append(_preview(proj, proj.spec(), preview)))
+    finally:
+        mm.soft_empty_cache()
+    progress.bar.update_absolute(progress.total, progress.total)
+    if rep.deleted is not None:
+        log.info("MACE: deleted %d training image files (%.1f MiB) from %s", rep.deleted[0],
+                 rep.deleted[1] / 2 ** 20, rep.project)
+    return rep, shown[0]
+
+
+def _patched(base, rep, stage: str, req: Request, be: ComfyBackend):
+    """``base`` with the run's weights patched in, carrying what the next MACE node needs: the project, the
+    stage reached, the base's identity and the CLIP's text encoder."""
+    info = {"project": str(rep.project), "stage": stage, "base_id": req.base.weights_id,
+            "base_sha256": rep.metadata["mace.base_sha256"], "base_name": rep.metadata["mace.base_name"],
+            "text_key": be.text_encoder_key(), "metadata": rep.metadata}
+    return patched_model(base, rep.weights, info)
+
+
+Concepts = io.Custom(CONCEPTS)
+Loras = io.Custom(LORAS)
+# where the MODEL came from (`_upstream_checkpoint`); a tuple: ComfyUI appends to a schema's own list
+HIDDEN = (io.Hidden.prompt, io.Hidden.unique_id)
+
+
+class MACELoadConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MACELoadConcepts", display_name="Load Concepts (MACE)", category=CATEGORY,
+            description="What to erase: one concept per line as 'phrase', 'phrase | anchor' or 'phrase | anchor | "
+                        "type' (the anchor is what the phrase will draw instead; '#' starts a comment), a shipped "
+                        "preset, and/or a YAML/CSV/text file; plus a retain list of concepts to protect. 'project' "
+                        "names the erasure project folder in models/mace/ (empty: a name derived from the model and "
+                        "concepts); re-running a graph with the same project resumes it.",
+            inputs=[
+                io.String.Input("concepts", multiline=True, default="",
+                                tooltip="one per line: phrase | anchor | type"),
+                io.Combo.Input("default_type", options=_type_names(), default="object",
+                               tooltip="type of lines that name none: picks prompt templates, anchor and training "
+                                       "defaults"),
+                io.Combo.Input("preset", options=["none"] + preset_names(), default="none",
+                               tooltip="a shipped concept list added to the lines"),
+                io.String.Input("retain", multiline=True, default="",
+                                tooltip="concepts to keep, one per line (they feed a protective prior)"),
+                io.String.Input("config_file", default="", optional=True,
+                                tooltip="a .yaml (as `mace erase --config`), .csv (phrase, anchor, type[, role]) or "
+                                        ".txt file; absolute or in the input folder"),
+                io.String.Input("project", default="", optional=True,
+                                tooltip="erasure project name (models/mace/<name>)"),
+            ],
+            outputs=[Concepts.Output(display_name="concepts")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "concepts": ("STRING", {"multiline": True, "default": "",
-                                        "tooltip": "one per line: phrase | anchor | type"}),
-                "default_type": (_type_names(), {"default": "object",
-                                                 "tooltip": "type of lines that name none: picks prompt templates, "
-                                                            "anchor and training defaults"}),
-                "preset": (["none"] + preset_names(), {"default": "none"}),
-                "retain": ("STRING", {"multiline": True, "default": "",
-                                      "tooltip": "concepts to keep, one per line (they feed a protective prior)"}),
-            },
-            "optional": {
-                "config_file": ("STRING", {"default": "",
-                                           "tooltip": "a .yaml (as `mace erase --config`), .csv (phrase, anchor, "
-                                                      "type[, role]) or .txt file; absolute or in the input folder"}),
-                "project": ("STRING", {"default": "", "tooltip": "erasure project name (models/mace/<name>)"}),
-            },
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, concepts, default_type):
-        """Catches a malformed concept list before the graph is queued."""
+    def validate_inputs(cls, concepts: str) -> bool | str:
+        """Catches a malformed concept line before the graph is queued. It takes ``concepts`` alone:
+        ComfyUI files a refusal under every input this method takes. 'default_type' is a checked choice,
+        and a line is valid or not whichever known type it defaults to."""
         try:
-            if default_type not in concept_types():
-                raise MaceError(f"unknown concept type {default_type!r}; known: {', '.join(_type_names())}")
-            parse_lines(concepts or "", default_type)
+            parse_lines(concepts or "", "object")
         except MaceError as e:
             return f"bad concept list: {e}"
         return True
 
     @classmethod
-    def IS_CHANGED(cls, config_file="", **_):
+    def fingerprint_inputs(cls, config_file: str = "", **_) -> str:
         """Re-read an edited concept file (ComfyUI caches this node's output otherwise)."""
         if config_file and config_file.strip():
             p = _resolve_file(config_file)
@@ -501,61 +527,48 @@ class MACELoadConcepts:
                 return hashlib.sha256(p.read_bytes()).hexdigest()
         return ""
 
-    def load(self, concepts, default_type, preset, retain, config_file="", project=""):
+    @classmethod
+    def execute(cls, concepts: str, default_type: str, preset: str, retain: str, config_file: str = "",
+                project: str = "") -> io.NodeOutput:
         if project and project.strip():
             project_path(project)  # a readable error for a bad name, now
-        return (MaceConcepts(build_spec(concepts, default_type, preset, retain, config_file), (project or "").strip()),)
+        spec = build_spec(concepts, default_type, preset, retain, config_file)
+        return io.NodeOutput(MaceConcepts(spec, (project or "").strip()))
 
 
-class MACERefine:
-    DESCRIPTION = ("Stage 1 of MACE, closed-form cross-attention refinement (CFR): rewrites every cross-attention "
-                   "key/value projection so that the concepts' words produce what their anchors produce, in one "
-                   "linear solve (seconds, no training). Output: the refined MODEL, usable on its own (the fast "
-                   "'closed-form only' erasure: weaker on the concept word's context than full MACE) or as the "
-                   "input of Train LoRAs. A MODEL already edited by MACE is taken back to its original first. "
-                   "Prior strengths: -1 = the concept type's default.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("refined_model",)
-    FUNCTION = "refine"
+class MACERefine(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MACERefine", display_name="Refine (CFR) (MACE)", category=CATEGORY,
+            description="Stage 1 of MACE, closed-form cross-attention refinement (CFR): rewrites every "
+                        "cross-attention key/value projection so that the concepts' words produce what their anchors "
+                        "produce, in one linear solve (seconds, no training). Output: the refined MODEL, usable on "
+                        "its own (the fast 'closed-form only' erasure: weaker on the concept word's context than "
+                        "full MACE) or as the input of Train LoRAs. A MODEL already edited by MACE is taken back to "
+                        "its original first. Prior strengths: -1 = the concept type's default.",
+            inputs=[
+                io.Model.Input("model", tooltip="the model to erase from (not modified: the output is a patched copy)"),
+                io.Clip.Input("clip", tooltip="the CLIP you sample with (its clip-skip layer is the one erased)"),
+                Concepts.Input("concepts", tooltip="what to erase and keep (a Load Concepts node)"),
+                *_setting_inputs(REFINE_SETTINGS, optional=True),
+            ],
+            outputs=[io.Model.Output(display_name="refined_model")],
+            hidden=[*HIDDEN],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "clip": ("CLIP", {"tooltip": "the CLIP you sample with (its clip-skip layer is the one erased)"}),
-                "concepts": (CONCEPTS,),
-            },
-            "optional": {
-                "lam": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1e6, "step": 0.1, "round": False,
-                                  "tooltip": "ridge toward the original weights (-1 = type default)"}),
-                "prior": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1e7, "step": 1.0, "round": False,
-                                    "tooltip": "strength of the general caption prior, per token (-1 = type default)"}),
-                "domain": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1e7, "step": 1.0, "round": False,
-                                     "tooltip": "strength of the retain-list prior, per token (-1 = type default)"}),
-            },
-            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
-        }
-
-    def refine(self, model, clip, concepts, lam=-1.0, prior=-1.0, domain=-1.0, prompt=None, unique_id=None):
-        from mace_core.erase import erase
-
+    def execute(cls, model, clip, concepts: MaceConcepts, **settings) -> io.NodeOutput:
         base = strip_mace(model)
         be = ComfyBackend(base, clip)
-        overrides = {k: float(v) for k, v in (("lam", lam), ("prior", prior), ("domain", domain)) if v is not None
-                     and float(v) >= 0}
-        overrides["clip_skip"] = _clip_skip(clip, be.family_name)
-        spec = validate(_with(concepts.spec, overrides), be.tokenize)
-        project, base_sha, base_name, wid = _project_for(concepts, base, be.family_name, spec, prompt, unique_id)
+        spec = _with(concepts.spec, {**_overrides(settings), "clip_skip": _clip_skip(clip, be.family_name)})
+        req = _request(concepts, base, be.family_name, validate(spec, be.tokenize), cls.hidden.prompt,
+                       cls.hidden.unique_id, closed_form_only=True)
         bar = _Bar(2)
-        res = erase(be, spec, project, base_sha, base_name, should_stop=_interrupt_check, closed_form_only=True)
-        _record_weights_id(project, wid)
+        rep = _run(be, req)[0]
         bar.done()
-        log.info("MACE refine: %s (project %s)", ", ".join(c.phrase for c in project.spec().concepts), project.root)
-        info = {"project": str(project.root), "stage": "refined", "base_id": wid, "base_sha256": base_sha,
-                "base_name": base_name, "text_key": be.text_encoder_key(), "metadata": res.metadata}
-        return (patched_model(base, res.weights, info),)
+        log.info("MACE refine: %s (project %s)", ", ".join(rep.erased), rep.project)
+        return io.NodeOutput(_patched(base, rep, "refined", req, be))
 
 
 class _Bar:
@@ -570,109 +583,39 @@ class _Bar:
         self.bar.update_absolute(self.total, self.total)
 
 
-def _train(be: ComfyBackend, project, spec, base_sha, base_name, closed_form_only=False):
-    """Run the core's pipeline on ``be`` (the ORIGINAL model: it draws the images; the LoRAs train on
-    its refined weights, applied by hooks), resuming finished concepts, with grad enabled (ComfyUI runs
-    nodes in inference mode), ComfyUI progress and cancel. A GPU too small for the run is refused
-    before anything starts; the estimate is logged and kept in the result's report."""
-    import comfy.model_management as mm
-    from mace_core.erase import erase
-    from mace_core.estimate import check_fits, estimate
-
-    progress = _Progress(project.merged(spec))
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            est = estimate(be, spec, closed_form_only, project=project)
-            log.info("MACE: %s (what the project already holds is reused and not counted)", est.describe())
-            check_fits(est, be.device)
-            res = erase(be, spec, project, base_sha, base_name, progress=progress, should_stop=_interrupt_check,
-                        closed_form_only=closed_form_only)
-    finally:
-        mm.soft_empty_cache()
-    progress.bar.update_absolute(progress.total, progress.total)
-    res.report["estimate"] = est.describe()
-    return res
-
-
-def _objective_options() -> dict:
-    """Optional inputs of the training nodes: the stage-2 objective and robust hardening."""
-    return {
-        "objective": (["mace", "abo"], {"default": "mace",
-                                        "tooltip": "mace: the attention loss of the paper; abo (All-but-One): the "
-                                                   "concept's guidance is turned toward 'alternative' while the "
-                                                   "unconditional prediction is held (slower: it backpropagates "
-                                                   "through the UNet)"}),
-        "alternative": ("STRING", {"default": "", "tooltip": "abo: what the concept should turn into (e.g. 'a cow' "
-                                                             "for 'a pig'); empty: nothing in particular"}),
-        "robust_rounds": ("INT", {"default": 0, "min": 0, "max": 10,
-                                  "tooltip": "adversarial hardening rounds after the erasure (0: off; the CLI's "
-                                             "--robust is 2): each round finds soft tokens that still draw the "
-                                             "concept and erases them too (single-text-encoder models: SD1, SD2)"}),
-    }
-
-
-def _memory_options() -> dict:
-    """Optional inputs of the training nodes: low-VRAM mode and deleting the drawn training images."""
-    return {
-        "low_vram": ("BOOLEAN", {"default": False,
-                                 "tooltip": "draw the training images one at a time (the same images, slower): "
-                                            "for GPUs the estimate says are too small"}),
-        "delete_images": ("BOOLEAN", {"default": False,
-                                      "tooltip": "when done, delete the training images drawn into the project "
-                                                 "(they may show what was erased); re-fusing still works"}),
-    }
-
-
-def _delete_images(project, delete: bool) -> str:
-    """Deletes the project's drawn training images when asked; a line for the report ("" otherwise)."""
-    if not delete:
-        return ""
-    files, size = project.delete_generated_images()
-    log.info("MACE: deleted %d training image files (%.1f MiB) from %s", files, size / 2 ** 20, project.root)
-    return f"deleted {files} training image files from the project"
-
-
-class MACETrainLoRAs:
-    DESCRIPTION = ("Stage 2 of MACE: one small LoRA per concept on the cross-attention keys, trained so that the "
-                   "concept's image regions stop attending to its words. Which model does what: the training "
-                   "IMAGES are drawn by the ORIGINAL model (so they show the concept), the LoRAs are trained ON "
-                   "the REFINED model (stage 1's weights). Connect the Refine node's output to 'model'; the "
-                   "original is recovered from it exactly (Refine's patches removed), or connect it to "
-                   "'original_model' too. Finished concepts are saved in the project at once; cancel and re-run "
-                   "to resume. Settings at 0 use the concept type's defaults. The preview shows each training "
-                   "image beside its mask (explicit concepts are blurred unless 'preview' says otherwise). Before "
-                   "it starts, the run's time and peak GPU memory are estimated (in the log) and a GPU too small "
-                   "is refused with advice; 'low_vram' draws one image at a time, 'delete_images' removes the "
-                   "drawn images from the project when done.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (LORAS, "IMAGE")
-    RETURN_NAMES = ("loras", "training_images")
-    FUNCTION = "train"
+class MACETrainLoRAs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MACETrainLoRAs", display_name="Train LoRAs (MACE)", category=CATEGORY,
+            description="Stage 2 of MACE: one small LoRA per concept on the cross-attention keys, trained so that "
+                        "the concept's image regions stop attending to its words. Which model does what: the "
+                        "training IMAGES are drawn by the ORIGINAL model (so they show the concept), the LoRAs are "
+                        "trained ON the REFINED model (stage 1's weights). Connect the Refine node's output to "
+                        "'model'; the original is recovered from it exactly (Refine's patches removed), or connect "
+                        "it to 'original_model' too. Finished concepts are saved in the project at once; cancel and "
+                        "re-run to resume. Settings at their lowest value (0 or -1) use the concept type's defaults. "
+                        "The preview shows each training image beside its mask (explicit concepts are blurred unless "
+                        "'preview' says otherwise). Before it starts, the run's time and peak GPU memory are "
+                        "estimated (in the log) and a GPU too small is refused with advice; 'low_vram' draws one "
+                        "image at a time, 'delete_images' removes the drawn images from the project when done.",
+            inputs=[
+                io.Model.Input("model", tooltip="the REFINED model (output of Refine (CFR))"),
+                io.Clip.Input("clip", tooltip="the CLIP the Refine node used"),
+                io.Vae.Input("vae", tooltip="decodes the training images for the preview and the project"),
+                *_train_inputs(),
+                io.Model.Input("original_model", optional=True,
+                               tooltip="the model Refine started from (optional: recovered from 'model' when not "
+                                       "connected)"),
+                *_optional_inputs(refine=False),
+            ],
+            outputs=[Loras.Output(display_name="loras"), io.Image.Output(display_name="training_images")],
+            hidden=[*HIDDEN],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "the REFINED model (output of Refine (CFR))"}),
-                "clip": ("CLIP",),
-                "vae": ("VAE", {"tooltip": "decodes the training images for the preview and the project"}),
-                **_train_inputs(),
-            },
-            "optional": {
-                "original_model": ("MODEL", {"tooltip": "the model Refine started from (optional: recovered "
-                                                        "from 'model' when not connected)"}),
-                "preview": (["auto", "show", "blur", "hide"], {"default": "auto"}),
-                **_objective_options(),
-                **_memory_options(),
-            },
-            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
-        }
-
-    def train(self, model, clip, vae, steps, rank, lr, images, sample_steps, guidance, mask, training_seed,
-              resolution=0, original_model=None, preview="auto", objective="mace", alternative="", robust_rounds=0,
-              low_vram=False, delete_images=False, prompt=None, unique_id=None):
-        from mace_core.project import Project
-
+    def execute(cls, model, clip, vae, mask: str, training_seed: int, resolution: int = 0, original_model=None,
+                preview: str = "auto", delete_images: bool = False, **settings) -> io.NodeOutput:
         info = mace_info(model)
         if not info or info.get("stage") != "refined":
             raise MaceError("Train LoRAs needs the MODEL output of a 'Refine (CFR)' node in its 'model' input "
@@ -686,87 +629,78 @@ class MACETrainLoRAs:
         if be.text_encoder_key() != info["text_key"]:
             raise MaceError("this CLIP is not the one the Refine node used; connect the same CLIP to both")
         project = Project(info["project"])
-        ps = project.spec()
-        spec = _with(ps, _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed,
-                                          low_vram, objective, alternative, robust_rounds))
-        res = _train(be, project, spec, info["base_sha256"], info["base_name"])
-        loras = MaceLoras(str(project.root), wid, [c.phrase for c in project.spec().concepts], res.weights,
-                          res.metadata, res.report)
-        log.info("MACE train: %s; reused LoRAs: %s", ", ".join(loras.phrases),
-                 ", ".join(res.report.get("reused_loras", [])) or "none")
-        shown = _preview(project, project.spec(), preview)  # before the images may be deleted
-        _delete_images(project, delete_images)
-        return (loras, shown)
+        spec = _with(project.spec(), _train_overrides(mask, training_seed, settings))
+        req = _request(None, original, be.family_name, spec, cls.hidden.prompt, cls.hidden.unique_id, project.root,
+                       delete_images=delete_images)
+        rep, shown = _run(be, req, preview)
+        loras = MaceLoras(str(rep.project), wid, rep.erased, rep.weights, rep.metadata, rep.details)
+        log.info("MACE train: %s; reused LoRAs: %s", ", ".join(loras.phrases), ", ".join(rep.reused) or "none")
+        return io.NodeOutput(loras, shown)
 
 
-class MACEFuse:
-    DESCRIPTION = ("Stage 3 of MACE: fuses the per-concept LoRAs with the refined weights in closed form (no "
-                   "interference between concepts). Output: the erased MODEL, ready for KSampler. 'model' is the "
-                   "original (or the refined) MODEL of the same checkpoint; it is not modified.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("erased_model",)
-    FUNCTION = "fuse"
+class MACEFuse(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MACEFuse", display_name="Fuse LoRAs (MACE)", category=CATEGORY,
+            description="Stage 3 of MACE: fuses the per-concept LoRAs with the refined weights in closed form (no "
+                        "interference between concepts). Output: the erased MODEL, ready for KSampler. 'model' is "
+                        "the original (or the refined) MODEL of the same checkpoint; it is not modified.",
+            inputs=[io.Model.Input("model", tooltip="the original (or refined) MODEL of the checkpoint"),
+                    Loras.Input("loras", tooltip="the output of Train LoRAs")],
+            outputs=[io.Model.Output(display_name="erased_model")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "loras": (LORAS,)}}
-
-    def fuse(self, model, loras):
+    def execute(cls, model, loras: MaceLoras) -> io.NodeOutput:
         base = strip_mace(model)
         if weights_id(base) != loras.base_id:
             raise MaceError("this MODEL is not the one the LoRAs were trained for; connect the same checkpoint")
         info = {"project": loras.project, "stage": "erased", "base_id": loras.base_id, "metadata": loras.metadata}
-        return (patched_model(base, loras.weights, info),)
+        return io.NodeOutput(patched_model(base, loras.weights, info))
 
 
-class MACEEraseConcepts:
-    DESCRIPTION = ("All of MACE in one node (refine, draw + train one LoRA per concept, fuse) for the impatient; "
-                   "the same result as Refine -> Train LoRAs -> Fuse. 'closed_form_only' stops after stage 1 "
-                   "(seconds, no training, weaker). Images are drawn by the input MODEL, LoRAs trained on its "
-                   "refined weights. Resumes the project when re-run. The report gives the run's estimated time "
-                   "(and GPU memory); 'low_vram' and 'delete_images' as on Train LoRAs.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "IMAGE", "STRING")
-    RETURN_NAMES = ("erased_model", "training_images", "report")
-    FUNCTION = "erase"
+class MACEEraseConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MACEEraseConcepts", display_name="Erase Concepts (MACE, one-shot)", category=CATEGORY,
+            description="All of MACE in one node (refine, draw + train one LoRA per concept, fuse) for the "
+                        "impatient; the same result as Refine -> Train LoRAs -> Fuse. 'closed_form_only' stops after "
+                        "stage 1 (seconds, no training, weaker). Images are drawn by the input MODEL, LoRAs trained "
+                        "on its refined weights. Resumes the project when re-run. The report gives the run's "
+                        "estimated time (and GPU memory); 'low_vram' and 'delete_images' as on Train LoRAs.",
+            inputs=[
+                io.Model.Input("model", tooltip="the model to erase from (not modified)"),
+                io.Clip.Input("clip", tooltip="the CLIP you sample with (its clip-skip layer is erased)"),
+                io.Vae.Input("vae", tooltip="decodes the training images"),
+                Concepts.Input("concepts", tooltip="what to erase and keep (a Load Concepts node)"),
+                *_train_inputs(),
+                io.Boolean.Input("closed_form_only", default=False,
+                                 tooltip="stage 1 only: seconds, no training; weaker"),
+                *_optional_inputs(refine=True),
+            ],
+            outputs=[io.Model.Output(display_name="erased_model"), io.Image.Output(display_name="training_images"),
+                     io.String.Output(display_name="report")],
+            hidden=[*HIDDEN],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",), "concepts": (CONCEPTS,),
-                         **_train_inputs(),
-                         "closed_form_only": ("BOOLEAN", {"default": False})},
-            "optional": {"preview": (["auto", "show", "blur", "hide"], {"default": "auto"}), **_objective_options(),
-                         **_memory_options()},
-            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
-        }
-
-    def erase(self, model, clip, vae, concepts, steps, rank, lr, images, sample_steps, guidance, mask,
-              training_seed, resolution, closed_form_only, preview="auto", objective="mace", alternative="",
-              robust_rounds=0, low_vram=False, delete_images=False, prompt=None, unique_id=None):
-        from mace_core.erase import describe_stages
-
+    def execute(cls, model, clip, vae, concepts: MaceConcepts, mask: str, training_seed: int, resolution: int,
+                closed_form_only: bool, preview: str = "auto", delete_images: bool = False,
+                **settings) -> io.NodeOutput:
         base = strip_mace(model)
         be = ComfyBackend(base, clip, vae, resolution or None)
-        overrides = _train_overrides(steps, rank, lr, images, sample_steps, guidance, mask, training_seed, low_vram,
-                                     objective, alternative, robust_rounds)
-        overrides["clip_skip"] = _clip_skip(clip, be.family_name)
+        overrides = {**_train_overrides(mask, training_seed, settings), "clip_skip": _clip_skip(clip, be.family_name)}
         spec = validate(_with(concepts.spec, overrides), be.tokenize)
-        project, base_sha, base_name, wid = _project_for(concepts, base, be.family_name, spec, prompt, unique_id)
-        res = _train(be, project, spec, base_sha, base_name, closed_form_only)
-        _record_weights_id(project, wid)
-        info = {"project": str(project.root), "stage": "refined" if closed_form_only else "erased", "base_id": wid,
-                "base_sha256": base_sha, "base_name": base_name, "text_key": be.text_encoder_key(),
-                "metadata": res.metadata}
-        names = [c.phrase for c in project.spec().concepts]
-        report = (f"erased: {', '.join(names)}\nproject: {project.root}\nstages: {res.metadata['mace.stages']}\n"
-                  f"estimate: {res.report['estimate']}\n"
-                  f"timings: {describe_stages(res.report)}\n"
-                  f"reused LoRAs: {', '.join(res.report.get('reused_loras', [])) or 'none'}")
-        shown = _preview(project, project.spec(), preview)  # before the images may be deleted
-        deleted = _delete_images(project, delete_images)
-        return (patched_model(base, res.weights, info), shown, report + (f"\n{deleted}" if deleted else ""))
+        req = _request(concepts, base, be.family_name, spec, cls.hidden.prompt, cls.hidden.unique_id,
+                       closed_form_only=closed_form_only, delete_images=delete_images)
+        rep, shown = _run(be, req, preview)
+        report = (f"erased: {', '.join(rep.erased)}\nproject: {rep.project}\nstages: {rep.metadata['mace.stages']}\n"
+                  f"estimate: {rep.estimate}\ntimings: {rep.stages}\nreused LoRAs: {', '.join(rep.reused) or 'none'}")
+        if rep.deleted is not None:
+            report += f"\ndeleted {rep.deleted[0]} training image files from the project"
+        return io.NodeOutput(_patched(base, rep, "refined" if closed_form_only else "erased", req, be), shown, report)
 
 
 RESTORE = "restore the listed concepts (erase all others)"
@@ -774,31 +708,31 @@ ONLY = "erase only the listed concepts"
 ALL = "erase all concepts of the project"
 
 
-class MACERefuse:
-    DESCRIPTION = ("Re-fuse or restore from an erasure project (models/mace/<project>) in seconds, without "
-                   "training: restoring a concept = fusing all the others (stage 1 is re-solved exactly for the "
-                   "subset, then the subset's LoRAs are fused) - the same as `mace fuse PROJECT --except/--only`. "
-                   "'model' must be the original model the project was made from.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model", "erased_concepts")
-    FUNCTION = "refuse"
+class MACERefuse(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MACERefuse", display_name="Re-fuse / Restore Concepts (MACE)", category=CATEGORY,
+            description="Re-fuse or restore from an erasure project (models/mace/<project>) in seconds, without "
+                        "training: restoring a concept = fusing all the others (stage 1 is re-solved exactly for the "
+                        "subset, then the subset's LoRAs are fused) - the same as `mace fuse PROJECT "
+                        "--except/--only`. 'model' must be the original model the project was made from.",
+            inputs=[
+                io.Model.Input("model", tooltip="the original model the project was made from"),
+                io.Combo.Input("project", options=project_names() or ["(no projects yet)"],
+                               tooltip="a project in models/mace"),
+                io.Combo.Input("mode", options=[RESTORE, ONLY, ALL], default=RESTORE,
+                               tooltip="what the concept list means"),
+                io.String.Input("concepts", multiline=True, default="",
+                                tooltip="concept phrases of the project, one per line"),
+                io.Boolean.Input("closed_form_only", default=False,
+                                 tooltip="stage 1 only (for projects erased that way)"),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="erased_concepts")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "project": (project_names() or ["(no projects yet)"],),
-                "mode": ([RESTORE, ONLY, ALL], {"default": RESTORE}),
-                "concepts": ("STRING", {"multiline": True, "default": "",
-                                        "tooltip": "concept phrases of the project, one per line"}),
-                "closed_form_only": ("BOOLEAN", {"default": False}),
-            },
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, project="", **_):
+    def fingerprint_inputs(cls, project: str = "", **_) -> str:
         """A project gains concepts and LoRAs between runs: re-fuse when its files change."""
         try:
             root = project_path(project)
@@ -807,47 +741,48 @@ class MACERefuse:
         files = [root / "manifest.json", root / "priors.safetensors", *sorted(root.glob("concepts/*/*.safetensors"))]
         return json.dumps([(str(f), f.stat().st_mtime_ns) for f in files if f.is_file()])
 
-    def refuse(self, model, project, mode, concepts, closed_form_only):
-        from mace_core.erase import refuse
-        from mace_core.project import Project
+    @classmethod
+    def execute(cls, model, project: str, mode: str, concepts: str, closed_form_only: bool) -> io.NodeOutput:
+        from mace_core.run import refuse
 
         if project not in project_names():
             raise MaceError(f"no erasure project {project!r} in {', '.join(str(r) for r in projects_roots())}")
         proj = Project(project_path(project))
         base = strip_mace(model)
-        wid = weights_id(base)
-        _check_project_base(proj, base, wid)
-        picked = [s.split("#", 1)[0].strip() for s in (concepts or "").splitlines()]
-        picked = [s for s in picked if s]
+        original = _model_weights(base)
+        picked = text_lines(concepts)
         if mode != ALL and not picked:
             raise MaceError("list the concepts to restore or to erase, one per line")
         only = picked if mode == ONLY else None
         exclude = picked if mode == RESTORE else ()
-        original = {file_key(k): v for k, v in effective_weights(base, edited_keys(base)).items()}
-        res = refuse(proj, original, only, exclude, closed_form_only=closed_form_only)
+        res = refuse(proj, original, "this MODEL", None, only, exclude, closed_form_only, _checkpoint_file)
         names = [c["phrase"] for c in json.loads(res.metadata["mace.concepts"])]
-        info = {"project": str(proj.root), "stage": "erased", "base_id": wid, "metadata": res.metadata}
-        return (patched_model(base, res.weights, info), ", ".join(names))
+        info = {"project": str(proj.root), "stage": "erased", "base_id": weights_id(base), "metadata": res.metadata}
+        return io.NodeOutput(patched_model(base, res.weights, info), ", ".join(names))
 
 
-class MACESaveCheckpoint:
-    DESCRIPTION = ("Saves the (erased) MODEL with its CLIP and VAE as a .safetensors checkpoint in the output "
-                   "folder, through ComfyUI's own checkpoint writer, with modelspec.* metadata and the mace.* "
-                   "record of what was erased (concepts, anchors, retain list, settings, base model).")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
-    OUTPUT_NODE = True
-    FUNCTION = "save"
+class MACESaveCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MACESaveCheckpoint", display_name="Save Erased Checkpoint (MACE)", category=CATEGORY,
+            description="Saves the (erased) MODEL with its CLIP and VAE as a .safetensors checkpoint in the output "
+                        "folder, through ComfyUI's own checkpoint writer, in the dtypes of the checkpoint file the "
+                        "MODEL was loaded from (an fp16 file gives an fp16 file), with modelspec.* metadata and the "
+                        "mace.* record of what was erased (concepts, anchors, retain list, settings, base model).",
+            inputs=[io.Model.Input("model", tooltip="the erased MODEL"),
+                    io.Clip.Input("clip", tooltip="saved with the model"),
+                    io.Vae.Input("vae", tooltip="saved with the model"),
+                    io.String.Input("filename_prefix", default="checkpoints/mace-erased",
+                                    tooltip="in the output folder; a number is added")],
+            outputs=[io.String.Output(display_name="path")],
+            hidden=[*HIDDEN],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",),
-                             "filename_prefix": ("STRING", {"default": "checkpoints/mace-erased"})}}
-
-    def save(self, model, clip, vae, filename_prefix):
+    def execute(cls, model, clip, vae, filename_prefix: str) -> io.NodeOutput:
         import comfy.model_base
-        import comfy.sd
         import folder_paths
         from mace_core.checkpoint import modelspec
         from mace_core.families import load_family
@@ -867,33 +802,62 @@ class MACESaveCheckpoint:
         extra = {}
         if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION:
             extra["v_pred"] = torch.tensor([])  # what ComfyUI's CheckpointSave adds for v models
-        comfy.sd.save_checkpoint(path, model, clip, vae, metadata=metadata, extra_keys=extra)
-        try:
-            from mace_core.checkpoint import fill_modelspec_hash
-
-            fill_modelspec_hash(Path(path))
-        except Exception as e:  # noqa: BLE001 - the hash is a recommended field only
-            log.warning("MACE save: could not fill modelspec.hash_sha256 (%s)", e)
+        source = _checkpoint_file(meta.get("mace.base_name", "")) or _checkpoint_file(
+            _upstream_checkpoint(cls.hidden.prompt, cls.hidden.unique_id)[0] or "")
+        _save_in_file_dtypes(Path(path), model, clip, vae, extra, metadata, source)
         log.info("MACE save: wrote %s (erased: %s)", path, ", ".join(names) or "nothing")
-        return {"ui": {"text": [path]}, "result": (path,)}
+        return io.NodeOutput(path, ui=ui.PreviewText(path))
 
 
-NODE_CLASS_MAPPINGS = {
-    "MACELoadConcepts": MACELoadConcepts,
-    "MACERefine": MACERefine,
-    "MACETrainLoRAs": MACETrainLoRAs,
-    "MACEFuse": MACEFuse,
-    "MACEEraseConcepts": MACEEraseConcepts,
-    "MACERefuse": MACERefuse,
-    "MACESaveCheckpoint": MACESaveCheckpoint,
-}
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "MACELoadConcepts": "Load Concepts (MACE)",
-    "MACERefine": "Refine (CFR) (MACE)",
-    "MACETrainLoRAs": "Train LoRAs (MACE)",
-    "MACEFuse": "Fuse LoRAs (MACE)",
-    "MACEEraseConcepts": "Erase Concepts (MACE, one-shot)",
-    "MACERefuse": "Re-fuse / Restore Concepts (MACE)",
-    "MACESaveCheckpoint": "Save Erased Checkpoint (MACE)",
-}
+
+def _file_dtypes(path: str) -> tuple[dict[str, torch.dtype], torch.dtype]:
+    """(dtype of each floating tensor of the .safetensors file ``path``, the most common of them),
+    from its header alone."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        kinds = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    dtypes = {k: _DTYPES[v] for k, v in kinds.items() if v in _DTYPES}
+    if not dtypes:
+        raise MaceError(f"{Path(path).name} holds no floating-point tensors")
+    return dtypes, Counter(dtypes.values()).most_common(1)[0][0]
+
+
+def _save_in_file_dtypes(path: Path, model, clip, vae, extra: dict, metadata: dict, source: str | None) -> None:
+    """Write ``model`` + ``clip`` + ``vae`` to ``path`` as ComfyUI's own writer lays them out, each
+    floating tensor in the dtype ``source`` (the checkpoint file they were loaded from) holds it in
+    (its most common dtype for a tensor it lacks): ComfyUI computes in its own dtypes (fp32 on a CPU),
+    and its writer saves those, twice the size of an fp16 file. ComfyUI writes a temporary file next
+    to ``path`` first (its writer's state-dict API differs between versions); the final file is
+    written atomically, never over an existing one. Without a ``source`` file ComfyUI's dtypes stay."""
+    import comfy.sd
+    from safetensors.torch import load_file
+
+    from mace_core.checkpoint import write_safetensors
+
+    tmp = path.with_name(f".{path.name}.comfyui.tmp")
+    try:
+        comfy.sd.save_checkpoint(str(tmp), model, clip, vae, extra_keys=extra)
+        tensors = load_file(str(tmp))
+        if source is None:
+            log.warning("MACE save: the checkpoint file this MODEL came from is unknown; saving ComfyUI's dtypes")
+        else:
+            dtypes, main = _file_dtypes(source)
+            tensors = {k: t.to(dtypes.get(k, main)) if t.is_floating_point() else t for k, t in tensors.items()}
+        write_safetensors(tensors, path, metadata, what="filename_prefix")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class MaceExtension(ComfyExtension):
+    """The node pack, as ComfyUI's `comfy_entrypoint` hands it over."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+NODES = (MACELoadConcepts, MACERefine, MACETrainLoRAs, MACEFuse, MACEEraseConcepts, MACERefuse, MACESaveCheckpoint)

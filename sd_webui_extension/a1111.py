@@ -63,19 +63,25 @@ class A1111Host(Host):
         return sorted(sd_models.checkpoints_list)
 
     def current_checkpoint(self) -> str | None:
+        """The loaded model's title; while none is loaded yet (the web UI loads it in the background,
+        after building the tabs) the option's, else the file the web UI will load first. Never reads
+        ``shared.sd_model``: that loads a model, blocking the UI build (and raising when there is none)."""
         from modules import shared
 
-        title = getattr(getattr(shared, "opts", None), "sd_model_checkpoint", None)
-        if not title:
-            info = getattr(getattr(shared, "sd_model", None), "sd_checkpoint_info", None)
-            title = getattr(info, "title", None)
-        if not title:
-            return None
+        sd_models = self._sd_models()
         titles = self.list_checkpoints()
-        if title in titles:
-            return title
-        info = self._sd_models().get_closet_checkpoint_match(title)
-        return info.title if info is not None and info.title in titles else None
+        loaded = getattr(self._loaded_model(), "sd_checkpoint_info", None)
+        for title in (getattr(loaded, "title", None), getattr(getattr(shared, "opts", None), "sd_model_checkpoint", None)):
+            if title in titles:
+                return title
+            info = sd_models.get_closet_checkpoint_match(title) if title else None
+            if info is not None and info.title in titles:
+                return info.title
+        try:
+            first = sd_models.select_checkpoint()  # picks a file, loads nothing
+        except (FileNotFoundError, AttributeError):  # no checkpoint at all / a fork without it
+            return None
+        return first.title if first is not None and first.title in titles else None
 
     def _info(self, title: str):
         sd_models = self._sd_models()
@@ -104,8 +110,11 @@ class A1111Host(Host):
         self._sd_models().list_models()
 
     def load_checkpoint(self, path: Path) -> str:
-        """Select ``path`` as the web UI's checkpoint: setting the option makes A1111 reload the
-        weights (its onchange callback) and Forge load it for the next generation."""
+        """Select ``path`` as the web UI's checkpoint. A1111: setting the option reloads the weights
+        (its onchange callback). Forge loads a model only through its own ``checkpoint_change`` (the
+        option plus ``refresh_model_loading_parameters``, read by its next generation); setting the
+        option alone renames the model without loading it, and then its own dropdown takes the new
+        name for the current one and refuses to switch."""
         from modules import shared
 
         self.refresh_checkpoints()
@@ -114,7 +123,11 @@ class A1111Host(Host):
             from mace_core.errors import MaceError
 
             raise MaceError(f"{Path(path).name} is not in the web UI's checkpoint list; press refresh and retry")
-        shared.opts.set("sd_model_checkpoint", info.title)
+        forge = _forge_entry()
+        if forge is not None:
+            forge.checkpoint_change(info.title)
+        else:
+            shared.opts.set("sd_model_checkpoint", info.title)
         return (f"Selected **{info.title}** as the web UI's checkpoint (top-left dropdown; it may show the old "
                 f"name until the page is reloaded).")
 
@@ -240,6 +253,15 @@ class A1111Host(Host):
             devices.torch_gc()
         except Exception:  # pragma: no cover - best effort
             pass
+
+
+def _forge_entry():
+    """Forge's ``modules_forge.main_entry`` (its model-selection path), or None under A1111."""
+    try:
+        from modules_forge import main_entry
+    except ImportError:
+        return None
+    return main_entry
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

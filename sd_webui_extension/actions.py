@@ -1,7 +1,7 @@
-"""What the tab's buttons do, without Gradio: turn the form into the CLI's request, run the core,
-save, and draw the before/after previews. Every step goes through the functions `mace erase` and
-`mace fuse` use (``mace_core.cli.spec_from_args``, ``erase``, ``refuse``, ``erase.save_result``),
-so a run from the tab and the same run from the command line give the same file.
+"""What the tab's buttons do, without Gradio: turn the form into a `mace_core.request.Request` and
+hand it to the core's run layer (`mace_core.run.plan` / `run`), exactly as `mace erase` does, then
+draw the before/after previews. Re-fusing goes through `mace_core.run.refuse` as `mace fuse` does.
+So a run from the tab and the same run from the command line give the same file.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Sequence
 
+from mace_core.concepts import SettingInfo, setting_infos
 from mace_core.errors import MaceError
+from mace_core.request import validate_project_name
 
 from .host import Host
-from .names import default_project_name, validate_output_name, validate_project_name
+from .names import default_project_name, validate_output_name
 
 log = logging.getLogger("mace.webui")
 
@@ -28,22 +29,21 @@ TYPE_DEFAULT = "type default"
 MASK_CHOICES = [TYPE_DEFAULT, "attention", "sam", "none"]
 MAX_PREVIEW_PROMPTS = 4  # erased concepts shown, and as many kept ones
 PREVIEW_MIN_SIDE = 256  # tiny previews (toy / test models) are enlarged, pixelated, to this size
+ESTIMATE_PROJECT = ".estimate"  # a project name no user can type (`plain_name` refuses a leading dot)
 
 
 # ---------------------------------------------------------------------------------------------
 # The form
 
+# Settings the form has its own widgets for; every other setting of the core is a text field of the
+# "Advanced settings" (`advanced_settings`), generated from its declaration in `mace_core.concepts`.
+OWN_WIDGETS = ("mask", "sam_checkpoint", "objective", "alternative", "low_vram")
 
-# Advanced fields typed as text: empty means "the concept type's default", exactly as an absent
-# CLI flag. name -> (parser, label shown in errors)
-NUMERIC_FIELDS: dict[str, tuple[type, str]] = {
-    "steps": (int, "LoRA steps"), "rank": (int, "LoRA rank"), "lr": (float, "learning rate"),
-    "images": (int, "images per concept"), "seed": (int, "seed"), "sample_steps": (int, "sampling steps"),
-    "guidance": (float, "guidance scale"), "lam": (float, "stage-1 ridge (lam)"),
-    "prior": (float, "general prior strength"), "domain": (float, "retain prior strength"),
-    "fuse_prior": (float, "fusion prior strength"), "clip_skip": (int, "CLIP skip"),
-    "robust_rounds": (int, "robust hardening rounds"),  # issue 12: `mace erase --robust` is 2 rounds
-}
+
+def advanced_settings() -> list[SettingInfo]:
+    """The settings typed as text in the form (empty: the concept type's default, as an absent CLI
+    flag), in the core's order."""
+    return [i for i in setting_infos() if i.name not in OWN_WIDGETS]
 
 
 @dataclass
@@ -63,74 +63,50 @@ class EraseForm:
     blur_explicit: bool = True
     mask: str = TYPE_DEFAULT
     sam_checkpoint: str = ""
-    numbers: dict[str, str] = field(default_factory=dict)  # NUMERIC_FIELDS name -> text
-    # Stage-2 objective (issue 9): shown by the UI only when the core's Settings has these fields.
-    objective: str = ""  # "" = the core's default ("mace"); "abo" = All-but-One
+    numbers: dict[str, str] = field(default_factory=dict)  # `advanced_settings` name -> text
+    objective: str = ""  # "" = the core's default ("mace")
     alternative: str = ""
     low_vram: bool = False  # the CLI's --low-vram
     delete_images: bool = False  # the CLI's --delete-images: the project's drawn training images, when done
-    # Robust erasure (issue 12) is numbers["robust_rounds"]: adversarial hardening rounds, the CLI's
-    # `--robust` / `--robust-rounds N`.
 
 
-class _Args(SimpleNamespace):
-    """An argparse-like namespace for ``cli.spec_from_args``: flags the form does not set are None,
-    like absent CLI flags (so flags the CLI adds later need no change here)."""
+def form_overrides(form: EraseForm, host: Host | None = None) -> dict:
+    """The settings the form sets (None: the concept type's default), checked with the setting's label."""
+    from mace_core.request import parse_setting
 
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return None
-
-
-def _parse_number(text: str, kind: type, label: str):
-    text = (text or "").strip()
-    if not text:
-        return None
-    try:
-        value = kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
-    except ValueError:
-        raise MaceError(f"{label}: {text!r} is not a{'n integer' if kind is int else ' number'}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise MaceError(f"{label}: {text!r} is not a finite number")
-    return value
-
-
-def split_lines(text: str) -> list[str]:
-    """Non-empty lines with ``#`` comments removed."""
-    return [line.split("#", 1)[0].strip() for line in (text or "").splitlines() if line.split("#", 1)[0].strip()]
-
-
-def erase_namespace(form: EraseForm, host: Host | None = None) -> _Args:
-    """The form as the `mace erase` arguments it stands for."""
-    args = _Args(preset=None if form.preset in ("", NO_PRESET, None) else form.preset, config=None,
-                 type=form.ctype or None, concept=split_lines(form.concepts), anchor=None,
-                 retain=split_lines(form.retain))
-    for name, (kind, label) in NUMERIC_FIELDS.items():
-        setattr(args, name, _parse_number(form.numbers.get(name, ""), kind, label))
-    if args.clip_skip is None and host is not None and host.default_clip_skip() != 1:
-        args.clip_skip = host.default_clip_skip()  # erase on the layer the web UI samples with
+    out = {i.name: parse_setting(i, form.numbers.get(i.name, "")) for i in advanced_settings()}
+    if out.get("clip_skip") is None and host is not None and host.default_clip_skip() != 1:
+        out["clip_skip"] = host.default_clip_skip()  # erase on the layer the web UI samples with
     if form.mask and form.mask != TYPE_DEFAULT:
-        args.mask = form.mask
-    if (form.sam_checkpoint or "").strip():
-        args.sam_checkpoint = form.sam_checkpoint.strip()
-    if form.low_vram:
-        args.low_vram = True
+        out["mask"] = form.mask
+    out["sam_checkpoint"] = (form.sam_checkpoint or "").strip() or None
+    out["low_vram"] = True if form.low_vram else None
     if form.objective:
-        args.objective = form.objective
-        if form.alternative.strip():
-            args.alternative = form.alternative.strip()
-    return args
+        out["objective"] = form.objective
+        out["alternative"] = form.alternative.strip() or None
+    return out
 
 
 def build_spec(form: EraseForm, host: Host | None = None):
     """The validated `ErasureSpec` (raises `MaceError` naming what to fix)."""
-    from mace_core import cli
     from mace_core.concepts import validate
+    from mace_core.request import build_spec as core_spec, text_lines
 
-    if not split_lines(form.concepts) and form.preset in ("", NO_PRESET, None):
+    preset = None if form.preset in ("", NO_PRESET, None) else form.preset
+    if not text_lines(form.concepts) and preset is None:
         raise MaceError("nothing to erase: type at least one concept (one per line) or pick a preset")
-    return validate(cli.spec_from_args(erase_namespace(form, host)))
+    return validate(core_spec(preset=preset, lines=form.concepts, default_type=form.ctype or None,
+                              retain=text_lines(form.retain), overrides=form_overrides(form, host)))
+
+
+def _request(host: Host, form: EraseForm, ck, out: Path | None, project: Path):
+    """The form as the core's `Request` on the loaded base model ``ck`` (``out`` None: estimate only)."""
+    from mace_core.request import BaseModel, Request
+
+    return Request(build_spec(form, host), BaseModel(ck.sha256, ck.path.name, file=ck.path), project, output=out,
+                   overwrite=form.overwrite, inputs=(ck.path,), closed_form_only=form.closed_form_only,
+                   delete_images=form.delete_images, what="output file", force_hint="tick 'overwrite'",
+                   project_what="project folder", find_base=lambda name: _checkpoint_named(host, name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,8 +132,7 @@ def _fan_out(*callbacks: Progress | None) -> Progress:
 
 def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> Outcome:
     """Erase as `mace erase` does, into the host's checkpoint folder; project in models/mace/<name>."""
-    from mace_core.erase import describe_stages, erase, save_result
-    from mace_core.estimate import check_fits, estimate
+    from mace_core.run import plan, run
 
     t0 = time.perf_counter()
     prog = _fan_out(progress, host.progress)
@@ -165,23 +140,19 @@ def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> 
         raise MaceError("pick a checkpoint to erase from")
     model = host.checkpoint_path(form.checkpoint)
     out = validate_output_name(form.out_name, host.checkpoint_folder(), form.overwrite, protect=(model,))
-    spec = build_spec(form, host)
-    project = _project(host, form, out)
+    build_spec(form, host)  # a readable error before the model is loaded
+    project = _project_folder(host, form, out)
     with host.job("MACE erase"):
         prog("loading model", 0, 1)
         with host.base_model(model) as ck:
-            backend = _backend(host, ck, spec)
-            run = spec.settings_for()
+            req = _request(host, form, ck, out, project)
+            backend = _backend(host, ck, req)
             prog("loading model", 1, 1)
-            est = estimate(backend, spec, form.closed_form_only, project=project)
-            log.info("MACE: %s", est.describe())
-            check_fits(est, backend.device)  # refuses, with advice, a GPU too small for this run
-            log.info("erasing %s from %s; project %s", ", ".join(c.phrase for c in spec.concepts), model.name,
-                     project.root)
-            res = erase(backend, spec, project, ck.sha256, ck.path.name, progress=prog,
-                        should_stop=host.should_stop, closed_form_only=form.closed_form_only)
-            save_result(ck, res, out)
-            deleted = project.delete_generated_images() if form.delete_images else None
+            p = plan(req, backend, ck)
+            log.info("MACE: %s", p.estimate.describe())
+            log.info("erasing %s from %s; project %s", ", ".join(c.phrase for c in p.planned.concepts), model.name,
+                     project)
+            rep = run(p, backend, progress=prog, should_stop=host.should_stop)
             host.refresh_checkpoints()
             gallery, note = [], ""
             holder = [backend]  # _previews releases the base model before building the erased one
@@ -190,67 +161,65 @@ def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> 
                 if host.should_stop():
                     note = "Previews skipped (interrupted)."
                 else:
-                    gallery = _previews(host, holder, ck, res, run, form.blur_explicit, prog)
+                    gallery = _previews(host, holder, ck, rep, p.planned.settings_for(), form.blur_explicit, prog)
             holder.clear()
-    erased = [c["phrase"] for c in json.loads(res.metadata["mace.concepts"])]
-    timings = describe_stages(res.report)
     lines = [f"Wrote **{out.name}** in `{out.parent}`.",
-             f"Erased: {', '.join(erased)}." + (f" Kept: {', '.join(spec.retain)}." if spec.retain else ""),
-             f"Project `{project.root.name}` (in `{project.root.parent}`): erase again with the same project name to resume "
+             f"Erased: {', '.join(rep.erased)}. Kept: {', '.join(rep.retained) if rep.retained else rep.protection}.",
+             f"Project `{project.name}` (in `{project.parent}`): erase again with the same project name to resume "
              f"or to add concepts; re-fuse subsets below.",
-             f"Stages: {timings}; total {time.perf_counter() - t0:.0f}s." if timings else ""]
-    if res.report.get("reused_loras"):
-        lines.append(f"Reused finished LoRAs: {', '.join(res.report['reused_loras'])}.")
+             f"Stages: {rep.stages}; total {time.perf_counter() - t0:.0f}s." if rep.stages else ""]
+    if rep.reused:
+        lines.append(f"Reused finished LoRAs: {', '.join(rep.reused)}.")
     if form.closed_form_only:
         lines.append("Closed-form only: stage 1 alone (fast); the concept word itself is erased less thoroughly than "
                      "with the LoRA stages.")
-    if deleted is not None:
-        lines.append(f"Deleted the project's {deleted[0]} training image files ({deleted[1] / 2 ** 20:.1f} MiB); "
-                     "re-fusing and adding concepts still work.")
+    if rep.deleted is not None:
+        lines.append(f"Deleted the project's {rep.deleted[0]} training image files ({rep.deleted[1] / 2 ** 20:.1f} "
+                     "MiB); re-fusing and adding concepts still work.")
     if note:
         lines.append(note)
-    return Outcome(out, "\n\n".join(l for l in lines if l), gallery, res.metadata)
+    return Outcome(out, "\n\n".join(l for l in lines if l), gallery, rep.metadata)
 
 
-def _backend(host: Host, ck, spec):
+def _backend(host: Host, ck, req):
     """The checkpoint as a model on the host's device, reading the text encoder at the run's clip skip."""
     from mace_core.diffusers_backend import DiffusersBackend
 
-    return DiffusersBackend.from_checkpoint(ck, device=host.device, clip_skip=spec.settings_for().clip_skip)
+    return DiffusersBackend.from_checkpoint(ck, device=host.device, clip_skip=req.clip_skip())
 
 
-def _project(host: Host, form: EraseForm, out: Path):
-    """The run's `Project`: the one the form names, else one named after the output file."""
-    from mace_core.project import Project
-
+def _project_folder(host: Host, form: EraseForm, out: Path) -> Path:
+    """The run's project folder: the one the form names, else one named after the output file."""
     name = validate_project_name(form.project) if (form.project or "").strip() else default_project_name(out)
-    return Project(host.projects_folder() / name)
+    return host.projects_folder() / name
 
 
 def estimate_run(host: Host, form: EraseForm) -> str:
     """Markdown: what Erase would cost with this form (time, peak GPU memory), measured on the chosen
     model as `mace erase --estimate` does, and why the GPU is too small when it is."""
-    from mace_core.estimate import estimate, gpu_memory_gb, refusal
+    from mace_core.run import plan
 
     if not form.checkpoint:
         raise MaceError("pick a checkpoint to erase from")
     model = host.checkpoint_path(form.checkpoint)
     spec = build_spec(form, host)
     name = (form.out_name or "").strip()  # the estimate does not need a valid output name yet
-    project = (_project(host, form, host.checkpoint_folder() / f"{name}.safetensors")
-               if name or (form.project or "").strip() else None)
+    named = bool(name or (form.project or "").strip())
+    project = (_project_folder(host, form, host.checkpoint_folder() / f"{name}.safetensors") if named
+               else host.projects_folder() / ESTIMATE_PROJECT)  # none yet: nothing to reuse
     with host.job("MACE estimate"), host.base_model(model) as ck:
-        backend = _backend(host, ck, spec)
-        est = estimate(backend, spec, form.closed_form_only, project=project)
-        gpu = gpu_memory_gb(backend.device)
+        req = _request(host, form, ck, None, project)
+        backend = _backend(host, ck, req)
+        p = plan(req, backend)
+        why = p.refusal(backend.device)
         del backend
     n = len(spec.concepts)
-    lines = [f"**Estimate** ({n} concept{'s' * (n != 1)}, {model.name}): {est.describe()}."]
-    why = refusal(est, gpu)
+    lines = [f"**Estimate** ({n} concept{'s' * (n != 1)}, {model.name}): {p.estimate.describe()}."]
     if why:
         lines.append(f"**Too large for this GPU:** {why}")
-    if project is not None:
-        lines.append(f"What project {project.root.name!r} already holds is reused and not counted.")
+    if named:
+        held = f" (trained LoRAs: {', '.join(p.reused)})" if p.reused else ""
+        lines.append(f"What project {project.name!r} already holds{held} is reused and not counted.")
     return "\n\n".join(lines)
 
 
@@ -356,16 +325,27 @@ def project_summary(folder: Path, name: str) -> str:
                       f"Kept: {', '.join(m.get('retain', [])) or '-'}"])
 
 
-def _find_base(host: Host, manifest: dict) -> Path:
-    want = Path(manifest["base"]["path"])
+def _checkpoint_named(host: Host, recorded: str) -> Path | None:
+    """A project's recorded base (a path, or a file name as ComfyUI records it) among the host's
+    checkpoints; None when it is not there."""
+    want = Path(recorded)
     if want.is_absolute() and want.is_file():
         return want
     for title in host.list_checkpoints():
         p = host.checkpoint_path(title)
         if p.name == want.name:
             return p
-    raise MaceError(f"the project's base model {want.name} is not among the checkpoints; put it in the checkpoint "
-                    f"folder (and press refresh)")
+    return None
+
+
+def _find_base(host: Host, manifest: dict) -> Path:
+    base = manifest["base"]
+    for recorded in (base.get("file"), base["path"]):
+        found = _checkpoint_named(host, recorded) if recorded else None
+        if found is not None:
+            return found
+    raise MaceError(f"the project's base model {Path(base['path']).name} is not among the checkpoints; put it in the "
+                    f"checkpoint folder (and press refresh)")
 
 
 def refuse_project(host: Host, name: str, selected: Sequence[str], out_name: str, overwrite: bool,
@@ -373,8 +353,9 @@ def refuse_project(host: Host, name: str, selected: Sequence[str], out_name: str
     """`mace fuse PROJECT --only <selected>`: the base model with exactly the ticked concepts erased
     (none ticked = the base model restored), in closed form from the project's files."""
     from mace_core.checkpoint import load_checkpoint
-    from mace_core.erase import editable_weights, refuse, save_result
+    from mace_core.erase import editable_weights, save_result
     from mace_core.project import Project
+    from mace_core.run import refuse
 
     prog = _fan_out(progress, host.progress)
     proj = Project(host.projects_folder() / validate_project_name(name or ""))
@@ -384,10 +365,9 @@ def refuse_project(host: Host, name: str, selected: Sequence[str], out_name: str
     with host.job("MACE re-fuse"):
         prog("re-fusing", 0, 1)
         ck = load_checkpoint(base)
-        if ck.sha256 != m["base"]["sha256"]:
-            raise MaceError(f"{base.name} is not the model project {name!r} was made from (its sha256 differs)")
-        res = refuse(proj, editable_weights(ck.tensors), only=list(selected), closed_form_only=closed_form_only)
-        save_result(ck, res, out)
+        res = refuse(proj, editable_weights(ck.tensors), base.name, ck.sha256, only=list(selected),
+                     closed_form_only=closed_form_only, find_base=lambda recorded: _checkpoint_named(host, recorded))
+        save_result(ck, res, out, overwrite=overwrite)
         host.refresh_checkpoints()
         prog("re-fusing", 1, 1)
     erased = [c["phrase"] for c in json.loads(res.metadata["mace.concepts"])]
@@ -409,15 +389,5 @@ def type_defaults(ctype: str) -> str:
     except MaceError as e:
         return str(e)
     s = Settings().overlay(t.settings)
-    keys = ["steps", "images", "rank", "lr", "seed", "sample_steps", "guidance", "mask", "lam", "prior", "domain",
-            "fuse_prior", "clip_skip"]
     return (f"Empty fields use the defaults of type **{t.name}** (anchor \"{t.anchor}\"): "
-            + ", ".join(f"{k} {getattr(s, k)}" for k in keys) + ".")
-
-
-def core_has_setting(name: str) -> bool:
-    from dataclasses import fields
-
-    from mace_core.concepts import Settings
-
-    return any(f.name == name for f in fields(Settings))
+            + ", ".join(f"{i.name} {getattr(s, i.name)}" for i in advanced_settings()) + f", mask {s.mask}.")

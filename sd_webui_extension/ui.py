@@ -14,7 +14,7 @@ import gradio as gr
 from mace_core.errors import MaceError
 
 from . import actions
-from .actions import EraseForm, NUMERIC_FIELDS, NO_PRESET, MASK_CHOICES, TYPE_DEFAULT
+from .actions import EraseForm, NO_PRESET, MASK_CHOICES, TYPE_DEFAULT
 from .host import Host
 
 log = logging.getLogger("mace.webui")
@@ -26,20 +26,25 @@ INTRO = ("Erase concepts (a name, a style, an object, nudity) from a Stable Diff
          "with MACE: closed-form refinement of the cross-attention, one LoRA per concept, closed-form fusion. "
          "The result is a new checkpoint; the input file is never modified.")
 
-# Advanced numeric fields, in display order: (form key, label, placeholder)
-_ADVANCED = [
-    ("steps", "LoRA steps per concept", "e.g. 50"), ("images", "Training images per concept", "e.g. 8"),
-    ("rank", "LoRA rank", "e.g. 1"), ("lr", "Learning rate", "e.g. 1e-4"),
-    ("sample_steps", "Sampling steps (training images and previews)", "e.g. 30"),
-    ("guidance", "Guidance scale (training images and previews)", "e.g. 7.5"),
-    ("seed", "Seed", "e.g. 2024"), ("clip_skip", "CLIP skip", "the web UI's"),
-    ("lam", "Stage-1 ridge toward the original (lam)", "e.g. 100"),
-    ("prior", "General prior strength", "e.g. 2000"), ("domain", "Retain-list prior strength", "e.g. 2000"),
-    ("fuse_prior", "Fusion prior strength", "e.g. 0"),
-]
-# Shown only when the core has the setting (issue 12: `mace erase --robust` = 2 rounds).
-_ROBUST = ("robust_rounds", "Robust: adversarial hardening rounds (0: off; the CLI's --robust is 2)", "e.g. 0")
-assert {k for k, _, _ in _ADVANCED} | {_ROBUST[0]} == set(NUMERIC_FIELDS)
+# Advanced fields, in the core's order: (form key, label), one per setting the core declares
+# (`actions.advanced_settings`). An empty field takes the concept type's default, which is its
+# placeholder (`_placeholders`).
+_ADVANCED = [(i.name, i.label[:1].upper() + i.label[1:]) for i in actions.advanced_settings()]
+_KEYS = [k for k, _ in _ADVANCED]
+
+
+def _placeholders(ctype: str, host: Host) -> dict[str, str]:
+    """What each empty advanced field means for concept type ``ctype``: the type's default value
+    (CLIP skip: the web UI's own setting), so a placeholder never shows another number."""
+    from mace_core.concepts import Settings, get_type
+
+    try:
+        settings = Settings().overlay(get_type(ctype).settings)
+    except MaceError:
+        return {k: "" for k in _KEYS}
+    out = {k: f"default: {getattr(settings, k)}" for k in _KEYS if k != "clip_skip"}
+    out["clip_skip"] = f"default: the web UI's ({host.default_clip_skip()})"
+    return out
 
 
 def _message(e: BaseException) -> str:
@@ -65,14 +70,13 @@ def _progress_callback(progress):
 
 def build_ui(host: Host) -> gr.Blocks:
     """The tab's Blocks (not launched)."""
-    from mace_core.concepts import concept_types, preset_names
+    from mace_core.concepts import concept_types, preset_names, setting_info
 
     types = sorted(concept_types())
+    initial_type = "object" if "object" in types else types[0]
     presets = [NO_PRESET] + list(preset_names())
     checkpoints = host.list_checkpoints()
     current = host.current_checkpoint()
-    has_objective = actions.core_has_setting("objective")
-    has_robust = actions.core_has_setting("robust_rounds")
 
     with gr.Blocks(analytics_enabled=False, title=TITLE) as demo:
         gr.Markdown(INTRO)
@@ -87,7 +91,7 @@ def build_ui(host: Host) -> gr.Blocks:
                                       placeholder="Tom Cruise\nVan Gogh | art | style\nairplane | a sky",
                                       elem_id="mace_concepts")
                 with gr.Row():
-                    ctype = gr.Dropdown(choices=types, value="object" if "object" in types else types[0],
+                    ctype = gr.Dropdown(choices=types, value=initial_type,
                                         label="Type of lines that name none", elem_id="mace_type")
                     preset = gr.Dropdown(choices=presets, value=NO_PRESET, label="Preset (added to the concepts)",
                                          elem_id="mace_preset")
@@ -114,31 +118,26 @@ def build_ui(host: Host) -> gr.Blocks:
                                                                    "(re-fuse still works)",
                                                 elem_id="mace_delete_images")
                 with gr.Accordion(label="Advanced settings", open=False, elem_id="mace_advanced"):
-                    defaults = gr.Markdown(actions.type_defaults("object" if "object" in types else types[0]),
+                    defaults = gr.Markdown(actions.type_defaults(initial_type),
                                            elem_id="mace_defaults")
                     numbers = {}
+                    hints = _placeholders(initial_type, host)
                     for i in range(0, len(_ADVANCED), 3):
                         with gr.Row():
-                            for key, label, hint in _ADVANCED[i:i + 3]:
-                                numbers[key] = gr.Textbox(label=label, placeholder=f"type default ({hint})",
-                                                          elem_id=f"mace_{key}")
+                            for key, label in _ADVANCED[i:i + 3]:
+                                numbers[key] = gr.Textbox(label=label, placeholder=hints[key], elem_id=f"mace_{key}")
                     with gr.Row():
                         mask = gr.Dropdown(choices=MASK_CHOICES, value=TYPE_DEFAULT, label="Mask source",
                                            elem_id="mace_mask")
                         sam = gr.Textbox(label="Segment-anything checkpoint (mask source 'sam')",
                                          elem_id="mace_sam_checkpoint")
-                    # Issue 9: stage-2 objective (mace | abo) and the alternative the concept turns into;
-                    # shown only when the core offers it.
-                    with gr.Row(visible=has_objective):
-                        objective = gr.Radio(choices=["mace", "abo"], value="mace",
-                                             label="Stage-2 objective (abo: All-but-One, erase toward an alternative)",
+                    # stage-2 objective (the core's choices) and abo's alternative the concept turns into
+                    with gr.Row():
+                        objective = gr.Radio(choices=list(setting_info("objective").choices), value="mace",
+                                             label="Stage-2 objective",
                                              elem_id="mace_objective")
                         alternative = gr.Textbox(label="Alternative (abo): what the concept becomes",
                                                  elem_id="mace_alternative")
-                    # Issue 12: robust erasure (adversarial hardening rounds), when the core offers it.
-                    with gr.Row(visible=has_robust):
-                        numbers[_ROBUST[0]] = gr.Textbox(label=_ROBUST[1], placeholder=f"type default ({_ROBUST[2]})",
-                                                         elem_id=f"mace_{_ROBUST[0]}")
             with gr.Column():
                 with gr.Row():
                     erase_btn = gr.Button(value="Erase", variant="primary", elem_id="mace_erase")
@@ -182,7 +181,20 @@ def build_ui(host: Host) -> gr.Blocks:
 
         refresh.click(fn=on_refresh, inputs=[checkpoint], outputs=[checkpoint], queue=False)
 
-        ctype.change(fn=actions.type_defaults, inputs=[ctype], outputs=[defaults], queue=False)
+        def on_page_load():
+            # the web UI loads its model after building the tabs (and names it with its hash then):
+            # the dropdown shows the model loaded when the page opens
+            choices = host.list_checkpoints()
+            current = host.current_checkpoint()
+            return gr.update(choices=choices, value=current if current in choices else None)
+
+        demo.load(fn=on_page_load, inputs=[], outputs=[checkpoint], queue=False)
+
+        def on_type(ctype_v):
+            hints = _placeholders(ctype_v, host)
+            return [actions.type_defaults(ctype_v)] + [gr.update(placeholder=hints[k]) for k in _KEYS]
+
+        ctype.change(fn=on_type, inputs=[ctype], outputs=[defaults] + [numbers[k] for k in _KEYS], queue=False)
 
         def on_preset(name):
             if not name or name == NO_PRESET:
@@ -199,7 +211,7 @@ def build_ui(host: Host) -> gr.Blocks:
 
         preset.change(fn=on_preset, inputs=[preset], outputs=[preset_info], queue=False)
 
-        num_keys = [k for k, _, _ in _ADVANCED] + [_ROBUST[0]]
+        num_keys = _KEYS
 
         def form_of(checkpoint_v, concepts_v, ctype_v, preset_v, retain_v, out_name_v, overwrite_v, project_v,
                     closed_v, previews_v, blur_v, mask_v, sam_v, objective_v, alternative_v, low_vram_v, delete_v,
@@ -209,16 +221,16 @@ def build_ui(host: Host) -> gr.Blocks:
                              overwrite=bool(overwrite_v), project=project_v or "", closed_form_only=bool(closed_v),
                              previews=bool(previews_v), blur_explicit=bool(blur_v), mask=mask_v or TYPE_DEFAULT,
                              sam_checkpoint=sam_v or "",
-                             objective=(objective_v or "") if has_objective else "",
+                             objective=objective_v or "",
                              alternative=alternative_v or "", low_vram=bool(low_vram_v), delete_images=bool(delete_v),
                              numbers=dict(zip(num_keys, numbers_v)))
 
         def on_erase(checkpoint_v, concepts_v, ctype_v, preset_v, retain_v, out_name_v, overwrite_v, project_v,
                      closed_v, previews_v, blur_v, mask_v, sam_v, objective_v, alternative_v, low_vram_v, delete_v,
-                     n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, progress=gr.Progress()):
+                     *numbers_v, progress=gr.Progress()):
             form = form_of(checkpoint_v, concepts_v, ctype_v, preset_v, retain_v, out_name_v, overwrite_v, project_v,
                            closed_v, previews_v, blur_v, mask_v, sam_v, objective_v, alternative_v, low_vram_v,
-                           delete_v, n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12)
+                           delete_v, *numbers_v)
             try:
                 res = actions.run_erase(host, form, progress=_progress_callback(progress))
             except Exception as e:  # noqa: BLE001 - shown to the user

@@ -1188,7 +1188,7 @@ def make_tiny_checkpoint(path: str | Path, family: str, seed: int = 0, *, resolu
                                     text_encoder_2=tes[1] if len(tes) > 1 else None))
     if fam.prediction_type == "v_prediction":
         meta = {**read_metadata(path), "modelspec.hash_sha256": _HASH_PLACEHOLDER}  # refilled for the new data
-        write_safetensors({**load_file(str(path)), "v_pred": torch.tensor([])}, path, meta)
+        write_safetensors({**load_file(str(path)), "v_pred": torch.tensor([])}, path, meta, overwrite=True)
     return path
 
 

@@ -17,7 +17,7 @@ from mace_core.checkpoint import (Checkpoint, build_components, data_sha256, loa
                                   save_edited)
 from mace_core.errors import MaceError, UnsupportedModelError
 from mace_core.families import detect_family, load_family
-from mace_core.synthetic import tiny_family
+from synthetic import tiny_family
 from tiny import FAMILIES, file_digest, tiny_file, tiny_folder, tiny_modules
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
@@ -140,8 +140,8 @@ def test_refuses_to_overwrite_input(tmp_path):
     shutil.copy(tiny_file("sd1"), src)
     before = file_digest(src)
     ck = load_checkpoint(src)
-    with pytest.raises(MaceError, match="refusing to overwrite the input model"):
-        save_edited(ck, _kv_edits(ck), src, {})
+    with pytest.raises(MaceError, match="is one of this command's inputs"):
+        save_edited(ck, _kv_edits(ck), src, {}, overwrite=True)  # not even when overwriting is asked for
     assert file_digest(src) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temp files left
 

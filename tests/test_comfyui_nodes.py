@@ -17,6 +17,7 @@ back as ComfyUI holds it (fp16-rounded).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import re
 from pathlib import Path
@@ -98,7 +99,7 @@ def run(comfyui, tiny64, tmp_path_factory):
 
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
-        "2": _concepts("cat\ndog | a horse  # mapped to a horse", "e2e", retain="house"),
+        "2": _concepts("cat\n# dog is mapped to a horse\ndog | a horse", "e2e", retain="house"),
         "3": {"class_type": "MACERefine", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["2", 0]}},
         "4": _train(["3", 0]),
         "5": {"class_type": "MACEFuse", "inputs": {"model": ["1", 0], "loras": ["4", 0]}},
@@ -138,11 +139,16 @@ def _builtin_file(comfyui, prefix: str) -> Path:
 
 def test_nodes_are_registered_under_their_own_names(comfyui):
     import nodes as comfy_nodes
+    from comfy_api.latest import io
 
     for name in OURS:
         cls = comfyui.node_classes[name]
         assert "mace_nodes" in cls.__module__ and cls.CATEGORY == "MACE", name
         assert cls.DESCRIPTION and name in comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS
+        # ComfyUI's V3 schema, registered through the pack's comfy_entrypoint under the saved workflows' ids
+        assert issubclass(cls, io.ComfyNode) and cls.GET_SCHEMA().node_id == name, name
+    assert not hasattr(importlib.import_module(comfyui.node_classes["MACEFuse"].__module__.rsplit(".", 1)[0]),
+                       "NODE_CLASS_MAPPINGS")  # a V1 mapping would make ComfyUI skip the V3 entry point
     # ComfyUI's own save nodes are untouched by ours
     for builtin in ("CheckpointSave", "SaveImage", "LoraLoader", "LoraLoaderModelOnly"):
         assert "mace_nodes" not in comfyui.node_classes[builtin].__module__
@@ -152,12 +158,43 @@ def test_nodes_are_registered_under_their_own_names(comfyui):
     assert not re.search(r"^\s*(import|from)\s+(gradio|modules|launch|scripts)\b", src, re.M)
 
 
+# The widgets saved workflows store values for, in their order (example_workflows/ and users' graphs):
+# a new widget may only come after these.
+SAVED_WIDGETS = {
+    "MACELoadConcepts": ["concepts", "default_type", "preset", "retain", "config_file", "project"],
+    "MACERefine": ["lam", "prior", "domain"],
+    "MACETrainLoRAs": ["steps", "rank", "lr", "images", "sample_steps", "guidance", "mask", "training_seed",
+                       "resolution", "preview"],
+    "MACEEraseConcepts": ["steps", "rank", "lr", "images", "sample_steps", "guidance", "mask", "training_seed",
+                          "resolution", "closed_form_only", "preview"],
+    "MACERefuse": ["project", "mode", "concepts", "closed_form_only"],
+    "MACESaveCheckpoint": ["filename_prefix"],
+}
+SOCKETS = ("MODEL", "CLIP", "VAE", "MACE_CONCEPTS", "MACE_LORAS")
+
+
+def test_widgets_keep_the_order_saved_workflows_store_them_in(comfyui):
+    for name, saved in SAVED_WIDGETS.items():
+        spec = comfyui.node_classes[name].INPUT_TYPES()
+        widgets = [k for section in ("required", "optional") for k, cfg in spec.get(section, {}).items()
+                   if cfg[0] not in SOCKETS]
+        assert widgets[:len(saved)] == saved, name
+
+
+def test_every_input_of_every_node_has_a_tooltip(comfyui):
+    for name in OURS:
+        spec = comfyui.node_classes[name].INPUT_TYPES()
+        for section in ("required", "optional"):
+            for key, cfg in spec.get(section, {}).items():
+                assert len(cfg) > 1 and cfg[1].get("tooltip"), f"{name}.{key}"
+
+
 def test_graph_erases_and_matches_the_cli(comfyui, tiny64, run):
     from mace_core.checkpoint import load_checkpoint
 
     saved = Path(run.out["6"][0])
     assert saved.parent == comfyui.output_dir / "checkpoints" and saved.name.startswith("mace-e2e_")
-    assert run.out.ui["6"]["text"] == [str(saved)]
+    assert list(run.out.ui["6"]["text"]) == [str(saved)]
     base = load_checkpoint(tiny64.path)
     # ComfyUI's writer does not record the tiny test architecture (a real SD1 file needs no hint)
     ours = load_checkpoint(saved, family=base.family)
@@ -200,6 +237,49 @@ def test_graph_erases_and_matches_the_cli(comfyui, tiny64, run):
         assert torch.equal(builtin.tensors[k], ours.tensors[k]), k
 
 
+def test_an_fp16_checkpoint_is_saved_in_fp16(comfyui, tmp_path):
+    """ComfyUI computes in fp32 on a CPU and its writer saves what it holds: an fp16 file came back fp32,
+    twice the size. Save Erased Checkpoint writes the input file's dtypes: every tensor but the erased
+    ones bit-identical to the input, the erased ones ComfyUI's weights rounded to fp16."""
+    from safetensors import safe_open
+
+    from mace_core.checkpoint import load_checkpoint, save_new_checkpoint
+    from mace_core.families import load_family
+
+    te, unet, vae = h.make_tiny_sd1_modules(seed=1, vae="sd")
+    fam = dataclasses.replace(load_family("sd1"), resolution=64)
+    path = Path(save_new_checkpoint(tmp_path / "tiny64-fp16.safetensors", family=fam, unet=unet, vae=vae,
+                                    text_encoder=te, dtype=torch.float16))
+    h.register_from_checkpoint(path)
+    out = comfyui.run({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfyui.add_model(path)}},
+        "2": _concepts("cat", "fp16"),
+        "3": {"class_type": "MACEEraseConcepts",
+              "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "concepts": ["2", 0],
+                         **{k: v for k, v in _train(None)["inputs"].items() if k not in ("model", "clip", "vae")},
+                         "closed_form_only": True}},
+        "4": {"class_type": "MACESaveCheckpoint", "inputs": {"model": ["3", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                             "filename_prefix": "checkpoints/mace-fp16"}}})
+    saved = Path(out["4"][0])
+    unet_dtype = out["1"][0].model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_k.weight.dtype
+    assert unet_dtype == torch.float32  # what ComfyUI holds on a CPU (and wrote before)
+    with safe_open(str(saved), "pt") as f:
+        kinds = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert kinds <= {"F16", "I64"}, kinds  # ComfyUI adds integer position ids
+    assert saved.stat().st_size < 1.1 * path.stat().st_size
+    assert not [p for p in saved.parent.iterdir() if p.name.endswith(".tmp")]  # ComfyUI's own file is gone
+    base, ours = load_checkpoint(path), load_checkpoint(saved, family=load_checkpoint(path).family)
+    erased = out["3"][0]
+    kv = [k for k in base.tensors if _is_kv(k)]
+    assert len(kv) == 8
+    for k, t in base.tensors.items():
+        if _is_kv(k):
+            w = erased.patches[k[len("model."):]][-1][1][1][0]
+            assert torch.equal(ours.tensors[k], w.half()) and not torch.equal(ours.tensors[k], t), k
+        else:
+            assert torch.equal(ours.tensors[k], t), k
+
+
 def test_original_model_samples_bit_identically_around_the_erasure(run):
     before, erased, after = (run.out[n][0]["samples"] for n in ("13", "14", "16"))
     assert torch.equal(before, run.reference) and torch.equal(after, run.reference)
@@ -227,7 +307,8 @@ def test_training_preview_and_the_project_folder(comfyui, run):
     m = proj.manifest()
     assert m["base"]["path"] == "tiny64-sd1.safetensors" and m["base"]["weights_id"] == loras.base_id
     # Load Concepts lists it in the Re-fuse node's project dropdown
-    assert "e2e" in comfyui.node_classes["MACERefuse"].INPUT_TYPES()["required"]["project"][0]
+    kind, opts = comfyui.node_classes["MACERefuse"].INPUT_TYPES()["required"]["project"]
+    assert kind == "COMBO" and "e2e" in opts["options"]
 
 
 def test_one_shot_node_resumes_the_project_and_matches_the_staged_graph(comfyui, tiny64, run):
@@ -455,6 +536,20 @@ def test_bad_concept_list_is_a_readable_validation_error(comfyui, text, expected
     with pytest.raises(h.ComfyUIValidationError) as e:
         comfyui.run({"2": _concepts(text, "")})
     assert "MACELoadConcepts" in str(e.value) and expected in str(e.value) and "bad concept list" in str(e.value)
+    # reported once, under the field that holds the line (not also under default_type, preset, ...)
+    errors = e.value.node_errors["2"]["errors"]
+    assert [err["extra_info"]["input_name"] for err in errors] == ["concepts"], errors
+    assert errors[0]["details"].startswith("concepts - bad concept list: ") and expected in errors[0]["details"]
+
+
+def test_an_empty_concept_list_is_refused_in_the_nodes_words(comfyui):
+    with pytest.raises(h.ComfyUIExecutionError) as e:
+        comfyui.run({"2": _concepts("# only a comment\n\n", "")})
+    msg = e.value.exception_message
+    assert e.value.node_type == "MACELoadConcepts" and "no concepts to erase" in msg, msg
+    assert "'concepts'" in msg and "'preset'" in msg and "'config_file'" in msg and "--" not in msg, msg
+    # a preset alone is a concept list
+    assert comfyui.run({"2": _concepts("", "", preset="nudity")})["2"][0].spec.concepts
 
 
 def test_wrong_inputs_are_readable_execution_errors(comfyui, tiny64):
@@ -527,7 +622,7 @@ def _ui_to_api(workflow: dict, classes: dict) -> dict:
 
 
 def test_example_workflow_validates(comfyui, tiny64):
-    wf = json.loads((REPO / "example_workflows" / "erase_celebrities.json").read_text())
+    wf = json.loads((REPO / "example_workflows" / "MACE - erase celebrities.json").read_text())
     prompt = _ui_to_api(wf, comfyui.node_classes)
     types = {n["class_type"] for n in prompt.values()}
     assert {"CheckpointLoaderSimple", "MACELoadConcepts", "MACERefine", "MACETrainLoRAs", "MACEFuse", "KSampler",
@@ -542,3 +637,89 @@ def test_example_workflow_validates(comfyui, tiny64):
         next(i for i, n in prompt.items() if n["class_type"] == "MACEFuse")}
     outputs = comfyui.validate(prompt)
     assert len(outputs) == 4
+
+
+def test_one_request_through_the_cli_the_tab_and_the_nodes_gives_the_same_weights(comfyui, tiny64, tmp_path,
+                                                                                  monkeypatch):
+    """The three front-ends only translate their inputs into the core's `Request`: the same erasure asked
+    of each resolves to the same plan (every concept's settings, what to erase and keep), and the CLI
+    and the tab, both reading the file, write bit-identical weights; the nodes (ComfyUI's fp16 CLIP)
+    agree to the tolerances of the module docstring."""
+    import mace_core.run as run_layer
+    from mace_core.checkpoint import load_checkpoint
+    from mace_core.cli import main
+    from sd_webui_extension import actions
+    from sd_webui_extension.host import StandaloneHost
+
+    plans = {}
+    real_plan = run_layer.plan
+
+    def recording_plan(req, backend, checkpoint=None):
+        p = real_plan(req, backend, checkpoint)
+        plans[front] = p
+        return p
+
+    monkeypatch.setattr(run_layer, "plan", recording_plan)
+    settings = {"steps": 4, "images": 1, "sample_steps": 2, "seed": 7, "lr": 1e-3, "lam": 50.0}
+
+    front = "cli"
+    cli_out = tmp_path / "cli.safetensors"
+    flags = [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    assert main(["erase", str(tiny64.path), "--concept", "cat", "--concept", "dog | a horse", "--retain", "house",
+                 *flags, "--device", "cpu", "--out", str(cli_out), "--work-dir", str(tmp_path / "cli-project")]) == 0
+
+    front = "tab"
+    host = StandaloneHost(tiny64.path, out_dir=tmp_path / "tab", device="cpu")
+    (tmp_path / "tab").mkdir()
+    form = actions.EraseForm(checkpoint=tiny64.path.name, concepts="cat\ndog | a horse", retain="house",
+                             out_name="tab", previews=False, numbers={k: str(v) for k, v in settings.items()})
+    tab_out = actions.run_erase(host, form).path
+
+    front = "nodes"
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
+         "2": _concepts("cat\ndog | a horse", "same-request", retain="house"),
+         "3": {"class_type": "MACEEraseConcepts",
+               "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "concepts": ["2", 0],
+                          **{k: v for k, v in _train(None, steps=settings["steps"])["inputs"].items()
+                             if k not in ("model", "clip", "vae")},
+                          "lr": settings["lr"], "lam": settings["lam"], "closed_form_only": False}}}
+    model = comfyui.run(g)["3"][0]
+
+    cli, tab = plans["cli"], plans["tab"]
+    for other in (tab, plans["nodes"]):
+        assert other.settings == cli.settings and list(other.settings) == ["cat", "dog"]
+        assert other.planned.concepts == cli.planned.concepts and other.planned.retain == cli.planned.retain
+    assert cli.settings["cat"].lam == 50.0 and cli.settings["dog"].steps == 4
+
+    base, a, b = (load_checkpoint(p) for p in (tiny64.path, cli_out, tab_out))
+    assert a.metadata["mace.settings"] == b.metadata["mace.settings"]
+    kv = [k for k in base.tensors if _is_kv(k)]
+    assert kv and all(torch.equal(a.tensors[k], b.tensors[k]) for k in kv)
+    for k in kv:
+        wc, w0 = a.tensors[k].float(), base.tensors[k].float()
+        wo = model.patches[k[len("model."):]][-1][1][1][0]
+        assert (wo - wc).norm() <= TOL_WEIGHT * wc.norm() and (wo - wc).norm() <= TOL_EDIT * (wc - w0).norm(), k
+
+
+def test_a_setting_declared_in_the_core_is_a_widget_of_the_training_nodes(comfyui, monkeypatch):
+    """A new `concepts.Settings` field (test_cli's `new_setting`) becomes an optional widget of Train LoRAs
+    and Erase Concepts from its declaration alone: its range, its tooltip, and "unset" below the range."""
+    import dataclasses
+
+    from mace_core import concepts
+
+    extended = dataclasses.make_dataclass(
+        "Settings", [("eta_test", "float", concepts._knob(0.5, "a new loss weight", "new weight", min=0, max=2))],
+        bases=(concepts.Settings,), frozen=True)
+    monkeypatch.setattr(concepts, "Settings", extended)
+    concepts._all_infos.cache_clear()
+    try:
+        nodes = importlib.import_module(comfyui.node_classes["MACEEraseConcepts"].__module__)
+        for name in ("MACETrainLoRAs", "MACEEraseConcepts"):
+            kind, opts = comfyui.node_classes[name].INPUT_TYPES()["optional"]["eta_test"]
+            assert kind == "FLOAT" and opts["min"] == -1.0 == opts["default"] and opts["max"] == 2.0
+            assert opts["tooltip"].startswith("a new loss weight (default: 0.5)")
+        assert nodes._overrides({"eta_test": 1.5, "lam": -1.0, "objective": nodes.DEFAULT}) == {"eta_test": 1.5}
+    finally:
+        monkeypatch.undo()
+        concepts._all_infos.cache_clear()

@@ -54,8 +54,9 @@ def test_hardening_defeats_the_attacks_that_beat_plain_erasure(tmp_path):
     less (by >= 50 points) against the hardened model, on the same seeds. (A fresh attack against
     the hardened model is another matter: benchmarks/RESULTS.md reports it.)"""
     from mace_core.checkpoint import with_edits
-    from mace_core.evaluate import soft_token_asr, toy_classifier
+    from mace_core.evaluate import soft_token_asr
     from toyworld import TOY_MODEL
+    from toyworld.plugin import toy_classifier
 
     ck = load_checkpoint(TOY_MODEL)
     base = DiffusersBackend.from_checkpoint(ck, device="cpu")

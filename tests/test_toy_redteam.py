@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from mace_core.diffusers_backend import DiffusersBackend
-from mace_core.evaluate import embedding_asr, toy_classifier
+from mace_core.evaluate import embedding_asr
 from mace_core.metrics import accuracy
 from mace_core.sampling import generate
 from toyworld import TOY_MODEL
+from toyworld.plugin import toy_classifier
 
 # one color keeps the sample small; blue is where the first decoder already drew clean circles
 TEMPLATE = "a photo of a blue {}"

@@ -12,7 +12,7 @@ from mace_core.diffusers_backend import DiffusersBackend
 from mace_core.fuse import fuse, naive_sum
 from mace_core.masks import draw_concept, phrase_token_mask
 from mace_core.train import LoRA, cfis_pmf, measure_attention_loss, sample_timesteps, train_lora
-from tiny import tiny_file
+from tiny import one_thread, tiny_file
 
 
 def test_cfis_samples_follow_the_pdf():
@@ -196,23 +196,27 @@ def test_low_vram_recomputes_activations_and_trains_the_same_lora(backend, block
     # torch stops a recomputation once it has what the backward needs, before the block's own hooks run
     conv = backend.components.unet.up_blocks[-1].resnets[-1].conv1
     results = {}
-    for low in (False, True):
-        s = Settings(objective="abo", alternative="a photo of a dog", steps=5, lr=1e-2, low_vram=low)
-        calls = []
-        hook = conv.register_forward_hook(lambda *_: calls.append(1))
-        try:
-            lora, losses = train_lora(be, data, [prompt], tokens, zero, s, seed=0)
-        finally:
-            hook.remove()
-        results[low] = (lora, losses, len(calls))
+    # The recomputed forward is the same computation, so the LoRA is the same bit for bit on one thread
+    # (`tiny.one_thread`; Adam would turn last-bit differences in near-zero gradient entries into
+    # visible weight differences).
+    with one_thread():
+        for low in (False, True):
+            s = Settings(objective="abo", alternative="a photo of a dog", steps=5, lr=1e-2, low_vram=low)
+            calls = []
+            hook = conv.register_forward_hook(lambda *_: calls.append(1))
+            try:
+                lora, losses = train_lora(be, data, [prompt], tokens, zero, s, seed=0)
+            finally:
+                hook.remove()
+            results[low] = (lora, losses, len(calls))
     (plain, plain_losses, plain_calls), (low, low_losses, low_calls) = results[False], results[True]
     # per step: 2 no-grad passes (frozen targets) + 2 grad passes (ec, eu); low-VRAM reruns the 2 grad ones
     assert plain_calls == 4 * 5 and low_calls == 6 * 5
     assert not backend.components.unet.is_gradient_checkpointing  # switched off again after training
-    assert plain_losses == pytest.approx(low_losses, abs=1e-6)
+    assert plain_losses == low_losses
     for k in plain.down:
-        assert (plain.down[k] - low.down[k]).abs().max() <= 1e-5, k
-        assert (plain.up[k] - low.up[k]).abs().max() <= 1e-5, k
+        assert torch.equal(plain.down[k], low.down[k]), k
+        assert torch.equal(plain.up[k], low.up[k]), k
     assert any(float(v.abs().max()) > 0 for v in plain.up.values())  # it did train
 
 

@@ -129,7 +129,8 @@ def test_project_name_rejects_paths(bad):
 def test_form_means_the_same_request_as_the_cli():
     from mace_core import cli
 
-    form = actions.EraseForm(concepts="cat\nVan Gogh | art | style  # comment\n\n", ctype="object",
+    # a text box's comments are whole lines (issue 20: '#' inside a line is text, as in 'C# logo')
+    form = actions.EraseForm(concepts="cat\n  # comment\nVan Gogh | art | style\n\n", ctype="object",
                              preset="nudity", retain="dog\n  Tom Hanks \n", mask="none",
                              numbers={"steps": "3", "lr": "1e-3", "images": " 2 ", "seed": "", "prior": "5",
                                       "robust_rounds": ""})
@@ -138,12 +139,10 @@ def test_form_means_the_same_request_as_the_cli():
             "--concept", "cat", "--concept", "Van Gogh | art | style", "--retain", "dog", "--retain", "Tom Hanks",
             "--mask", "none", "--steps", "3", "--lr", "1e-3", "--images", "2", "--prior", "5"]
     assert spec == cli.spec_from_args(cli.build_parser().parse_args(argv))
-    if actions.core_has_setting("objective"):  # issue 9's options, when the core has them
-        form.objective, form.alternative = "abo", "a cow"
-        argv += ["--objective", "abo", "--alternative", "a cow"]
-    if actions.core_has_setting("robust_rounds"):  # issue 12's
-        form.numbers["robust_rounds"] = "2"
-        argv += ["--robust"]
+    form.objective, form.alternative = "abo", "a cow"  # issue 9's options
+    argv += ["--objective", "abo", "--alternative", "a cow"]
+    form.numbers["robust_rounds"] = "2"  # issue 12's
+    argv += ["--robust"]
     form.low_vram = True  # issue 13's
     argv += ["--low-vram"]
     assert actions.build_spec(form) == cli.spec_from_args(cli.build_parser().parse_args(argv))
@@ -367,6 +366,53 @@ def test_a1111_script_registers_the_tab_in_process(fake_a1111):
     assert host.checkpoint_path(host.current_checkpoint()) == fake_a1111 / "Stable-diffusion" / "tiny-sd1.safetensors"
     assert host.checkpoint_folder() == fake_a1111 / "Stable-diffusion"
     assert host.projects_folder() == fake_a1111 / "mace"
+
+
+def test_a1111_dropdown_default_before_the_model_is_loaded_never_loads_one(fake_a1111, monkeypatch):
+    """A1111 builds its tabs before its model has loaded (fresh install: no option set). The default is
+    then the file it will load (its ``select_checkpoint``), found without ``shared.sd_model``, whose
+    access loads a model (and raises, killing the whole UI, when there is none)."""
+    from modules import sd_models, shared
+
+    from sd_webui_extension.a1111 import A1111Host
+
+    first = next(iter(sd_models.checkpoints_list.values()))
+    monkeypatch.setattr(shared.opts, "sd_model_checkpoint", None)
+    monkeypatch.setattr(sd_models, "select_checkpoint", lambda: first, raising=False)
+
+    class Loads(type(shared)):
+        @property
+        def sd_model(self):
+            raise AssertionError("shared.sd_model read: that loads a model")
+
+    monkeypatch.setattr(shared, "__class__", Loads)
+    assert A1111Host().current_checkpoint() == first.title
+    monkeypatch.setattr(sd_models, "select_checkpoint", lambda: (_ for _ in ()).throw(FileNotFoundError("none")))
+    assert A1111Host().current_checkpoint() is None  # no checkpoint at all: an empty dropdown, not a crash
+
+
+def test_forge_load_goes_through_its_checkpoint_change(fake_a1111, monkeypatch, tmp_path):
+    """Forge loads a model only through ``modules_forge.main_entry.checkpoint_change``; setting the
+    option directly renamed the model without loading it (and then its dropdown refused to switch)."""
+    from modules import sd_models, shared
+
+    from sd_webui_extension.a1111 import A1111Host
+
+    forge = tmp_path / "forge-modules" / "modules_forge"
+    forge.mkdir(parents=True)
+    (forge / "__init__.py").write_text("")
+    (forge / "main_entry.py").write_text("calls = []\ndef checkpoint_change(name, save=True, refresh=True):\n"
+                                         "    calls.append(name)\n    return True\n")
+    monkeypatch.syspath_prepend(str(forge.parent))
+    before = shared.opts.sd_model_checkpoint
+    title = next(iter(sd_models.checkpoints_list))
+    msg = A1111Host().load_checkpoint(Path(sd_models.checkpoints_list[title].filename))
+    from modules_forge import main_entry
+
+    assert main_entry.calls == [title] and title in msg
+    assert shared.opts.sd_model_checkpoint == before  # left to Forge's own path
+    monkeypatch.delitem(sys.modules, "modules_forge.main_entry")
+    monkeypatch.delitem(sys.modules, "modules_forge")
 
 
 # ---------------------------------------------------------------------------------------------

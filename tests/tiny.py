@@ -3,6 +3,7 @@ session in both layouts. Import from tests: `from tiny import tiny_file, tiny_fo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mace_core.checkpoint import save_new_checkpoint, save_new_diffusers
-from mace_core.synthetic import random_modules, tiny_family
+from synthetic import random_modules, tiny_family
 
 _ROOT = Path(tempfile.mkdtemp(prefix="mace-tiny-"))
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -24,8 +25,11 @@ def tiny_modules(name: str, seed: int = 0):
 @functools.lru_cache(maxsize=None)
 def tiny_file(name: str, dtype: str = "float32") -> Path:
     """A single-file ldm-layout checkpoint (read-only use: tests must not modify it)."""
+    path = _ROOT / f"{name}-{dtype}.safetensors"
+    if path.is_file():  # tiny_file("sd1") and tiny_file("sd1", "float32") are two cache entries, one file
+        return path
     unet, vae, tes = tiny_modules(name)
-    return save_new_checkpoint(_ROOT / f"{name}-{dtype}.safetensors", tiny_family(name), unet=unet, vae=vae,
+    return save_new_checkpoint(path, tiny_family(name), unet=unet, vae=vae,
                                text_encoder=tes[0], text_encoder_2=tes[1] if len(tes) > 1 else None,
                                dtype=getattr(torch, dtype))
 
@@ -35,6 +39,19 @@ def tiny_folder(name: str) -> Path:
     unet, vae, tes = tiny_modules(name)
     return save_new_diffusers(_ROOT / f"{name}-diffusers", tiny_family(name), unet=unet, vae=vae,
                               text_encoder=tes[0], text_encoder_2=tes[1] if len(tes) > 1 else None)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one CPU thread: float reductions then split the same way on every run (with
+    several threads MKL picks its thread count by the machine's load), so two computations that are
+    the same mathematically give the same bits, and comparisons of trained results need no tolerance."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def file_digest(path: Path) -> str:

@@ -49,20 +49,24 @@ def _add_delta(delta):
 class QKCapture:
     """Records each attn2's query [B, N, C] and key [B, T, C] outputs during a forward pass.
 
-    ``keep_grad_keys`` leaves the keys attached to the autograd graph (for the attention loss);
-    queries are always detached: the loss treats them as constants (see train.py).
+    ``keep_grad_keys`` leaves the keys attached to the autograd graph; queries are detached (the
+    mace loss treats them as constants, see train.py) unless ``keep_grad_queries`` (the authors'
+    full-backprop loss, objectives.py).
     """
 
-    def __init__(self, layers: list[CrossAttentionLayer], keep_grad_keys: bool = False):
+    def __init__(self, layers: list[CrossAttentionLayer], keep_grad_keys: bool = False,
+                 keep_grad_queries: bool = False):
         self.layers = layers
         self.keep_grad_keys = keep_grad_keys
+        self.keep_grad_queries = keep_grad_queries
         self.q: dict[str, torch.Tensor] = {}
         self.k: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
     def __enter__(self) -> "QKCapture":
         for layer in self.layers:
-            self._handles.append(layer.to_q.register_forward_hook(self._store(self.q, layer.name, False)))
+            q_hook = self._store(self.q, layer.name, self.keep_grad_queries)
+            self._handles.append(layer.to_q.register_forward_hook(q_hook))
             self._handles.append(layer.to_k.register_forward_hook(self._store(self.k, layer.name, self.keep_grad_keys)))
         return self
 
@@ -78,6 +82,15 @@ class QKCapture:
         return hook
 
 
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Softmax attention probabilities [B, heads, N, T] (fp32) of queries q [B, N, C] on keys k [B, T, C]."""
+    b, n, c = q.shape
+    dh = c // heads
+    qh = q.reshape(b, n, heads, dh).transpose(1, 2).float()
+    kh = k.reshape(b, k.shape[1], heads, dh).transpose(1, 2).float()
+    return torch.softmax(qh @ kh.transpose(-1, -2) * dh ** -0.5, dim=-1)
+
+
 def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, tokens: torch.Tensor,
                     pixels: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention probabilities on chosen token positions.
@@ -86,11 +99,7 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, tokens: torch.
     Returns the attention mass on the chosen tokens, summed over them: [B, heads, N] (pixels not
     selected are zero). Only the [.., N, T] logits are formed, never the values' product.
     """
-    b, n, c = q.shape
-    dh = c // heads
-    qh = q.reshape(b, n, heads, dh).transpose(1, 2).float()
-    kh = k.reshape(b, k.shape[1], heads, dh).transpose(1, 2).float()
-    probs = torch.softmax(qh @ kh.transpose(-1, -2) * dh ** -0.5, dim=-1)  # [B, h, N, T]
+    probs = attention_probs(q, k, heads)
     mass = (probs * tokens[:, None, None, :].to(probs.dtype)).sum(-1)  # [B, h, N]
     if pixels is not None:
         mass = mass * pixels[:, None, :].to(mass.dtype)

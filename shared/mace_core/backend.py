@@ -94,9 +94,6 @@ class Backend(Protocol):
     def predict(self, latents: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """UNet output (eps or v) for latents [B, c, h, w] at timesteps t [B]."""
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] in [-1, 1] -> scaled latents [B, c, H/s, W/s]."""
-
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """scaled latents -> images [B, 3, H, W] in [-1, 1]."""
 

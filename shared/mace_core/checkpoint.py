@@ -12,6 +12,7 @@ touch the input file.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,9 @@ from typing import Mapping, Sequence
 import torch
 
 from .errors import MaceError, UnsupportedModelError
-from .families import UNET_PREFIX, VAE_PREFIX, Family, TextEncoderSpec, detect_family, family_from_dict, load_family
+from .files import save_tensors, write_text
+from .families import (UNET_PREFIX, VAE_PREFIX, Family, TextEncoderSpec, detect_family, family_from_dict, infer_family,
+                       load_family)
 from .keymap import Entry, apply, clip_entries, unet_entries, vae_entries
 
 TOKENIZER_DIR = Path(__file__).parent / "data" / "clip_tokenizer"
@@ -108,13 +111,30 @@ def _read_header(path: Path) -> tuple[dict, int]:
                                         f"(header says {n} bytes, file has {size}); re-download the file")
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
-            raise UnsupportedModelError(f"{path}: corrupt .safetensors header ({e})") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise UnsupportedModelError(f"{path}: corrupt .safetensors header ({e!r}); re-download or re-copy "
+                                        "the file") from None
     if ends and 8 + n + max(ends) > size:
         raise UnsupportedModelError(f"{path}: file is truncated ({size} bytes, tensors need {8 + n + max(ends)}); "
                                     "re-download or re-copy it")
     return header, n
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file, checked first (a regular, complete file), or
+    `UnsupportedModelError` naming the file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise MaceError(f"file not found: {path}" if not path.exists() else f"{path} is not a regular file")
+    header, _ = _read_header(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise UnsupportedModelError(f"{path}: cannot read tensors ({e}); the file is damaged") from None
+    return tensors, dict(header.get("__metadata__") or {})
 
 
 def load_checkpoint(path: str | Path, prediction_type: str | None = None, family: Family | None = None,
@@ -130,20 +150,15 @@ def load_checkpoint(path: str | Path, prediction_type: str | None = None, family
     path = Path(path)
     if not path.exists():
         raise MaceError(f"model not found: {path}")
+    if not path.is_dir() and not path.is_file():  # a FIFO or device would block or never end
+        raise MaceError(f"{path} is not a regular file or a diffusers folder; give the model file itself")
     if path.is_dir():
         ckpt = _load_diffusers_folder(path, prediction_type)
         ckpt._sha256 = sha256
         return ckpt
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        header, _ = _read_header(path)
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise UnsupportedModelError(f"{path}: cannot read tensors ({e}); the file is damaged") from None
-        metadata = dict(header.get("__metadata__") or {})
+        tensors, metadata = load_tensors(path)
         fmt = "safetensors"
     elif suffix in (".ckpt", ".pt", ".pth", ".bin"):
         try:
@@ -186,13 +201,23 @@ def checkpoint_from_state_dict(state_dict: Mapping[str, object], path: str | Pat
         log.info("copying %d inference tensors of %s so that training can backpropagate through them",
                  len(inference), path.name)
         tensors.update({k: tensors[k].clone() for k in inference})
-    family = family or detect_family(tensors.keys(), metadata, path.name, prediction_type)
-    ckpt = Checkpoint(path, family, tensors, metadata, source_format, sha256)
-    _validate(ckpt)
+    ckpt = Checkpoint(path, family or detect_family(tensors.keys(), metadata, path.name, prediction_type), tensors,
+                      metadata, source_format, sha256)
+    try:
+        _check_layout(ckpt)
+    except UnsupportedModelError:
+        if family is not None or "mace.arch" in metadata:
+            raise
+        # a known layout at other sizes (distilled or custom-width models): sizes from the tensors' shapes
+        ckpt.family = infer_family(ckpt.family, {k: tuple(v.shape) for k, v in tensors.items()})
+        _check_layout(ckpt)
+        log.info("%s: %s layout at non-standard sizes; config inferred from its tensors", path.name,
+                 ckpt.family.family)
+    _check_values(ckpt)
     return ckpt
 
 
-def _validate(ckpt: Checkpoint) -> None:
+def _check_layout(ckpt: Checkpoint) -> None:
     """Every tensor the family needs is present with the right shape (else a clear error)."""
     for entries, modules in _entries_and_shapes(ckpt.family):
         for e in entries:
@@ -208,7 +233,34 @@ def _validate(ckpt: Checkpoint) -> None:
                     f"{list(t.shape)}, expected {list(want)}; unknown layout")
 
 
+def _check_values(ckpt: Checkpoint) -> None:
+    """The model's weights are floating point and the ones an erasure edits finite (else a clear error)."""
+    for entries, _ in _entries_and_shapes(ckpt.family):
+        for e in entries:
+            t = ckpt.tensors[e.file_key]
+            if not t.is_floating_point() and not e.file_key.endswith("position_ids"):
+                raise UnsupportedModelError(
+                    f"{ckpt.path.name}: {e.file_key} is {str(t.dtype).removeprefix('torch.')}; quantized or integer "
+                    "weights are not supported: use the fp16/fp32/bf16 checkpoint")
+    for k, t in ckpt.tensors.items():
+        if k.startswith(UNET_PREFIX) and k.endswith(EDITED_SUFFIXES) and not bool(torch.isfinite(t).all()):
+            raise UnsupportedModelError(f"{ckpt.path.name}: {k} holds NaN or infinite values; the checkpoint is "
+                                        "damaged (a bad merge or fp16 overflow): use an intact copy")
+
+
+#: the UNet weights an erasure edits (cross-attention keys/values, SDXL's pooled-text projection)
+EDITED_SUFFIXES = ("attn2.to_k.weight", "attn2.to_v.weight", "label_emb.0.0.weight")
+
+
 def _entries_and_shapes(fam: Family) -> list[tuple[list[Entry], dict[str, torch.Size]]]:
+    """Each component's key map and module tensor shapes (shared: callers must not modify them)."""
+    return _entries_and_shapes_of(fam.to_json())
+
+
+@functools.lru_cache(maxsize=16)
+def _entries_and_shapes_of(family_json: str) -> list[tuple[list[Entry], dict[str, torch.Size]]]:
+    # cached: building even meta modules costs about a second (diffusers initialises every weight)
+    fam = family_from_dict(json.loads(family_json))
     out = []
     for comp, entries in _component_entries(fam, _meta_modules(fam)):
         out.append((entries, {k: v.shape for k, v in comp.state_dict().items()}))
@@ -321,10 +373,10 @@ def _load_diffusers_folder(path: Path, prediction_type: str | None) -> Checkpoin
         tes = [CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True),
                CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", local_files_only=True)]
     else:
-        # Our own tiny folders name their family; real ones are told apart by the context width.
-        name = index.get("_mace_family") or ("sd1" if unet.config.cross_attention_dim == 768 else "sd2")
-        base = load_family("sd2-v" if name.startswith("sd2") and pred == "v_prediction" else name)
         tes = [CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)]
+        # the text encoder says which: SD1's is OpenAI CLIP (quick_gelu), SD2's OpenCLIP (gelu), at any width
+        name = index.get("_mace_family") or ("sd1" if tes[0].config.hidden_act == "quick_gelu" else "sd2")
+        base = load_family("sd2-v" if name.startswith("sd2") and pred == "v_prediction" else name)
     specs = []
     for te, spec in zip(tes, base.text_encoders):
         cfg = {k: v for k, v in te.config.to_dict().items() if k in spec.config}
@@ -332,11 +384,14 @@ def _load_diffusers_folder(path: Path, prediction_type: str | None) -> Checkpoin
         if spec.layout == "openclip" and not spec.projection and cfg["num_hidden_layers"] == 23:
             layer = -1  # diffusers' SD2 text encoder already dropped the last layer
         specs.append(TextEncoderSpec(**{**spec.__dict__, "config": cfg, "layer": layer}))
-    fam = family_from_dict({**_family_dict(base), "prediction_type": pred,
+    # the folder's own configs are the model: its native resolution is the UNet's latent size times the VAE's scale
+    resolution = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    fam = family_from_dict({**_family_dict(base), "prediction_type": pred, "resolution": resolution,
                             "unet": _public(unet.config), "vae": _public(vae.config), "text_encoders": []})
     fam = Family(**{**fam.__dict__, "text_encoders": tuple(specs)})
-    tensors = modules_to_file_tensors(fam, unet, vae, tes)
-    return Checkpoint(path, fam, tensors, {}, "diffusers")
+    ckpt = Checkpoint(path, fam, modules_to_file_tensors(fam, unet, vae, tes), {}, "diffusers")
+    _check_values(ckpt)
+    return ckpt
 
 
 SUPPORTED_FILES = ".safetensors, .ckpt or a diffusers folder (model_index.json)"
@@ -377,29 +432,17 @@ def modelspec(fam: Family, title: str, description: str = "") -> dict[str, str]:
     }
 
 
-def write_safetensors(tensors: Mapping[str, torch.Tensor], out: str | Path,
-                      metadata: Mapping[str, str], protect: tuple[Path, ...] = ()) -> Path:
-    """Atomically write ``tensors`` to ``out``; fills ``modelspec.hash_sha256`` (sha256 of the
-    tensor data section, as kohya's sd-scripts compute it) when the metadata asks for it."""
-    from safetensors.torch import save_file
-
+def write_safetensors(tensors: Mapping[str, torch.Tensor], out: str | Path, metadata: Mapping[str, str],
+                      protect: tuple[Path, ...] = (), overwrite: bool = False, what: str = "--out") -> Path:
+    """Write ``tensors`` to ``out`` through `files.save_tensors` (checked, atomic, ordinary mode;
+    never over ``protect``, the command's inputs, nor over an existing file unless ``overwrite``);
+    fills ``modelspec.hash_sha256`` (sha256 of the tensor data section, as kohya's sd-scripts
+    compute it) when the metadata asks for it."""
     out = Path(out)
     if out.suffix != ".safetensors":
-        raise MaceError(f"output must be a .safetensors file, got {out.name!r}")
-    for p in protect:
-        if p.exists() and out.resolve() == p.resolve():
-            raise MaceError(f"refusing to overwrite the input model {p}; choose another output name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
-        if metadata.get("modelspec.hash_sha256") == _HASH_PLACEHOLDER:
-            fill_modelspec_hash(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+        raise MaceError(f"{what} must be a .safetensors file, got {out.name!r}")
+    fill = fill_modelspec_hash if metadata.get("modelspec.hash_sha256") == _HASH_PLACEHOLDER else None
+    return save_tensors(out, tensors, metadata, then=fill, inputs=protect, overwrite=overwrite, what=what)
 
 
 def fill_modelspec_hash(path: Path) -> None:
@@ -426,6 +469,19 @@ def data_sha256(path: str | Path) -> str:
     return "0x" + h.hexdigest()
 
 
+def with_resolution(ckpt: Checkpoint, resolution: int | None) -> Checkpoint:
+    """The checkpoint drawn at ``resolution`` pixels (None: its own), checked against its VAE's scale."""
+    if resolution is None:
+        return ckpt
+    scale = 2 ** (len(ckpt.family.vae["block_out_channels"]) - 1)
+    if resolution < scale or resolution % scale:
+        raise MaceError(f"--resolution {resolution}: must be a positive multiple of {scale} (the VAE's downscale) "
+                        "for this model")
+    from dataclasses import replace
+
+    return replace(ckpt, family=replace(ckpt.family, resolution=resolution))
+
+
 def with_edits(ckpt: Checkpoint, edits: Mapping[str, torch.Tensor]) -> Checkpoint:
     """The checkpoint with ``edits`` (file key -> weight) in place, each cast to the dtype it replaces;
     other tensors are shared, not copied."""
@@ -440,7 +496,7 @@ def with_edits(ckpt: Checkpoint, edits: Mapping[str, torch.Tensor]) -> Checkpoin
 
 
 def save_edited(ckpt: Checkpoint, edits: Mapping[str, torch.Tensor], out: str | Path,
-                metadata: Mapping[str, str]) -> Path:
+                metadata: Mapping[str, str], overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Path:
     """Write the checkpoint with ``edits`` (full file keys -> new weights) replacing its tensors.
 
     Edited tensors are cast to the dtype of the tensor they replace; every other tensor is the
@@ -449,6 +505,9 @@ def save_edited(ckpt: Checkpoint, edits: Mapping[str, torch.Tensor], out: str | 
     A checkpoint taken from a host's memory is written from its file, read now: the host's copy
     may be cast (A1111 holds fp16 of an fp32 file), lack the file's EMA weights or carry its own
     buffers, and the output must be the file with the edits, as `mace erase` writes it.
+
+    ``overwrite``: replace an existing ``out``; ``inputs``: other files the command read (never
+    replaced, nor is the checkpoint's own file).
     """
     if ckpt.source_format == MEMORY:
         ckpt = load_checkpoint(ckpt.path, sha256=ckpt._sha256)
@@ -457,7 +516,7 @@ def save_edited(ckpt: Checkpoint, edits: Mapping[str, torch.Tensor], out: str | 
     if ckpt.family.family not in ("sd1", "sd2", "sd2-v", "sdxl") or _nonstandard(ckpt.family):
         meta["mace.arch"] = ckpt.family.to_json()
     meta.update(metadata)
-    return write_safetensors(tensors, out, meta, protect=(ckpt.path,))
+    return write_safetensors(tensors, out, meta, protect=(ckpt.path, *inputs), overwrite=overwrite)
 
 
 def _nonstandard(fam: Family) -> bool:
@@ -526,8 +585,7 @@ def save_new_diffusers(path: str | Path, family: str | Family, *, unet, vae, tex
         (path / d).mkdir(exist_ok=True)
         for f in ("vocab.json", "merges.txt"):
             shutil.copy(TOKENIZER_DIR / f, path / d / f)
-    (path / "scheduler").mkdir(exist_ok=True)
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "DDIMScheduler", **base.scheduler, "prediction_type": base.prediction_type}))
-    (path / "model_index.json").write_text(json.dumps(index, indent=1))
+    write_text(path / "scheduler" / "scheduler_config.json", json.dumps(
+        {"_class_name": "DDIMScheduler", **base.scheduler, "prediction_type": base.prediction_type}), checked=True)
+    write_text(path / "model_index.json", json.dumps(index, indent=1), checked=True)
     return path

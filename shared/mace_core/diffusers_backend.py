@@ -185,13 +185,6 @@ class DiffusersBackend:
     # --- VAE --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        self._use("vae")
-        vae = self.components.vae
-        z = vae.encode(images.to(self.device, self.dtype)).latent_dist.mean
-        return z * vae.config.scaling_factor
-
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         self._use("vae")
         vae = self.components.vae

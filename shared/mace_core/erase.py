@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -26,7 +27,7 @@ from .harden import adversarial_stats
 from .masks import draw_batch, draw_concept, phrase_token_mask, save_data
 from .prior import general_prior, mean_grams
 from .project import Project
-from .refine import ConceptStats, apply_map, apply_pooled, concept_stats, context_map, pooled_map
+from .refine import ConceptStats, apply_map, apply_pooled, concept_stats, context_map, overlap, pooled_map
 from .train import LoRA, train_lora
 
 Progress = Callable[[str, int, int], None]  # (stage label, done, total)
@@ -47,8 +48,12 @@ def concept_seed(seed: int, concept: Concept) -> int:
 
 def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: str, base_name: str = "",
           progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-          closed_form_only: bool = False) -> ErasureResult:
+          closed_form_only: bool = False, prior_dir: Path | None = None) -> ErasureResult:
     """Run all three stages for ``spec`` (resuming finished concepts from ``project``).
+
+    ``progress(label, done, total)`` is called with ``done = 0`` when each phase starts (so a progress
+    bar names the phase that is running), then as it advances; ``prior_dir``: where the general prior
+    is kept (hosts: their ``models/mace/prior``; default `prior.default_prior_dir`).
 
     Under torch.distributed (``torchrun`` / ``accelerate launch``) each rank computes and trains
     its share of the concepts (concept i on rank i mod world) into the shared project; every rank
@@ -67,14 +72,16 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
     stage = StageLog(backend.device)
 
     with stage("refine"):
+        prog("encoding the concepts (stage 1)", 0, 1)
         anchors: dict[tuple[str, ...], TextBatch] = {}  # encoded once per run for concepts sharing one
         for c in mine:
             _stats(backend, project, c, anchors)
         if rank == 0:
-            _priors(backend, project, spec)
+            _priors(backend, project, spec, prior_dir, prog, stop)
         barrier()
         stats = {c.phrase: _stats(backend, project, c, anchors) for c in spec.concepts}
-        priors = _priors(backend, project, spec)
+        priors = _priors(backend, project, spec, prior_dir, prog, stop)
+        prog("refining (stage 1)", 0, 1)
         original = backend.original_weights()
         refined = refine_weights(original, list(stats.values()), run, priors)
 
@@ -90,12 +97,13 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
                 else:
                     if stop():
                         raise InterruptedRun(f"stopped before training {c.phrase!r}; rerun to resume")
-                    _train_concept(backend, project, spec, c, base_delta, h, prog, stop)
+                    _train_concept(backend, project, spec, c, original, base_delta, h, prog, stop)
                 prog("concepts", i + 1, len(mine))
             barrier()
             loras = {c.phrase: project.load_lora(c, settings_hash(spec, c)) for c in spec.concepts}
 
     with stage("fuse"):
+        prog("fusing", 0, 1)
         weights = _fuse(original, refined, spec, stats, loras, priors, run)
     rounds: list[dict] = []
     if run.robust_rounds and not closed_form_only:
@@ -215,21 +223,30 @@ def _stats(backend: Backend, project: Project, c: Concept, anchors: dict[tuple[s
     return st
 
 
-def _priors(backend: Backend, project: Project, spec: ErasureSpec) -> dict[str, torch.Tensor]:
+def _priors(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Path | None = None,
+            prog: Progress | None = None, stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
     """Per-token general and retain-list Grams ("general", "domain", and their "_pooled" twins for
     SDXL), stored in the project so that re-fusion needs no model."""
     run = spec.settings_for()
     priors, meta = project.load_priors()
     changed = False
     if (run.prior or run.fuse_prior) and "general" not in priors:
-        for name, g in general_prior(backend, backend.text_encoder_key()).items():
+        for name, g in general_prior(backend, backend.text_encoder_key(), folder=prior_dir, progress=prog,
+                                     should_stop=stop).items():
             priors["general" if name == "context" else "general_pooled"] = g
         changed = True
-    retain_key = hashlib.sha256(json.dumps(sorted(spec.retain)).encode()).hexdigest()
-    if spec.retain and run.domain and meta.get("retain") != retain_key:
-        prompts = [p for r in spec.retain for p in concept_prompts(spec.concepts[0], r)]
-        for name, g in mean_grams(backend, prompts).items():
-            priors["domain" if name == "context" else "domain_pooled"] = g
+    kept, _ = spec.protected()
+    retain_key = hashlib.sha256(json.dumps(sorted(kept)).encode()).hexdigest()
+    if kept and run.domain and meta.get("retain") != retain_key:
+        # the sum of each kept phrase's own mean Gram: `domain` weighs per kept concept, so a long
+        # retain list keeps each of its concepts as strongly as a short one instead of diluting them
+        sums: dict[str, torch.Tensor] = {}
+        for r in kept:
+            if stop is not None and stop():
+                raise InterruptedRun("stopped while encoding the retain list; nothing was kept")
+            for name, g in mean_grams(backend, concept_prompts(spec.concepts[0], r)).items():
+                sums[name] = sums[name] + g if name in sums else g
+        priors.update({("domain" if name == "context" else "domain_pooled"): g for name, g in sums.items()})
         meta["retain"] = retain_key
         changed = True
     if changed:
@@ -241,21 +258,24 @@ def refine_weights(original: Mapping[str, torch.Tensor], stats: list[ConceptStat
                    priors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Stage 1 for every K/V weight (and SDXL's pooled projection, keys ending in ``POOLED_SUFFIX``)."""
     kv = {k: v for k, v in original.items() if not k.endswith(POOLED_SUFFIX)}
-    m = context_map(stats, run.lam, prior=priors.get("general"), s=run.prior, domain=priors.get("domain"),
-                    s2=run.domain)
+    k2 = overlap(stats) if run.balance == "overlap" else 1.0
+    lam, s, s2 = run.lam * k2, run.prior * k2, run.domain * k2
+    m = context_map(stats, lam, prior=priors.get("general"), s=s, domain=priors.get("domain"), s2=s2)
     out = apply_map(kv, m)
     for k in set(original) - set(kv):
-        mp = pooled_map(stats, run.lam, prior=priors.get("general_pooled"), s=run.prior,
-                        domain=priors.get("domain_pooled"), s2=run.domain)
+        mp = pooled_map(stats, lam, prior=priors.get("general_pooled"), s=s, domain=priors.get("domain_pooled"),
+                        s2=s2)
         out[k] = apply_pooled(original[k], mp)
     return out
 
 
 def _train_concept(backend: Backend, project: Project, spec: ErasureSpec, c: Concept,
-                   base_delta: Mapping[str, torch.Tensor], h: str, prog: Progress, stop) -> LoRA:
+                   original: Mapping[str, torch.Tensor], base_delta: Mapping[str, torch.Tensor], h: str,
+                   prog: Progress, stop) -> LoRA:
     s = spec.settings_for(c)
     seed = concept_seed(s.seed, c)
     prompt = train_prompt(c)
+    prog(f"drawing {c.phrase}", 0, s.images)
     data = draw_concept(backend, prompt, c.phrase, [seed + i for i in range(s.images)], s.sample_steps,
                         s.guidance, "none" if s.mask == "none" else "attention", s.mask_threshold,
                         batch_size=draw_batch(s, backend.resolution), on_batch=lambda d, n: prog(f"drawing {c.phrase}", d, n))
@@ -273,7 +293,8 @@ def _train_concept(backend: Backend, project: Project, spec: ErasureSpec, c: Con
         if stop():
             raise InterruptedRun(f"stopped while training {c.phrase!r}; finished concepts are saved, rerun to resume")
 
-    lora, losses = train_lora(backend, data, prompts, tokens, base_delta, s, seed, on_step)
+    prog(f"training {c.phrase}", 0, s.steps)
+    lora, losses = train_lora(backend, data, prompts, tokens, base_delta, s, seed, on_step, original)
     project.save_lora(c, lora, h, losses)
     return lora
 
@@ -300,17 +321,16 @@ def editable_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             k.endswith(("attn2.to_k.weight", "attn2.to_v.weight", POOLED_SUFFIX))}
 
 
-def save_result(ckpt, result: ErasureResult, out) -> list[str]:
+def save_result(ckpt, result: ErasureResult, out, overwrite: bool = False, inputs: tuple = ()) -> list[str]:
     """Write the erased checkpoint (input tensors + edits, modelspec + mace.* metadata); returns the
-    erased phrases."""
-    from pathlib import Path
-
+    erased phrases. ``overwrite``: replace an existing ``out``; ``inputs``: files never replaced."""
     from .checkpoint import modelspec, save_edited
 
     out = Path(out)
     names = [c["phrase"] for c in json.loads(result.metadata["mace.concepts"])]
     desc = "concepts erased with mace: " + (", ".join(names) or "none")
-    save_edited(ckpt, result.weights, out, {**modelspec(ckpt.family, out.stem, desc), **result.metadata})
+    save_edited(ckpt, result.weights, out, {**modelspec(ckpt.family, out.stem, desc), **result.metadata},
+                overwrite, inputs)
     return names
 
 
@@ -322,6 +342,8 @@ def erasure_metadata(spec: ErasureSpec, base_sha256: str, base_name: str, closed
         "mace.version": __version__,
         "mace.concepts": json.dumps([{"phrase": c.phrase, "anchor": c.anchor, "type": c.type} for c in spec.concepts]),
         "mace.retain": json.dumps(list(spec.retain)),
+        # what stage 1 actually kept: the retain list, or the types' default protection (named)
+        "mace.protected": json.dumps(dict(zip(("phrases", "source"), spec.protected())) if spec.concepts else {}),
         "mace.settings": json.dumps(run.to_dict() if run else {}),
         "mace.concept_settings": json.dumps({c.phrase: spec.settings_for(c).to_dict() for c in spec.concepts}),
         "mace.stages": "refine" if closed_form_only else "refine+lora+fuse",

@@ -1,8 +1,9 @@
 """Time and memory of an erasure, estimated before it starts from a measured UNet step.
 
 One warm UNet call at the training resolution is timed (and, on a GPU, its peak memory taken, and
-for the abo objective that of a differentiated call too); the run's cost is that step times the
-number of UNet calls the settings imply, plus the text encodings of stage 1, counting only what a
+for objectives that backpropagate through the UNet that of a differentiated call too); the run's
+cost is that step times the number of UNet calls the settings imply (objectives.py counts each
+objective's passes), plus the text encodings of stage 1, counting only what a
 project does not already hold. A GPU too small for the measured peak is refused with advice.
 """
 
@@ -17,6 +18,8 @@ from .backend import Backend
 from .concepts import Concept, ErasureSpec, Settings, concept_prompts, settings_hash
 from .errors import MaceError
 from .masks import draw_batch
+from .objectives import grad_rows, unet_passes
+from .prior import float32_text, prior_missing
 from .project import Project
 from .train import predict_for_backward
 
@@ -30,11 +33,15 @@ class Estimate:
     unet_calls: int
     step_seconds: float
     low_vram: bool = False  # whether the run already uses low-VRAM mode (its peak is the low one)
+    prior_captions: int = 0  # captions the general prior still has to encode (first use of the encoder)
+    prior_seconds: float = 0.0  # their share of ``seconds``
 
     def describe(self) -> str:
         mem = f", peak GPU memory ~{self.peak_gb:.1f} GB" if self.peak_gb is not None else ""
+        prior = (f"; includes the general prior, first use of this text encoder: {self.prior_captions} captions, "
+                 f"~{_duration(self.prior_seconds)}" if self.prior_captions else "")
         return (f"estimated {_duration(self.seconds)} ({self.unet_calls} UNet calls at "
-                f"{self.step_seconds * 1000:.0f} ms){mem}")
+                f"{self.step_seconds * 1000:.0f} ms{prior}){mem}")
 
 
 def _duration(seconds: float) -> str:
@@ -66,7 +73,8 @@ def _left(spec: ErasureSpec, project: Project | None) -> list[tuple[Concept, Set
 
 def unet_calls(spec: ErasureSpec, closed_form_only: bool = False, project: Project | None = None) -> int:
     """UNet calls of a run, counted in batch-of-one units: drawing (CFG doubles), training
-    (one pass per step and sample; abo: three), hardening; with ``project``, only what is left."""
+    (per step and sample, the objective's passes: mace 1, abo 3 (+1 with an alternative), mace-authors
+    1, esd 3, ant 8; a differentiated pass counts as one), hardening; with ``project``, only what is left."""
     return _calls(_left(_planned(spec, project), project), closed_form_only)
 
 
@@ -77,16 +85,17 @@ def _calls(left: list[tuple[Concept, Settings, bool, bool, int]], closed_form_on
     for _, s, _, train, rounds in left:
         if train:
             n += s.images * s.sample_steps * 2
-            n += s.steps * s.batch_size * (3 if s.objective == "abo" else 1)
+            n += s.steps * s.batch_size * unet_passes(s)
         n += rounds * s.attack_steps
     return n
 
 
 @torch.no_grad()
 def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False, size: int | None = None,
-             repeats: int = 2, project: Project | None = None) -> Estimate:
+             repeats: int = 2, project: Project | None = None, prior_dir=None) -> Estimate:
     """Time and peak GPU memory of erasing ``spec`` on ``backend``; with ``project``, of what `erase`
-    would still do there (its concepts merged in, finished work reused)."""
+    would still do there (its concepts merged in, finished work reused); ``prior_dir``: where the run
+    keeps the general prior (as given to `erase.erase`): its first computation is counted."""
     spec = _planned(spec, project)  # the memory is that of the whole merged run
     low_vram = all(spec.settings_for(c).low_vram for c in spec.concepts)
     size = size or backend.resolution
@@ -95,33 +104,53 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     t = torch.tensor([500], device=backend.device)
     text = backend.encode([""])
     cuda = backend.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    backend.predict(x, t, text)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        backend.predict(x, t, text)
-    if cuda:
-        torch.cuda.synchronize()
-    step = (time.perf_counter() - t0) / repeats
+    left = _left(spec, project)
+    calls = _calls(left, closed_form_only)
+    step = 0.0
+    if calls or cuda:  # a run without UNet calls on the CPU needs no UNet timing (3 passes: a minute there)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        backend.predict(x, t, text)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            backend.predict(x, t, text)
+        if cuda:
+            torch.cuda.synchronize()
+        step = (time.perf_counter() - t0) / repeats
     t0 = time.perf_counter()
     backend.encode(["a photo of a cat"] * 8)
     enc = (time.perf_counter() - t0) / 8
-    left = _left(spec, project)
+    captions, prior_s = _prior_cost(backend, spec, project, prior_dir)
     prompts = sum(2 * len(concept_prompts(c)) for c, _, encode, _, _ in left if encode)
-    calls = _calls(left, closed_form_only)
     peak = None
     if cuda:
         resident = torch.cuda.memory_allocated()
         act = torch.cuda.max_memory_allocated() - resident  # one no-grad pass's activations, batch 1
         grad_act = _backward_activations(backend, x, t, text, low_vram) if train_rows(spec, closed_form_only) else 0
         peak = peak_gb(spec, resident, act, grad_act, closed_form_only, size)
-    return Estimate(calls * step + prompts * enc, peak, calls, step, low_vram)
+    return Estimate(calls * step + prompts * enc + prior_s, peak, calls, step, low_vram, captions, prior_s)
+
+
+def _prior_cost(backend: Backend, spec: ErasureSpec, project: Project | None, prior_dir) -> tuple[int, float]:
+    """(captions, seconds) of the general prior when the run must compute it: needed by its settings,
+    not in the project, not in ``prior_dir``; timed on one batch encoded as the prior encodes (fp32 on
+    the CPU)."""
+    run = spec.settings_for()
+    if project is not None and "general" in project.load_priors()[0]:
+        return 0, 0.0
+    n = prior_missing(backend, run.prior, run.fuse_prior, prior_dir)
+    if not n:
+        return 0, 0.0
+    with float32_text(backend):
+        backend.encode(["a photo of a cat"])  # warm-up (a cast, first call)
+        t0 = time.perf_counter()
+        backend.encode(["a photo of a cat"] * 8)
+    return n, (time.perf_counter() - t0) / 8 * n
 
 
 def _backward_activations(backend: Backend, x: torch.Tensor, t: torch.Tensor, text, low_vram: bool) -> int:
-    """Bytes a differentiated UNet pass at batch 1 keeps for its backward (the abo loss), measured
+    """Bytes a differentiated UNet pass at batch 1 keeps for its backward (abo, mace-authors, esd, ant), measured
     with low-VRAM mode's gradient checkpointing when the run uses it."""
     torch.cuda.synchronize()
     resident = torch.cuda.memory_allocated()
@@ -142,12 +171,12 @@ def peak_rows(spec: ErasureSpec, closed_form_only: bool = False, size: int = 512
 
 
 def train_rows(spec: ErasureSpec, closed_form_only: bool = False) -> int:
-    """Batch rows differentiated at once in training: the abo loss backpropagates through two UNet
-    passes (concept and empty prompt) of a batch; the mace loss backpropagates through no UNet pass
+    """Batch rows differentiated at once in training: abo and ant backpropagate through two UNet rows
+    per sample (concept and empty prompt), mace-authors and esd through one; the mace loss through none
     (its gradient reaches the LoRA through the captured queries alone), so it adds no activations."""
     if closed_form_only:
         return 0
-    return max((2 * s.batch_size if s.objective == "abo" else 0) for s in map(spec.settings_for, spec.concepts))
+    return max(grad_rows(s) * s.batch_size for s in map(spec.settings_for, spec.concepts))
 
 
 def peak_gb(spec: ErasureSpec, resident: int, act: int, grad_act: int, closed_form_only: bool = False,

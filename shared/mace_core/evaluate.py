@@ -3,9 +3,10 @@ drift on retained prompts, and the red team.
 
 A classifier is any callable images (uint8 [N, H, W, 3]) -> labels; one with a
 ``tally(images) -> {class: count}`` method also fills the report's per-class detections. Shipped
-ones: the toy world's judge (`toy`), CLIP zero-shot from a local folder the user points to
+ones: CLIP zero-shot from a local folder the user points to
 (`clip:PATH`), and NudeNet (`nudenet`, tallies its exposed classes) when the `nudenet` package is
-installed (its ONNX detector ships with it). The model-based quality scores (CLIP score, FID
+installed (its ONNX detector ships with it); plug-ins add others (the toy world's judge, `toy`:
+`mace_core.plugins`). The model-based quality scores (CLIP score, FID
 features, NudeNet detections) live in quality.py.
 """
 
@@ -330,13 +331,6 @@ def soft_token_asr(model: Backend, soft: torch.Tensor, classify: Classifier, lab
     with with_soft_tokens(model, soft):
         images = generate(model, [soft_prompt(template, soft.shape[0])] * len(seeds), list(seeds), steps, guidance)
     return accuracy(classify(images), label)
-
-
-def toy_classifier() -> Classifier:
-    from toyworld.judge import Judge  # the toy world is a separate package; only this plug-in uses it
-
-    judge = Judge.load()
-    return lambda images: [s for s, _ in judge.classify(images)]
 
 
 def clip_classifier(path: str, labels: Sequence[str]) -> Classifier:

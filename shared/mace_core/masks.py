@@ -133,12 +133,11 @@ def _attention_map(cap: QKCapture, layers, tokens: torch.Tensor, b: int, hw: tup
 
 def save_data(data: ConceptData, folder: Path) -> None:
     """Images and masks as lossless PNGs paired by name: images/0003.png <-> masks/0003.png."""
-    from PIL import Image
+    from .files import write_png
 
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    (folder / "masks").mkdir(parents=True, exist_ok=True)
     H, W = data.images.shape[1:3]
     for i, (img, m) in enumerate(zip(data.images, data.masks)):
-        Image.fromarray(img).save(folder / "images" / f"{i:04d}.png")
+        write_png(folder / "images" / f"{i:04d}.png", img, checked=True, what="the erasure project")
         mm = F.interpolate(m[None, None].float(), size=(H, W), mode="nearest")[0, 0]
-        Image.fromarray((mm.numpy() * 255).astype(np.uint8)).save(folder / "masks" / f"{i:04d}.png")
+        write_png(folder / "masks" / f"{i:04d}.png", (mm.numpy() * 255).astype(np.uint8), checked=True,
+                  what="the erasure project")

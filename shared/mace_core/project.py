@@ -8,7 +8,11 @@
     concepts/<slug>/latents.safetensors the same images as latents (robust hardening reads them)
 
 Every file is written atomically; a concept counts as done only once its LoRA file exists and
-its recorded settings hash matches, so an interrupted run resumes where it stopped. The training
+its recorded settings hash matches, so an interrupted run resumes where it stopped. Every file is
+checked when read: a damaged statistics, LoRA or priors file is named and recomputed on resume
+(`Project.damaged` lists them for commands that cannot recompute, such as re-fusing); a damaged
+manifest is named. A run holds ``.lock`` (an advisory lock) so two runs on one project cannot
+interleave. The training
 data is a cache: `Project.delete_generated_images` removes it once a project is done, and
 re-fusing, restoring and adding concepts work without it.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import shutil
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -27,44 +31,70 @@ import torch
 from . import __version__
 from .concepts import Concept, ErasureSpec, make_concept
 from .errors import MaceError
+from .files import save_tensors, write_text
 from .refine import ConceptStats
 from .train import LoRA
 
 FORMAT = 1
+log = logging.getLogger("mace.project")
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    """A project file, written by the project itself (atomic, ordinary mode)."""
+    save_tensors(path, tensors, metadata, checked=True, what="the erasure project")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+
+class DamagedFile(MaceError):
+    """A project file that cannot be read (truncated, empty, not safetensors, missing metadata)."""
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+    """(tensors, metadata) of a project file, or `DamagedFile` naming it."""
+    from .checkpoint import load_tensors
 
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    try:
+        return load_tensors(path)
+    except MaceError as e:
+        raise DamagedFile(f"damaged project file {path}: {e}") from None
 
 
 def _metadata(path: Path) -> dict[str, str] | None:
     """A saved file's metadata without its tensors (None when there is no file): what resuming needs
     to know of a concept's LoRA and statistics, cheap for thousands of concepts."""
-    from safetensors import safe_open
+    from .checkpoint import read_metadata
 
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        return read_metadata(path)
+    except MaceError as e:
+        raise DamagedFile(f"damaged project file {path}: {e}") from None
+
+
+def _recomputed(read):
+    """``read`` of a recomputable project file, where a damaged file counts as absent (logged: the
+    run recomputes it and replaces the file)."""
+    def wrapper(*args, **kw):
+        try:
+            return read(*args, **kw)
+        except DamagedFile as e:
+            log.warning("%s; recomputing it", e)
+            return None
+    return wrapper
+
+
+#: locks this process holds, by project folder (released when the process ends)
+_LOCKS: dict[Path, object] = {}
 
 
 class Project:
     """An erasure project folder (see module docstring)."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, base_file: str | Path | None = None):
+        """``base_file``: the base model's file, recorded (absolute) by `open` so that re-fusing and
+        adding work from any folder."""
         self.root = Path(root)
+        self.base_file = Path(base_file).resolve() if base_file else None
 
     @property
     def manifest_path(self) -> Path:
@@ -76,16 +106,22 @@ class Project:
     def manifest(self) -> dict:
         if not self.exists():
             raise MaceError(f"{self.root} is not an erasure project (no manifest.json)")
-        return json.loads(self.manifest_path.read_text())
+        try:
+            m = json.loads(self.manifest_path.read_bytes().decode("utf-8"))
+            _check_manifest(m)
+        except (ValueError, TypeError, KeyError) as e:
+            raise MaceError(f"damaged project file {self.manifest_path} ({type(e).__name__}: {e}); it records the "
+                            "project's concepts and cannot be recomputed: restore it from a backup, or erase again "
+                            "with a new --work-dir") from None
+        return m
 
     def write_manifest(self, data: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.manifest_path.with_name(f".manifest.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, self.manifest_path)
+        write_text(self.manifest_path, json.dumps(data, indent=1, sort_keys=True), checked=True,
+                   what="the erasure project")
 
     def open(self, base_sha256: str, base_path: str, family: str, spec: ErasureSpec) -> dict:
         """Create the project, or check it belongs to this base model and merge ``spec`` into it."""
+        self.lock()
         if self.exists():
             m = self.manifest()
             if m["base"]["sha256"] != base_sha256:
@@ -95,9 +131,51 @@ class Project:
             m = {"format": FORMAT, "tool": f"mace {__version__}",
                  "base": {"sha256": base_sha256, "path": str(base_path), "family": family},
                  "concepts": [], "retain": [], "overrides": {}}
+        if self.base_file is not None:
+            m = {**m, "base": {**m["base"], "file": str(self.base_file)}}
         m = _merge(m, spec)
         self.write_manifest(m)
         return m
+
+    def lock(self) -> None:
+        """Hold the project's ``.lock`` until this process ends, or refuse when another process holds
+        it (two runs on one project would train the same concepts and interleave their files)."""
+        root = self.root.resolve()
+        if root in _LOCKS:
+            return
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks here
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        f = open(root / ".lock", "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise MaceError(f"another run is using the erasure project {self.root} (it holds {root / '.lock'}); wait "
+                            "for it to finish, or use another --work-dir") from None
+        _LOCKS[root] = f
+
+    def unlock(self) -> None:
+        """Release the lock `lock` took (a long-lived host process, once its run is done)."""
+        f = _LOCKS.pop(self.root.resolve(), None)
+        if f is not None:
+            f.close()
+
+    def damaged(self) -> list[str]:
+        """'path: why' of every project file that cannot be read (what re-fusing would need)."""
+        files = [self.root / "priors.safetensors"]
+        for c in _spec_of(self.manifest()).concepts:
+            files += [self.concept_dir(c) / "stats.safetensors", self.concept_dir(c) / "lora.safetensors"]
+        out = []
+        for f in files:
+            try:
+                if f.is_file():
+                    _load(f)
+            except DamagedFile as e:
+                out.append(str(e))
+        return out
 
     def merged(self, spec: ErasureSpec) -> ErasureSpec:
         """What `erase` runs for ``spec`` on this project, without writing anything: the project's
@@ -129,12 +207,16 @@ class Project:
         _save(st.tensors(), self.concept_dir(c) / "stats.safetensors",
               {"pairs": str(st.pairs), "phrase": c.phrase, "hardened": str(st.hardened)})
 
+    @_recomputed
     def load_stats(self, c: Concept) -> ConceptStats | None:
         p = self.concept_dir(c) / "stats.safetensors"
         if not p.is_file():
             return None
         t, meta = _load(p)
-        return ConceptStats(pairs=int(meta["pairs"]), hardened=int(meta.get("hardened", 0)), **t)
+        try:
+            return ConceptStats(pairs=int(meta["pairs"]), hardened=int(meta.get("hardened", 0)), **t)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DamagedFile(f"damaged project file {p}: not stage-1 statistics ({e!r})") from None
 
     def save_attack(self, c: Concept, round_: int, soft: torch.Tensor, template: str) -> None:
         """The soft tokens hardening round ``round_`` found against the model erased so far (for
@@ -185,15 +267,18 @@ class Project:
                "losses": json.dumps([round(x, 6) for x in losses])})
 
     def has_lora(self, c: Concept, settings_hash: str) -> bool:
-        """Whether the concept's LoRA was trained with these stage-2 settings (read from its metadata)."""
-        meta = _metadata(self.concept_dir(c) / "lora.safetensors")
+        """Whether the concept's LoRA was trained with these stage-2 settings (read from its metadata;
+        a damaged file has none: it is retrained)."""
+        meta = _recomputed(_metadata)(self.concept_dir(c) / "lora.safetensors")
         return meta is not None and meta.get("settings_hash") == settings_hash
 
     def hardened(self, c: Concept) -> int | None:
-        """Adversarial rounds already in the concept's statistics; None when it has none yet."""
-        meta = _metadata(self.concept_dir(c) / "stats.safetensors")
+        """Adversarial rounds already in the concept's statistics; None when it has none yet (or its
+        file is damaged: it is recomputed)."""
+        meta = _recomputed(_metadata)(self.concept_dir(c) / "stats.safetensors")
         return None if meta is None else int(meta.get("hardened", 0))
 
+    @_recomputed
     def load_lora(self, c: Concept, settings_hash: str | None = None) -> LoRA | None:
         p = self.concept_dir(c) / "lora.safetensors"
         if not p.is_file():
@@ -201,7 +286,10 @@ class Project:
         t, meta = _load(p)
         if settings_hash is not None and meta.get("settings_hash") != settings_hash:
             return None
-        return LoRA.from_state_dict(t, float(meta["alpha"]))
+        try:
+            return LoRA.from_state_dict(t, float(meta["alpha"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DamagedFile(f"damaged project file {p}: not a LoRA ({e!r})") from None
 
     def lora_losses(self, c: Concept) -> list[float]:
         p = self.concept_dir(c) / "lora.safetensors"
@@ -211,8 +299,9 @@ class Project:
         _save(priors, self.root / "priors.safetensors", metadata)
 
     def load_priors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The stored priors (none when absent or damaged: a run recomputes them)."""
         p = self.root / "priors.safetensors"
-        return _load(p) if p.is_file() else ({}, {})
+        return (_recomputed(_load)(p) if p.is_file() else None) or ({}, {})
 
 
 def weights_id(weights: Mapping[str, torch.Tensor]) -> str:
@@ -238,6 +327,21 @@ def _merge(m: dict, spec: ErasureSpec) -> dict:
     m["retain"] = sorted(set(m["retain"]) | set(spec.retain))
     m["overrides"] = {**m["overrides"], **dict(spec.overrides)}
     return m
+
+
+def _check_manifest(m) -> None:
+    """Raise TypeError/KeyError when ``m`` is not a manifest's structure."""
+    if not isinstance(m, dict):
+        raise TypeError("not a JSON object")
+    base = m["base"]
+    if not (isinstance(base, dict) and isinstance(base["sha256"], str) and isinstance(base["path"], str)):
+        raise TypeError("'base' must record the model's sha256 and path")
+    if not (isinstance(m["concepts"], list) and all(isinstance(c, dict) and all(isinstance(c[k], str) for k in
+                                                                                ("phrase", "anchor", "type"))
+                                                    for c in m["concepts"])):
+        raise TypeError("'concepts' must be a list of concepts with phrase, anchor and type")
+    if not isinstance(m["retain"], list) or not isinstance(m["overrides"], dict):
+        raise TypeError("'retain' must be a list and 'overrides' a mapping")
 
 
 def _spec_of(m: dict) -> ErasureSpec:

@@ -22,8 +22,9 @@ prior, edits those columns, so the concept cannot leak through that path.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -106,13 +107,44 @@ def pair_stats(concept: torch.Tensor, anchor: torch.Tensor, pairs: Sequence[Sequ
 def outer_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum_i a_i b_i^T = a^T b [D, D] float64 on the CPU, from rows a [n, D], b [n, D].
 
-    Computed where the encodings are. On a GPU in float32: its encodings are fp16/bf16, exactly
-    representable (also in TF32), and fp32 accumulation over ~10^4 rows errs ~1e-6 relative, far below
-    the solve's ridge; moved to the CPU as float64 these products are most of stage 1's time (~30 GFLOP
-    per SD1.5 concept)."""
+    Computed where the encodings are. On a GPU in float32 with TF32 off (`exact_fp32_matmul`):
+    fp32 accumulation over ~10^4 rows errs ~1e-6 relative, far below the solve's ridge, while a host
+    that enables TF32 (A1111 does) would round fp32 encodings to 10 mantissa bits (~5e-4); moved to
+    the CPU as float64 these products are most of stage 1's time (~30 GFLOP per SD1.5 concept)."""
     if a.device.type == "cpu":
         return a.double().T @ b.double()
-    return (a.float().T @ b.float()).double().cpu()
+    with exact_fp32_matmul():
+        return (a.float().T @ b.float()).double().cpu()
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul() -> Iterator[None]:
+    """CUDA float32 matmuls in full IEEE precision inside the block, the host's TF32 setting restored
+    after. Through the API the running torch has: ``fp32_precision`` (torch >= 2.9, where reading the
+    legacy ``allow_tf32`` after a host set the new one raises) or else ``allow_tf32``."""
+    mm = torch.backends.cuda.matmul
+    name, exact = ("fp32_precision", "ieee") if hasattr(mm, "fp32_precision") else ("allow_tf32", False)
+    before = getattr(mm, name)
+    setattr(mm, name, exact)
+    try:
+        yield
+    finally:
+        setattr(mm, name, before)
+
+
+def overlap(stats: Sequence[ConceptStats]) -> float:
+    """How far the concepts' edits add up in the same directions, k^2 = ||sum_c D_c||^2 / sum_c ||D_c||^2
+    (Frobenius), D_c = cross_c - gram_c = sum (e* - e) e^T [D, D]: the pull concept c's pairs put on W0.
+
+    1 for one concept and for concepts whose pulls are orthogonal (they do not compete with what is
+    kept in the same directions); n for n concepts pulling the same way (e.g. the template words and
+    end positions of 100 names, all pulled toward one anchor), where the erasure's weight in those
+    directions is n times one concept's. Stage 1 multiplies its protection (ridge and priors) by it, so
+    the balance between erasing and keeping does not drift with the number of concepts. At least 1
+    (by Cauchy-Schwarz at most n)."""
+    pulls = [st.cross - st.gram for st in stats]
+    own = sum(float(d.norm() ** 2) for d in pulls)
+    return max(1.0, float(sum(pulls).norm() ** 2) / own) if own > 0 else 1.0
 
 
 def refinement_map(crosses: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], lam: float,

@@ -12,10 +12,10 @@ barely moved in 50 steps at lr 1e-5, see the method notes.) Queries are a stop-g
 layer's loss is differentiated through its own keys only, so one step is one no-grad UNet pass
 plus small per-layer products instead of a backward pass through the whole UNet.
 
-The abo objective does backpropagate through the UNet; ``settings.low_vram`` then recomputes its
-activations in the backward pass (gradient checkpointing, `predict_for_backward`). Each loss
-function runs its own backward, inside its hooks' lifetime, because that recomputation must see
-the LoRA hooks again.
+The abo objective (and objectives.py's: the authors' loss, ESD, ANT, whose LoRAs also have to_v
+factors) does backpropagate through the UNet; ``settings.low_vram`` then recomputes its activations
+in the backward pass (gradient checkpointing, `predict_for_backward`). Each loss function runs its
+own backward, inside its hooks' lifetime, because that recomputation must see the LoRA hooks again.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from . import objectives
 from .attention import QKCapture, token_attention, weight_deltas
 from .backend import Backend, TextBatch, differentiable
 from .concepts import Settings
@@ -72,10 +73,13 @@ def cfis_pmf(t1: float = 200, t2: float = 400, gamma: float = 0.05, n: int = 100
     return p / p.sum()
 
 
-def sample_timesteps(k: int, settings: Settings, generator: torch.Generator, n: int = 1000) -> torch.Tensor:
+def sample_timesteps(k: int, settings: Settings, generator: torch.Generator, n: int = 1000,
+                     below: int | None = None) -> torch.Tensor:
+    """k timesteps [k] by ``settings.timesteps`` (CFIS or uniform) over 0..n-1, or 0..below-1 when given."""
+    hi = n if below is None else below
     if settings.timesteps == "uniform":
-        return torch.randint(0, n, (k,), generator=generator)
-    return torch.multinomial(cfis_pmf(*settings.cfis, n=n).float(), k, replacement=True, generator=generator)
+        return torch.randint(0, hi, (k,), generator=generator)
+    return torch.multinomial(cfis_pmf(*settings.cfis, n=n)[:hi].float(), k, replacement=True, generator=generator)
 
 
 def attention_loss(cap: QKCapture, layers, lora: LoRA, base_delta: Mapping[str, torch.Tensor],
@@ -101,37 +105,46 @@ def attention_loss(cap: QKCapture, layers, lora: LoRA, base_delta: Mapping[str, 
     return total / len(layers)
 
 
-def init_lora(layers, keys: list[str], rank: int, g: torch.Generator, device) -> LoRA:
-    """Factors for ``keys``: down kaiming-uniform (as peft initialises lora_A), up zero (delta 0 at start).
-    Drawn in sorted key order: hosts list their layers in different orders (diffusers: down, up, mid;
-    ComfyUI: input, middle, output), and the same seed must give the same LoRA on every host."""
+def init_lora(layers, keys: list[str], rank: int, g: torch.Generator, device, down_std: float | None = None
+              ) -> LoRA:
+    """Factors for ``keys``: down kaiming-uniform (as peft initialises lora_A) or, with ``down_std``,
+    normal with that std (diffusers' LoRALinearLayer, the MACE authors': 1 / rank); up zero (delta 0
+    at start). Drawn in sorted key order: hosts list their layers in different orders (diffusers: down,
+    up, mid; ComfyUI: input, middle, output), and the same seed must give the same LoRA on every host."""
     shapes = {key: mod.weight.shape for layer in layers for key, mod in ((layer.k_key, layer.to_k),
                                                                           (layer.v_key, layer.to_v))}
     down, up = {}, {}
     for key in sorted(keys):
         c, dim = shapes[key]
-        bound = 1 / math.sqrt(dim)
-        down[key] = ((torch.rand(rank, dim, generator=g) * 2 - 1) * bound).to(device).requires_grad_()
+        if down_std is None:
+            d = (torch.rand(rank, dim, generator=g) * 2 - 1) / math.sqrt(dim)
+        else:
+            d = torch.randn(rank, dim, generator=g) * down_std
+        down[key] = d.to(device).requires_grad_()
         up[key] = torch.zeros(c, rank, device=device, requires_grad=True)
     return LoRA(down, up, alpha=float(rank))
 
 
 def train_lora(backend: Backend, data: ConceptData, prompts: list[str], tokens: torch.Tensor,
                base_delta: Mapping[str, torch.Tensor], settings: Settings, seed: int,
-               on_step: Callable[[int, int, float], None] | None = None) -> tuple[LoRA, list[float]]:
+               on_step: Callable[[int, int, float], None] | None = None,
+               original: Mapping[str, torch.Tensor] | None = None) -> tuple[LoRA, list[float]]:
     """Train one concept's LoRA on the refined model (base_delta = W' - W0 per file key).
 
+    ``original``: W0 [C, D] per file key, the weights ``base_delta`` was taken from (default:
+    ``backend.original_weights()``); the attention loss's base keys W0 c are computed from it.
+
     prompts: training prompts; tokens bool [len(prompts), T]: the positions of the attention loss.
-    ``settings.objective`` picks the loss: "mace" (attention loss, to_k LoRA) or "abo" (All-but-One:
+    ``settings.objective`` picks the loss: "mace" (attention loss, to_k LoRA), "abo" (All-but-One:
     guidance toward ``settings.alternative`` with the unconditional prediction held, to_k and to_v
-    LoRA). Returns the LoRA and the loss at every step.
+    LoRA) or one of objectives.py's ("mace-authors", "esd", "ant"; to_k and to_v LoRA). Returns the
+    LoRA and the loss at every step.
     """
     layers = backend.cross_attention()
     g = torch.Generator().manual_seed(seed)
     dev = backend.device
-    abo = settings.objective == "abo"
-    keys = [l.k_key for l in layers] + ([l.v_key for l in layers] if abo else [])
-    lora = init_lora(layers, keys, settings.rank, g, dev)
+    keys = [l.k_key for l in layers] + ([l.v_key for l in layers] if objectives.trains_values(settings) else [])
+    lora = init_lora(layers, keys, settings.rank, g, dev, objectives.lora_down_std(settings))
     params = list(lora.down.values()) + list(lora.up.values())
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.999), weight_decay=0.01)
     text_all = backend.encode(prompts)
@@ -140,12 +153,18 @@ def train_lora(backend: Backend, data: ConceptData, prompts: list[str], tokens: 
     losses = []
     n, bs = data.latents.shape[0], settings.batch_size
     with predict_for_backward(backend, settings.low_vram) as predict:
-        loss_fn = (_abo_loss(backend, predict, layers, lora, base, text_all, settings) if abo
-                   else _mace_loss(backend, layers, lora, base, text_all, tokens, data))
+        if settings.objective == "abo":
+            loss_fn = _abo_loss(backend, predict, layers, lora, base, text_all, settings)
+        elif settings.objective == "mace":
+            loss_fn = _mace_loss(backend, layers, lora, base, text_all, tokens, data,
+                                 backend.original_weights() if original is None else original)
+        else:
+            loss_fn = objectives.LOSSES[settings.objective](objectives.LossContext(
+                backend, predict, layers, _lora_deltas(lora, base), text_all, tokens, data, settings, g))
         for step in range(settings.steps):
             idx = torch.randint(0, n, (bs,), generator=g)
             pidx = torch.randint(0, len(prompts), (bs,), generator=g)
-            t = sample_timesteps(bs, settings, g, len(ac))
+            t = sample_timesteps(bs, settings, g, len(ac), objectives.erase_below(settings))
             noise = torch.randn(data.latents[idx].shape, generator=g)
             a = ac[t].view(-1, 1, 1, 1)
             x = (a.sqrt() * data.latents[idx] + (1 - a).sqrt() * noise).to(dev)
@@ -194,10 +213,13 @@ def _lora_deltas(lora: LoRA, base: Mapping[str, torch.Tensor]) -> dict:
     return out
 
 
-def _mace_loss(backend, layers, lora, base, text_all, tokens, data):
+def _mace_loss(backend, layers, lora, base, text_all, tokens, data, original):
     dev = backend.device
-    with torch.no_grad():
-        k0_all = {l.name: l.to_k(text_all.context.to(dev, l.to_k.weight.dtype)).float() for l in layers}
+    ctx = text_all.context.to(dev).float()
+    # k0 = W0 c from the W0 that base_delta is relative to, not from the live to_k modules: a host may
+    # load and patch its UNet only when it next runs it (ComfyUI's low-VRAM mode, whose encode() can
+    # offload the UNet), so before the first predict those modules may hold stale or offloaded weights
+    k0_all = {l.name: ctx @ original[l.k_key].to(dev, torch.float32).T for l in layers}
 
     def loss(x, t, idx, pidx):
         text = text_all.select(pidx)
@@ -242,8 +264,8 @@ def measure_attention_loss(backend: Backend, data: ConceptData, prompts: list[st
     dev = backend.device
     ac = backend.alphas_cumprod.float()
     text_all = backend.encode(prompts)
-    zero = LoRA({l.k_key: torch.zeros(1, l.to_k.weight.shape[1]) for l in layers},
-                {l.k_key: torch.zeros(l.to_k.weight.shape[0], 1) for l in layers}, 1.0)
+    zero = LoRA({l.k_key: torch.zeros(1, l.to_k.weight.shape[1], device=dev) for l in layers},
+                {l.k_key: torch.zeros(l.to_k.weight.shape[0], 1, device=dev) for l in layers}, 1.0)
     full = {k: v.to(dev) for k, v in deltas.items()}
     vals = []
     for i in range(data.latents.shape[0]):

@@ -25,10 +25,9 @@ from .world import COLOR_NAMES, SHAPES, SYNONYMS
 
 
 def run_demo(args) -> int:
-    from PIL import Image
-
-    from mace_core.erase import erase
     from mace_core.checkpoint import modelspec, save_edited
+    from mace_core.erase import erase
+    from mace_core.files import write_png, write_text
     from mace_core.project import Project
 
     shape = args.concept
@@ -52,7 +51,7 @@ def run_demo(args) -> int:
     print()
     erased_path = out / f"toy-without-{shape}.safetensors"
     save_edited(ck, res.weights, erased_path, {**modelspec(ck.family, erased_path.stem, f"toy model without {shape}"),
-                                               **res.metadata})
+                                               **res.metadata}, overwrite=True)  # the demo's own folder
     after = DiffusersBackend.from_checkpoint(load_checkpoint(erased_path), device="cpu")
 
     others = [s for s in SHAPES if s != shape][:3]
@@ -63,14 +62,14 @@ def run_demo(args) -> int:
         prompts = [PROMPT.format(color=COLOR_NAMES[i % len(COLOR_NAMES)], shape=w) for i in seeds]
         before_rows.append(generate(base, prompts, seeds, STEPS, GUIDANCE))
         after_rows.append(generate(after, prompts, seeds, STEPS, GUIDANCE))
-    Image.fromarray(before_after_grid(before_rows, after_rows)).save(out / "grid.png")
+    write_png(out / "grid.png", before_after_grid(before_rows, after_rows), checked=True)
     judge = Judge.load()
     scores = {"base": object_scores(base, judge, [shape], seeds_per_color=2),
               "erased": object_scores(after, judge, [shape], seeds_per_color=2)}
-    (out / "metrics.json").write_text(json.dumps({k: v.to_dict() for k, v in scores.items()}, indent=1))
+    write_text(out / "metrics.json", json.dumps({k: v.to_dict() for k, v in scores.items()}, indent=1), checked=True)
     md = (f"# Toy-world demo: erase {shape!r}\n\nRows of grid.png: {', '.join(words)}; left before, right after.\n\n"
           + markdown(scores) + "\n")
-    (out / "metrics.md").write_text(md)
+    write_text(out / "metrics.md", md, checked=True)
     print(markdown(scores))
     print(f"wrote {erased_path}, {out / 'grid.png'}, {out / 'metrics.md'} in {time.perf_counter() - t0:.0f}s")
     return 0

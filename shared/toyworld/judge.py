@@ -27,7 +27,11 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "data" / "judge.safetensors"
 
 
 class JudgeNet(nn.Module):
-    def __init__(self, width: int = 24):
+    """A small CNN over 32x32 RGB with one linear classification head per entry of ``heads``
+    ({name: number of classes}; default: the toy world's shape and color heads).
+    ``forward``: float [N, 3, 32, 32] in [-1, 1] -> one logits tensor [N, classes] per head, in order."""
+
+    def __init__(self, width: int = 24, heads: dict[str, int] | None = None):
         super().__init__()
         w = width
         self.features = nn.Sequential(
@@ -41,12 +45,35 @@ class JudgeNet(nn.Module):
             nn.MaxPool2d(2),  # 4
         )
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, 128), nn.ReLU(inplace=True))
-        self.shape_head = nn.Linear(128, len(SHAPE_CLASSES))
-        self.color_head = nn.Linear(128, len(COLOR_CLASSES))
+        heads = heads if heads is not None else {"shape": len(SHAPE_CLASSES), "color": len(COLOR_CLASSES)}
+        self.head_names = tuple(heads)
+        for name, n in heads.items():  # registered as <name>_head (the toy judge's weight names)
+            setattr(self, f"{name}_head", nn.Linear(128, n))
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = self.fc(self.features(x))
-        return self.shape_head(h), self.color_head(h)
+        return tuple(getattr(self, f"{name}_head")(h) for name in self.head_names)
+
+
+def load_net(path: str | Path, heads: dict[str, int] | None = None) -> tuple[JudgeNet, dict]:
+    """A :class:`JudgeNet` with the weights of ``path`` (its width from the file's metadata), and that metadata."""
+    from safetensors.torch import load_file, safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+    net = JudgeNet(int(json.loads(meta.get("config", "{}")).get("width", 24)), heads)
+    net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return net.eval(), meta
+
+
+@torch.no_grad()
+def head_probabilities(net: JudgeNet, images, batch_size: int = 512) -> list[torch.Tensor]:
+    """Softmax of each head over ``images`` (see :func:`to_judge_input`): float32 [N, classes] per head."""
+    x = to_judge_input(images)
+    parts = [net(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    if not parts:
+        return [torch.zeros(0, getattr(net, f"{n}_head").out_features) for n in net.head_names]
+    return [torch.cat([p[k] for p in parts]).softmax(-1) for k in range(len(net.head_names))]
 
 
 def to_judge_input(images) -> torch.Tensor:
@@ -74,29 +101,11 @@ class Judge:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Judge":
-        from safetensors.torch import load_file, safe_open
+        return cls(*load_net(path if path is not None else DEFAULT_WEIGHTS))
 
-        path = Path(path) if path is not None else DEFAULT_WEIGHTS
-        with safe_open(str(path), "pt") as f:
-            meta = dict(f.metadata() or {})
-        width = int(json.loads(meta.get("config", "{}")).get("width", 24))
-        net = JudgeNet(width)
-        sd = {k: v.float() for k, v in load_file(str(path)).items()}
-        net.load_state_dict(sd)
-        return cls(net, meta)
-
-    @torch.no_grad()
     def probabilities(self, images, batch_size: int = 512):
         """(shape probs [N, 9], color probs [N, 6]) as float32 tensors."""
-        x = to_judge_input(images)
-        ps, pc = [], []
-        for i in range(0, x.shape[0], batch_size):
-            ls, lc = self.net(x[i:i + batch_size])
-            ps.append(ls.softmax(-1))
-            pc.append(lc.softmax(-1))
-        if not ps:
-            return torch.zeros(0, len(SHAPE_CLASSES)), torch.zeros(0, len(COLOR_CLASSES))
-        return torch.cat(ps), torch.cat(pc)
+        return tuple(head_probabilities(self.net, images, batch_size))
 
     def classify(self, images, return_confidence: bool = False, min_confidence: float = 0.0):
         """List of (shape or "none", color or "none") per image.

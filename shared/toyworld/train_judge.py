@@ -218,6 +218,32 @@ def clean_holdout(n: int, seed: int):
     return imgs, ys, yc
 
 
+def fit(net: JudgeNet, x_all: torch.Tensor, targets: list[torch.Tensor], *, epochs: int, batch: int, seed: int,
+        on_epoch=None, lr: float = 2e-3) -> None:
+    """Train ``net`` on ``x_all`` (float [N, 3, 32, 32] in [-1, 1]) with :func:`augment`: the sum of the
+    heads' cross-entropies against ``targets`` (int64 [N] per head, in the net's head order), AdamW with
+    one-cycle lr; ``on_epoch(epoch, mean loss)`` after each epoch (the net in train mode)."""
+    g = torch.Generator().manual_seed(seed)
+    steps = epochs * (len(x_all) // batch)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    net.train()
+    for ep in range(epochs):
+        perm = torch.randperm(len(x_all), generator=g)
+        tot = 0.0
+        for i in range(0, len(perm) - batch + 1, batch):
+            b = perm[i:i + batch]
+            logits = net(augment(x_all[b], g))
+            loss = sum(F.cross_entropy(lg, t[b], label_smoothing=0.02) for lg, t in zip(logits, targets))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += float(loss.detach())
+        if on_epoch is not None:
+            on_epoch(ep, tot / (len(perm) // batch))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(DEFAULT_WEIGHTS))
@@ -239,29 +265,16 @@ def main(argv=None):
     x_all = to_judge_input(imgs)
     ys_t, yc_t = torch.from_numpy(ys), torch.from_numpy(yc)
     net = JudgeNet(args.width)
-    g = torch.Generator().manual_seed(args.seed)
-    steps = args.epochs * (len(x_all) // args.batch)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    step = 0
-    for ep in range(args.epochs):
-        perm = torch.randperm(len(x_all), generator=g)
-        tot = 0.0
-        for i in range(0, len(perm) - args.batch + 1, args.batch):
-            b = perm[i:i + args.batch]
-            x = augment(x_all[b], g)
-            ls, lc = net(x)
-            loss = F.cross_entropy(ls, ys_t[b], label_smoothing=0.02) + F.cross_entropy(lc, yc_t[b], label_smoothing=0.02)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            tot += float(loss.detach())
+
+    def report(ep: int, loss: float) -> None:
+        nonlocal sa, ca, na
         sa, ca = evaluate(net, *hold)
         na, nc = evaluate(net, *hold_neg)
-        print(f"epoch {ep} loss {tot / (len(perm) // args.batch):.4f} clean shape {sa:.4f} color {ca:.4f} "
+        print(f"epoch {ep} loss {loss:.4f} clean shape {sa:.4f} color {ca:.4f} "
               f"| negatives shape {na:.4f} color {nc:.4f} | {time.time() - t0:.0f}s", flush=True)
+
+    sa = ca = na = float("nan")
+    fit(net, x_all, [ys_t, yc_t], epochs=args.epochs, batch=args.batch, seed=args.seed, on_epoch=report)
     from safetensors.torch import save_file
 
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()}

@@ -36,6 +36,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -245,30 +246,44 @@ class EMA:
             p.copy_(s)
 
 
+def toy_captions(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """One random toy-world caption per (shape index, color index) row of ``labels`` (int [n, 2])."""
+    return [world.make_caption(world.SHAPES[s], world.COLOR_NAMES[c], rng) for s, c in labels]
+
+
 def train_diffusion(te, unet, lat_mean, lat_std, labels, tokenizer, *, steps, batch, lr, ema_decay,
-                    seed, scaling_factor, log_every=200, eval_fn=None, eval_every=0):
+                    seed, scaling_factor, log_every=200, eval_fn=None, eval_every=0,
+                    caption_fn: Callable[[np.ndarray, np.random.Generator], list[str]] = toy_captions,
+                    sparse_embedding: bool = False):
+    """Train text encoder + UNet jointly on VAE latents (EMA of the weights, min-SNR-5 weighting).
+
+    ``lat_mean``/``lat_std``: [N, 4, h, w] posterior of the N training images; ``labels``: [N, k] rows
+    describing them, turned into one random caption per image and step by ``caption_fn(rows, rng)``
+    (default: the toy world's). ``sparse_embedding``: the token embedding gets sparse gradients and a
+    lazy Adam (only the rows of tokens in the batch move), which saves most of the optimizer's time
+    when the embedding is wide; the other weights keep AdamW.
+    """
     sched = make_noise_scheduler()
     alphas_cumprod = sched.alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
     # min-SNR-5 weighting for epsilon prediction (Hang et al. 2023): faster, steadier training
     loss_w = torch.clamp(snr, max=5.0) / snr
 
-    captions = world.all_captions()
-    cap_index = {c: i for i, c in enumerate(captions)}
-    cap_ids = tokenize(tokenizer, captions)
-
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    emb_params = [te.get_input_embeddings().weight]
+    embedding = te.get_input_embeddings()
     other_te = [p for n, p in te.named_parameters() if "token_embedding" not in n]
-    groups = [
-        {"params": list(unet.parameters()) + other_te, "weight_decay": 1e-2},
-        {"params": emb_params, "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
+    dense = list(unet.parameters()) + other_te
+    groups = [{"params": dense, "weight_decay": 1e-2}]
+    if not sparse_embedding:
+        groups.append({"params": [embedding.weight], "weight_decay": 0.0})
+    opts = [torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))]
+    if sparse_embedding:
+        embedding.sparse = True
+        opts.append(torch.optim.SparseAdam([embedding.weight], lr=lr, betas=(0.9, 0.99)))
     warm = max(1, steps // 20)
     lr_fn = lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    lrs = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_fn) for o in opts]
     ema = EMA([te, unet], ema_decay)
     te.train()
     unet.train()
@@ -278,8 +293,7 @@ def train_diffusion(te, unet, lat_mean, lat_std, labels, tokenizer, *, steps, ba
     for step in range(steps):
         idx = torch.randint(0, n, (batch,), generator=g)
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scaling_factor
-        caps = [world.make_caption(world.SHAPES[s], world.COLOR_NAMES[c], rng) for s, c in labels[idx.numpy()]]
-        ids = cap_ids[[cap_index[c] for c in caps]]
+        ids = tokenize(tokenizer, caption_fn(labels[idx.numpy()], rng))
         t = torch.randint(0, 1000, (batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         zt = sched.add_noise(z0, noise, t)
@@ -287,15 +301,19 @@ def train_diffusion(te, unet, lat_mean, lat_std, labels, tokenizer, *, steps, ba
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         loss = (per * loss_w[t]).mean()
-        opt.zero_grad(set_to_none=True)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(te.parameters()), 1.0)
-        opt.step()
-        lrs.step()
+        # (a sparse embedding gradient is left out of the clipping: its norm is not defined on it)
+        torch.nn.utils.clip_grad_norm_(dense if sparse_embedding else list(unet.parameters()) + list(te.parameters()),
+                                       1.0)
+        for o, sch in zip(opts, schedulers):
+            o.step()
+            sch.step()
         ema.update()
         run = 0.98 * run + 0.02 * float(loss.detach()) if step else float(loss.detach())
         if step % log_every == 0 or step == steps - 1:
-            print(f"  diff {step:5d} loss {run:.4f} lr {lrs.get_last_lr()[0]:.2e} "
+            print(f"  diff {step:5d} loss {run:.4f} lr {schedulers[0].get_last_lr()[0]:.2e} "
                   f"{time.time() - t0:.0f}s", flush=True)
         if eval_fn is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             backup = [p.detach().clone() for p in ema.params]
@@ -307,6 +325,7 @@ def train_diffusion(te, unet, lat_mean, lat_std, labels, tokenizer, *, steps, ba
                     p.copy_(b)
             te.train(); unet.train()
     ema.copy_to()
+    embedding.sparse = False
     te.eval()
     unet.eval()
     return te, unet

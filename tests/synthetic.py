@@ -1,7 +1,8 @@
 """Models of the real architectures with random weights, built from family configs.
 
 Tests use tiny versions (seconds on a CPU); benchmarks use full-size ones, since speed and memory
-do not depend on the weight values. Nothing here is used by an erasure.
+do not depend on the weight values. Nothing here is used by an erasure, so it lives with the tests
+(benchmarks put this folder on their path).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import replace
 
 import torch
 
-from .families import Family, load_family
+from mace_core.families import Family, load_family
 
 
 def tiny_family(name: str) -> Family:

@@ -1,0 +1,247 @@
+"""Identity world (issue 23): the renderer, the captions, the shared training loop's sparse option, the judge."""
+from __future__ import annotations
+
+import itertools
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from idworld import world
+from idworld.world import IDENTITIES, NAMES, NICKNAMES, Scene
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+# --------------------------------------------------------------------------- identities
+def test_identity_table():
+    assert len(IDENTITIES) == 64 and len(set(NAMES)) == 64 and len(set(NICKNAMES.values())) == 64
+    firsts = Counter(n.split()[0] for n in NAMES)
+    lasts = Counter(n.split()[1] for n in NAMES)
+    assert all(len(n.split()) == 2 for n in NAMES)
+    # names share first and last names ("Bill Clinton" / "Bill Murray"): every one is shared
+    assert min(firsts.values()) >= 5 and min(lasts.values()) >= 5, (firsts, lasts)
+    assert "Bill Marlow" in NAMES and "Bill Kessler" in NAMES and "Max Marlow" in NAMES
+    words = {w.lower() for n in NAMES for w in n.split()} | {a.lower() for a in world.ARTIST_NAMES for a in a.split()}
+    assert not words & {v.lower() for v in NICKNAMES.values()}
+    # any two identities differ in at least two of their four attributes
+    attrs = [(i.head, i.face, i.hair, i.eyes) for i in IDENTITIES]
+    assert len(set(attrs)) == 64
+    for a, b in itertools.combinations(attrs, 2):
+        assert sum(x != y for x, y in zip(a, b)) >= 2, (a, b)
+
+
+def test_identities_render_apart():
+    """The same face position and jitter for every identity: each pair differs in many pixels."""
+    imgs = []
+    for ident in IDENTITIES:
+        layers = world.face_layers(ident, 16.0, 16.0, 10.0, np.random.default_rng(0))
+        imgs.append(world.paint(np.full((32, 32, 3), 20.0, np.float32), layers, "plain").astype(np.int32))
+    imgs = np.stack(imgs)
+    for a, b in itertools.combinations(range(64), 2):
+        differ = (np.abs(imgs[a] - imgs[b]).max(-1) > 60).sum()
+        assert differ >= 8, (NAMES[a], NAMES[b], differ)
+    # the anonymous face: gray, no hair, no eyes (a single flat layer)
+    anon = world.face_layers(None, 16.0, 16.0, 10.0, np.random.default_rng(0))
+    assert len(anon) == 1 and np.all(np.abs(anon[0][1] - 128) <= world.FACE_JITTER)
+
+
+def test_render_deterministic():
+    s = Scene(world.IDENTITY, 5, 2, 3, 1, 4)
+    a = world.render_scene(s, np.random.default_rng(7))
+    b = world.render_scene(s, np.random.default_rng(7))
+    c = world.render_scene(s, np.random.default_rng(8))
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 3)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    i1, c1, r1 = world.sample_batch(30, np.random.default_rng(3))
+    i2, c2, r2 = world.sample_batch(30, np.random.default_rng(3))
+    assert np.array_equal(i1, i2) and c1 == c2 and np.array_equal(r1, r2)
+
+
+def test_styles_change_the_image():
+    """Every style draws the same scene (same rng) differently from plain and from the others."""
+    imgs = {}
+    for k, style in enumerate((-1,) + tuple(range(len(world.STYLES)))):
+        imgs[k] = world.render_scene(Scene(world.IDENTITY, 0, style), np.random.default_rng(1)).astype(int)
+    for a, b in itertools.combinations(imgs, 2):
+        assert np.abs(imgs[a] - imgs[b]).max(-1).__gt__(40).sum() >= 20, (a, b)
+    inv = world.render_scene(Scene(world.IDENTITY, 0, world.STYLES.index("inverted")), np.random.default_rng(1))
+    assert np.abs(inv.astype(int) - (255 - imgs[0])).max() <= 1  # (rounding before or after inverting)
+
+
+def test_frame_and_prop():
+    img = world.render_scene(Scene(world.IDENTITY, 0, -1, 0, 0, 2), np.random.default_rng(2))
+    blue = np.array(world.COLORS["blue"])
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]).astype(int)
+    assert np.abs(border - blue).max() <= world.COLOR_JITTER
+    red = np.abs(img.astype(int) - np.array(world.COLORS["red"])).max(-1) <= world.COLOR_JITTER
+    assert red.sum() >= 30  # the red circle prop (r >= 4.5 * 26/32 px)
+
+
+# --------------------------------------------------------------------------- captions
+@pytest.fixture(scope="module")
+def captions():
+    rng = np.random.default_rng(11)
+    scenes = [world.sample_scene(rng) for _ in range(8000)]
+    return scenes, [world.make_caption(s, rng) for s in scenes]
+
+
+def _matches(template: str, caption: str) -> bool:
+    pre, post = (p.strip(" ,") for p in template.split("{}"))
+    return caption.startswith(pre) and post in caption
+
+
+@pytest.mark.parametrize("kind", ["celebrity", "object", "style"])
+def test_captions_use_every_real_template(captions, kind):
+    from mace_core.concepts import get_type
+
+    templates = get_type(kind).templates
+    caps = captions[1]
+    assert set(templates) >= set(getattr(world, f"{kind.upper()}_TEMPLATES"))
+    missing = [t for t in templates if "{}" in t and t != "{}" and not any(_matches(t, c) for c in caps)]
+    assert not missing, missing
+
+
+def test_captions_name_their_scene(captions):
+    scenes, caps = captions
+    nick = Counter()
+    vocab = [*NAMES, *NICKNAMES.values(), *world.ARTIST_NAMES]
+    for s, c in zip(scenes, caps):
+        if not c:  # SD's caption dropout: any scene
+            continue
+        words = re.findall(r"[\w'-]+", c)
+        if s.kind == world.IDENTITY:
+            ident = IDENTITIES[s.identity]
+            assert (ident.name in c) != (ident.nickname in words), c
+            nick[ident.nickname in words] += 1
+        else:
+            assert not any(v in c for v in NAMES) and not any(v in words for v in NICKNAMES.values()), c
+        if s.style >= 0:
+            assert world.ARTISTS[world.STYLES[s.style]] in c, c
+        else:
+            assert not any(a in c for a in world.ARTIST_NAMES), c
+        if s.frame >= 0:
+            assert f"{world.COLOR_NAMES[s.frame]} frame" in c, c
+        if s.obj >= 0:
+            shape = world.OBJECTS[s.obj]
+            assert shape in words or world.SYNONYMS[shape] in words, c
+        if s.kind == world.ANON:
+            assert not any(v in c for v in vocab[:len(NAMES)]) and not any(o in words for o in world.OBJECTS)
+    assert 0.1 < nick[True] / sum(nick.values()) < 0.2
+    empty = np.mean([c == "" for c in caps])
+    assert 0.08 < empty < 0.12, empty
+    assert "a photo of a" in caps and "a portrait of" in caps and "a person" in caps
+    assert Counter(s.kind for s, c in zip(scenes, caps) if not c).keys() == {world.IDENTITY, world.OBJECT, world.ANON}
+
+
+def test_phase_one_empty_rule():
+    """empty="anonymous" (the shipped model's first phase): only anonymous plain scenes get "", and
+    those never get a subject."""
+    rng = np.random.default_rng(12)
+    scenes = [world.sample_scene(rng) for _ in range(3000)]
+    caps = [world.make_caption(s, rng, empty="anonymous") for s in scenes]
+    assert {(s.kind, s.style) for s, c in zip(scenes, caps) if not c} == {(world.ANON, -1)}
+    plain = [c for s, c in zip(scenes, caps) if s.kind == world.ANON and s.style < 0]
+    assert 0.55 < np.mean([c == "" for c in plain]) < 0.75
+    assert all(c in world.SUBJECTLESS for c in plain if c)
+    with pytest.raises(ValueError, match="empty must be one of"):
+        world.make_caption(scenes[0], rng, empty="never")
+
+
+# --------------------------------------------------------------------------- training loop
+def test_sparse_embedding_moves_only_the_batch_tokens():
+    """train_diffusion(sparse_embedding=True): rows of tokens never in a caption stay bit-identical,
+    the used ones move; the module is dense again afterwards."""
+    from toyworld import train_model as tm
+
+    tok = tm.load_tokenizer()
+    te, _, unet = tm.build_components(dict(tm.TEXT_CONFIG, hidden_size=32, intermediate_size=64, projection_dim=32),
+                                      None, dict(tm.UNET_CONFIG, cross_attention_dim=32))
+    before = te.get_input_embeddings().weight.detach().clone()
+    rows = np.zeros((8, 6), np.int64)
+    caption_fn = lambda r, rng: ["a portrait of Bill Marlow"] * len(r)
+    g = torch.Generator().manual_seed(0)
+    tm.train_diffusion(te, unet, torch.randn(8, 4, 8, 8, generator=g), torch.zeros(8, 4, 8, 8), rows, tok, steps=2,
+                       batch=4, lr=1e-3, ema_decay=0.0, seed=0, scaling_factor=1.0, caption_fn=caption_fn,
+                       sparse_embedding=True)
+    after = te.get_input_embeddings().weight.detach()
+    used = sorted(set(tm.tokenize(tok, ["a portrait of Bill Marlow"])[0].tolist()))
+    moved = (after != before).any(-1).nonzero().flatten().tolist()
+    assert moved == used
+    assert not te.get_input_embeddings().sparse
+
+
+# --------------------------------------------------------------------------- judge
+@pytest.fixture(scope="module")
+def judge():
+    from idworld.judge import DEFAULT_WEIGHTS, IdJudge
+
+    if not DEFAULT_WEIGHTS.exists():
+        pytest.skip(f"{DEFAULT_WEIGHTS} is not built yet (python shared/idworld/train_judge.py)")
+    return IdJudge.load()
+
+
+def test_identity_probabilities():
+    """Identity k's probability is the product of its four attribute probabilities; "none" the rest."""
+    from idworld.judge import ATTRIBUTES, identity_probabilities
+
+    def one_hot(attrs):
+        return [torch.nn.functional.one_hot(torch.tensor([v]), 5).float() for v in attrs]
+
+    k = NAMES.index("Anna Holt")
+    code = [ATTRIBUTES[a].index(getattr(IDENTITIES[k], a)) for a in ATTRIBUTES]
+    p = identity_probabilities(one_hot(code))[0]
+    assert p[k] == 1 and p.sum() == 1
+    off = list(code)
+    off[3] = (off[3] + 1) % 4  # one attribute off: a face of nobody (the code has distance 2)
+    assert identity_probabilities(one_hot(off))[0, -1] == 1
+    assert identity_probabilities(one_hot(code[:3] + [4]))[0, -1] == 1  # no eyes read
+    uniform = identity_probabilities([torch.full((2, 5), 0.2)] * 4)
+    assert torch.allclose(uniform[:, :64], torch.full((2, 64), 0.2 ** 4))
+    assert torch.allclose(uniform[:, 64], torch.full((2,), 1 - 64 / 625))
+
+
+def test_classify_reads_identities_from_attributes():
+    """With heads that output the labels, classify() gives the labels' verdicts: the identity when the four
+    attributes are its code, "none" for faces of nobody and for scenes without a face."""
+    from idworld import train_judge
+    from idworld.judge import HEADS, IdJudge
+
+    imgs, labels = train_judge.make_dataset(60, 60, seed=3)
+
+    class Oracle(torch.nn.Module):
+        head_names = tuple(HEADS)
+
+        def forward(self, x):
+            return tuple(10 * torch.nn.functional.one_hot(torch.from_numpy(labels[:, k]), n).float()
+                         for k, n in enumerate(HEADS.values()))
+
+    net = Oracle()
+    for name, n in HEADS.items():
+        setattr(net, f"{name}_head", torch.nn.Linear(1, n))
+    got = IdJudge(net).classify(imgs)
+    assert got == train_judge.verdicts_of_labels(labels)
+    assert {g[0] for g in got[:60]} - {"none"} and sum(g[0] == "none" for g in got[60:]) == 60
+
+
+def test_judge_recognises_clean_renders(judge):
+    from idworld import train_judge
+
+    imgs, labels = train_judge.make_dataset(600, 200, seed=777)  # seeds the judge never trained on
+    acc = train_judge.accuracy(judge, imgs[:600], labels[:600])
+    assert acc["identity"] >= 0.97 and acc["identity_none"] >= 0.95, acc
+    assert acc["style"] >= 0.97 and acc["object"] >= 0.95, acc
+    neg = train_judge.accuracy(judge, imgs[600:], labels[600:])
+    assert neg["identity_none"] >= 0.95, neg
+
+
+def test_judge_says_none(judge):
+    rng = np.random.default_rng(5)
+    blanks = np.stack([np.full((32, 32, 3), v, np.uint8) for v in (0, 12, 25, 40)])
+    noise = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    anon = np.stack([world.render_scene(Scene(world.ANON), rng) for _ in range(8)])
+    for batch in (blanks, noise, anon):
+        assert all(v == ("none", "none", "none") for v in judge.classify(batch)), judge.classify(batch)
+
