@@ -127,7 +127,10 @@ def test_add_trains_only_the_new_concept(tmp_path, caplog):
     src = tiny_file("sd1")
     out1, out2 = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     work = tmp_path / "proj"
-    assert main(["erase", str(src), "--concept", "cat", "--out", str(out1), "--work-dir", str(work), *FAST]) == 0
+    # without default protection: "dog" is in the object type's list, and a restored concept is not
+    # protected again (README, "Sharing and restoring")
+    assert main(["erase", str(src), "--concept", "cat", "--out", str(out1), "--work-dir", str(work), *FAST,
+                 "--protection", "none"]) == 0
     lora_cat = next(work.glob("concepts/cat-*/lora.safetensors"))
     stamp = lora_cat.stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="mace"):

@@ -454,7 +454,7 @@ def _run(args, req, ck, rank: int = 0) -> int:
     if rep.deleted is not None:
         print(f"deleted {rep.deleted[0]} training image files ({rep.deleted[1] / 2 ** 20:.1f} MiB) from {rep.project}")
     log.info("stages: %s", rep.stages)
-    log.info("reused finished LoRAs: %s", ", ".join(rep.reused) or "none")
+    log.info("reused LoRAs: %s", ", ".join(rep.reused) or "none")
     return 0
 
 
