@@ -697,7 +697,8 @@ class MACEEraseConcepts(io.ComfyNode):
                        closed_form_only=closed_form_only, delete_images=delete_images)
         rep, shown = _run(be, req, preview)
         report = (f"erased: {', '.join(rep.erased)}\nproject: {rep.project}\nstages: {rep.metadata['mace.stages']}\n"
-                  f"estimate: {rep.estimate}\ntimings: {rep.stages}\nreused LoRAs: {', '.join(rep.reused) or 'none'}")
+                  f"estimate: {rep.estimate}\ntimings: {rep.stages}\nreused LoRAs: {', '.join(rep.reused) or 'none'}\n"
+                  f"kept: {', '.join(rep.retained) if rep.retained else rep.protection}")
         if rep.deleted is not None:
             report += f"\ndeleted {rep.deleted[0]} training image files from the project"
         return io.NodeOutput(_patched(base, rep, "refined" if closed_form_only else "erased", req, be), shown, report)

@@ -98,3 +98,16 @@ def test_default_protection_of_each_type_named_and_without_the_erased():
     kept, source = mixed.protected()
     assert len(kept) == len(set(kept)) == len(get_type("object").protect) + len(get_type("explicit").protect)
     assert "object, explicit" in source
+
+
+def test_the_output_records_what_stage_1_kept():
+    import json
+
+    from mace_core.erase import erasure_metadata
+
+    spec = ErasureSpec((make_concept("Someone Else", "", "celebrity"),))
+    rec = json.loads(erasure_metadata(spec, "0" * 64, "base.safetensors")["mace.protected"])
+    assert rec["source"].startswith("default protection of celebrity")
+    assert rec["phrases"] == list(get_type("celebrity").protect)
+    off = ErasureSpec(spec.concepts, (), {"protection": "none"})
+    assert json.loads(erasure_metadata(off, "0" * 64, "b")["mace.protected"]) == {"phrases": [], "source": ""}

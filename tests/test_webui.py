@@ -404,15 +404,19 @@ def test_forge_load_goes_through_its_checkpoint_change(fake_a1111, monkeypatch, 
     (forge / "main_entry.py").write_text("calls = []\ndef checkpoint_change(name, save=True, refresh=True):\n"
                                          "    calls.append(name)\n    return True\n")
     monkeypatch.syspath_prepend(str(forge.parent))
-    before = shared.opts.sd_model_checkpoint
-    title = next(iter(sd_models.checkpoints_list))
-    msg = A1111Host().load_checkpoint(Path(sd_models.checkpoints_list[title].filename))
-    from modules_forge import main_entry
+    try:
+        before = shared.opts.sd_model_checkpoint
+        title = next(iter(sd_models.checkpoints_list))
+        msg = A1111Host().load_checkpoint(Path(sd_models.checkpoints_list[title].filename))
+        from modules_forge import main_entry
 
-    assert main_entry.calls == [title] and title in msg
-    assert shared.opts.sd_model_checkpoint == before  # left to Forge's own path
-    monkeypatch.delitem(sys.modules, "modules_forge.main_entry")
-    monkeypatch.delitem(sys.modules, "modules_forge")
+        assert main_entry.calls == [title] and title in msg
+        assert shared.opts.sd_model_checkpoint == before  # left to Forge's own path
+    finally:
+        # gone for the tests after this one (monkeypatch.delitem would put them back at teardown,
+        # and every later A1111 test would take itself for Forge)
+        sys.modules.pop("modules_forge.main_entry", None)
+        sys.modules.pop("modules_forge", None)
 
 
 # ---------------------------------------------------------------------------------------------
