@@ -108,7 +108,8 @@ def shares_a_name(name: str, erased: list[str]) -> bool:
 def score(scorer: Scorer, backend, erased: list[str], kept: list[str]) -> dict:
     """Acc_e, Acc_g, Acc_s (all kept, and those sharing a name) on ``backend`` and on the base model."""
     e_jobs = jobs(erased, scorer.seeds, nick=False)
-    g_jobs = [j for j in jobs(erased, scorer.seeds, nick=True) if j not in set(e_jobs)]
+    in_context = set(e_jobs)
+    g_jobs = [j for j in jobs(erased, scorer.seeds, nick=True) if j not in in_context]
     s_jobs = jobs(kept, scorer.seeds, nick=False)
     out = {}
     for tag, hits in (("erased", lambda t: scorer.hits(backend, t)), ("base", scorer.base_hits)):

@@ -158,15 +158,12 @@ def main(argv=None) -> None:
 
     fit(net, to_judge_input(imgs), [torch.from_numpy(labels[:, k].copy()) for k in range(len(HEADS))],
         epochs=args.epochs, batch=args.batch, seed=args.seed, on_epoch=report)
-    from safetensors.torch import save_file
+    from mace_core.files import save_tensors
 
     meta = {"config": json.dumps({"width": args.width, "heads": HEADS}), "classes": json.dumps(HEAD_CLASSES),
             "seed": str(args.seed), "data": json.dumps({"n_pos": args.n_pos, "n_neg": args.n_neg, "epochs": args.epochs}),
             "holdout": json.dumps(res)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
-    tmp.replace(out)
+    save_tensors(out, {k: v.detach().to(torch.float16) for k, v in net.state_dict().items()}, meta)
     print(f"saved {out} ({out.stat().st_size / 1e3:.0f} kB) in {time.time() - t0:.0f}s")
 
 

@@ -275,9 +275,9 @@ def main(argv=None):
 
     sa = ca = na = float("nan")
     fit(net, x_all, [ys_t, yc_t], epochs=args.epochs, batch=args.batch, seed=args.seed, on_epoch=report)
-    from safetensors.torch import save_file
+    from mace_core.files import save_tensors
 
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()}
+    sd = {k: v.detach().to(torch.float16) for k, v in net.state_dict().items()}
     meta = {
         "config": json.dumps({"width": args.width}),
         "shape_classes": json.dumps(list(SHAPE_CLASSES)),
@@ -287,8 +287,7 @@ def main(argv=None):
         "holdout_clean_color_acc": f"{ca:.4f}",
         "holdout_negative_shape_acc": f"{na:.4f}",
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, args.out, metadata=meta)
+    save_tensors(args.out, sd, meta, overwrite=True)  # retraining the shipped judge replaces it, as before
     print(f"saved {args.out} ({Path(args.out).stat().st_size / 1e3:.0f} kB) in {time.time() - t0:.0f}s")
 
 
