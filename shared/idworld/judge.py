@@ -13,8 +13,12 @@ eyes; each or "none"), the style and the object. Its verdicts:
     judge = IdJudge.load()
     judge.classify(images)  # -> [("Bill Marlow", "none", "star"), ("none", "inverted", "none"), ...]
 
-Weights: ``data/judge.safetensors``, trained by ``train_judge.py`` (its held-out accuracy is in the
-file's metadata).
+Weights: ``data/judge.safetensors``, trained by ``train_judge.py`` (8 epochs, width 32, 27 min on one
+core; its held-out accuracy is in the file's metadata). On clean renders of seeds it never saw: identity
+99.7% on unstyled faces (with props and frames; the benchmarks' identity prompts), style 97.8%, an
+object alone 98.5%, a prop beside a face 86%, "none" for faces of nobody 100%. Identities under a style
+are not judged (91% overall): "outline" erodes the eyes to nothing and the patterns cut them, so the
+identity is not in those pixels.
 """
 from __future__ import annotations
 
