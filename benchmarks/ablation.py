@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from idworld import ID_MODEL, world  # noqa: E402
 from idworld.judge import IdJudge  # noqa: E402
-from mace_core.checkpoint import load_checkpoint  # noqa: E402
-from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
-from mace_core.metrics import harmonic_celebrity, harmonic_object  # noqa: E402
-from mace_core.sampling import generate  # noqa: E402
+from mace_core.model.checkpoint import load_checkpoint  # noqa: E402
+from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
+from mace_core.eval.metrics import harmonic_celebrity, harmonic_object  # noqa: E402
+from mace_core.model.sampling import generate  # noqa: E402
 from toy import erased_backend, mass_names  # noqa: E402
 
 STEPS, GUIDANCE = 25, 5.0

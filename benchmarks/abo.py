@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from toy import erased_backend  # noqa: E402
 
-from mace_core.checkpoint import load_checkpoint  # noqa: E402
-from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
-from mace_core.evaluate import psnr, ssim  # noqa: E402
-from mace_core.metrics import accuracy  # noqa: E402
+from mace_core.model.checkpoint import load_checkpoint  # noqa: E402
+from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
+from mace_core.eval.evaluate import psnr, ssim  # noqa: E402
+from mace_core.eval.metrics import accuracy  # noqa: E402
 from toyworld import TOY_MODEL  # noqa: E402
 from toyworld.evaluate import judge_word  # noqa: E402
 from toyworld.judge import Judge  # noqa: E402

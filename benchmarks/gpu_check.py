@@ -39,16 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from mace_core.checkpoint import Components, make_tokenizer  # noqa: E402
-from mace_core.concepts import ErasureSpec, make_concept  # noqa: E402
-from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
-from mace_core.erase import ErasureResult, erase  # noqa: E402
+from mace_core.model.checkpoint import Components, make_tokenizer  # noqa: E402
+from mace_core.method.concepts import ErasureSpec, make_concept  # noqa: E402
+from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
+from mace_core.method.erase import ErasureResult, erase  # noqa: E402
 from mace_core.errors import MaceError  # noqa: E402
-from mace_core.families import load_family  # noqa: E402
+from mace_core.model.families import load_family  # noqa: E402
 from mace_core.files import check_destination, write_text  # noqa: E402
-from mace_core.estimate import estimate  # noqa: E402
-from mace_core.prior import PRIOR_CAPTIONS, general_prior  # noqa: E402
-from mace_core.project import Project  # noqa: E402
+from mace_core.run.estimate import estimate  # noqa: E402
+from mace_core.method.prior import PRIOR_CAPTIONS, general_prior  # noqa: E402
+from mace_core.method.project import Project  # noqa: E402
 from synthetic import random_modules, tiny_family  # noqa: E402
 from run import baseline_closed_form, concept_names, measure  # noqa: E402
 

@@ -18,28 +18,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shared"))
 
-from mace_core.corpus import general_captions  # noqa: E402
-from mace_core.prior import accumulate_grams, normalised  # noqa: E402
+from mace_core.method.corpus import general_captions  # noqa: E402
+from mace_core.method.prior import accumulate_grams, normalised  # noqa: E402
 
 STEPS = (250, 500, 1000, 1500, 2000, 3000, 4000)
 
 
 def backend_for(name: str):
-    from mace_core.checkpoint import load_checkpoint
-    from mace_core.diffusers_backend import DiffusersBackend
+    from mace_core.model.checkpoint import load_checkpoint
+    from mace_core.model.diffusers_backend import DiffusersBackend
 
     if name == "toy":
         from toyworld import TOY_MODEL
 
         return DiffusersBackend.from_checkpoint(load_checkpoint(TOY_MODEL), device="cpu")
     # only the text encoder matters: a full-size SD1.5 one with seeded random weights
-    from mace_core.families import load_family
+    from mace_core.model.families import load_family
     from transformers import CLIPTextConfig, CLIPTextModel
 
     fam = load_family("sd1")
     torch.manual_seed(0)
     te = CLIPTextModel(CLIPTextConfig(**fam.text_encoders[0].config)).eval()
-    from mace_core.checkpoint import make_tokenizer
+    from mace_core.model.checkpoint import make_tokenizer
 
     return _TextOnly(te, make_tokenizer(fam.text_encoders[0]))
 

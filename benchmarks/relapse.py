@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shared"))
 
-from mace_core.checkpoint import load_checkpoint  # noqa: E402
-from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
+from mace_core.model.checkpoint import load_checkpoint  # noqa: E402
+from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
 from toy import erased_backend  # noqa: E402  (benchmarks/toy.py, beside this script)
 from toyworld import TOY_MODEL, world  # noqa: E402
 from toyworld.evaluate import object_scores  # noqa: E402

@@ -19,14 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shared"))
 
-from mace_core.checkpoint import load_checkpoint, with_edits  # noqa: E402
-from mace_core.concepts import ErasureSpec, make_concept  # noqa: E402
-from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
-from mace_core.erase import erase  # noqa: E402
-from mace_core.evaluate import embedding_asr, soft_token_asr  # noqa: E402
-from mace_core.metrics import accuracy  # noqa: E402
-from mace_core.project import Project  # noqa: E402
-from mace_core.sampling import generate  # noqa: E402
+from mace_core.model.checkpoint import load_checkpoint, with_edits  # noqa: E402
+from mace_core.method.concepts import ErasureSpec, make_concept  # noqa: E402
+from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
+from mace_core.method.erase import erase  # noqa: E402
+from mace_core.eval.evaluate import embedding_asr, soft_token_asr  # noqa: E402
+from mace_core.eval.metrics import accuracy  # noqa: E402
+from mace_core.method.project import Project  # noqa: E402
+from mace_core.model.sampling import generate  # noqa: E402
 from toyworld import TOY_MODEL  # noqa: E402
 from toyworld.plugin import toy_classifier  # noqa: E402
 

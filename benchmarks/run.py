@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthe
 
 import torch  # noqa: E402
 
-from mace_core.checkpoint import Components, make_tokenizer  # noqa: E402
-from mace_core.concepts import ErasureSpec, make_concept  # noqa: E402
-from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
-from mace_core.erase import POOLED_SUFFIX, erase  # noqa: E402
-from mace_core.families import load_family  # noqa: E402
-from mace_core.project import Project  # noqa: E402
+from mace_core.model.checkpoint import Components, make_tokenizer  # noqa: E402
+from mace_core.method.concepts import ErasureSpec, make_concept  # noqa: E402
+from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
+from mace_core.method.erase import POOLED_SUFFIX, erase  # noqa: E402
+from mace_core.model.families import load_family  # noqa: E402
+from mace_core.method.project import Project  # noqa: E402
 from synthetic import random_modules, tiny_family  # noqa: E402
 
 WORDS = ("amber basil cedar delta ember fjord garnet harbor indigo juniper kestrel lagoon meadow nimbus "
@@ -105,8 +105,8 @@ def baseline_closed_form(be: DiffusersBackend, spec: ErasureSpec) -> float:
     """The authors' stage 1 + 3 structure, timed: embeddings kept as per-concept lists on the device,
     outer products summed embedding by embedding for every layer, an explicit inverse per layer.
     (Same math as ours; ours solves one D x D system shared by all layers from Gram sums.)"""
-    from mace_core.concepts import concept_prompts
-    from mace_core.refine import align
+    from mace_core.method.concepts import concept_prompts
+    from mace_core.method.refine import align
 
     t0 = time.perf_counter()
     w0 = {k: v.to(be.device) for k, v in be.original_weights().items() if not k.endswith(POOLED_SUFFIX)}
@@ -136,7 +136,7 @@ def baseline_data(be: DiffusersBackend, prompt: str, images: int, steps: int = 3
     pixels (their masks then need GroundingDINO + SAM on top, not timed here)."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from mace_core.backend import TextBatch
+    from mace_core.model.backend import TextBatch
 
     sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                         beta_schedule="scaled_linear", prediction_type=be.prediction_type)
@@ -155,7 +155,7 @@ def baseline_data(be: DiffusersBackend, prompt: str, images: int, steps: int = 3
 def data_generation(args, device: torch.device, be: DiffusersBackend) -> None:
     """Drawing one concept's training images: ours (batched, DDIM, fp16 on GPU, attention masks
     captured in the same pass) against the authors' way (batch 1, 30 DPM steps, fp32, no masks)."""
-    from mace_core.masks import draw_concept
+    from mace_core.method.masks import draw_concept
 
     prompt, n = "a photo of the amber basil", args.images
     ours: dict = {}

@@ -22,13 +22,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shared"))
 
-from mace_core.checkpoint import load_checkpoint, with_edits  # noqa: E402
-from mace_core.concepts import ErasureSpec, load_preset, make_concept  # noqa: E402
-from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
-from mace_core.erase import erase  # noqa: E402
-from mace_core.metrics import accuracy  # noqa: E402
-from mace_core.project import Project  # noqa: E402
-from mace_core.sampling import generate  # noqa: E402
+from mace_core.model.checkpoint import load_checkpoint, with_edits  # noqa: E402
+from mace_core.method.concepts import ErasureSpec, load_preset, make_concept  # noqa: E402
+from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
+from mace_core.method.erase import erase  # noqa: E402
+from mace_core.eval.metrics import accuracy  # noqa: E402
+from mace_core.method.project import Project  # noqa: E402
+from mace_core.model.sampling import generate  # noqa: E402
 from toyworld import TOY_MODEL  # noqa: E402
 from toyworld.evaluate import GUIDANCE, STEPS, object_scores  # noqa: E402
 from toyworld.judge import Judge  # noqa: E402

@@ -30,13 +30,13 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.weak import WeakIdKeyDictionary, weakref  # noqa: E402
 
-from mace_core.checkpoint import Components, make_tokenizer  # noqa: E402
-from mace_core.concepts import Settings, concept_prompts, make_concept  # noqa: E402
-from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
-from mace_core.families import load_family  # noqa: E402
-from mace_core.masks import ConceptData, draw_batch, draw_concept, phrase_token_mask  # noqa: E402
-from mace_core.refine import concept_stats  # noqa: E402
-from mace_core.train import train_lora  # noqa: E402
+from mace_core.model.checkpoint import Components, make_tokenizer  # noqa: E402
+from mace_core.method.concepts import Settings, concept_prompts, make_concept  # noqa: E402
+from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
+from mace_core.model.families import load_family  # noqa: E402
+from mace_core.method.masks import ConceptData, draw_batch, draw_concept, phrase_token_mask  # noqa: E402
+from mace_core.method.refine import concept_stats  # noqa: E402
+from mace_core.method.train import train_lora  # noqa: E402
 
 GB = 2 ** 30
 READBACK = ("DataDependent", "data-dependent", ".numpy() is not supported")  # fake tensors hold no values
@@ -145,7 +145,7 @@ def stages(backend: DiffusersBackend, low_vram: bool):
         backend, data, prompts, tokens, delta, abo, 0)
     if len(backend.text_token_embeddings()) > 1:
         return  # the soft-token attack (and so --robust) covers single-text-encoder models
-    from mace_core.harden import adversarial_stats
+    from mace_core.method.harden import adversarial_stats
 
     yield "hardening attack step", lambda: adversarial_stats(backend, delta, data.latents[:1], "a photo of {}",
                                                              concept_prompts(c, "{}"), c.anchor, 1, 0)

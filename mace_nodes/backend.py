@@ -1,4 +1,4 @@
-"""`mace_core.backend.Backend` over ComfyUI's own MODEL (ModelPatcher), CLIP and VAE objects.
+"""`mace_core.model.backend.Backend` over ComfyUI's own MODEL (ModelPatcher), CLIP and VAE objects.
 
 No second copy of the model is loaded: the UNet, text encoder and VAE are the ones the user's
 graph already holds. Nothing here writes into a module ComfyUI shares between clones; the core's
@@ -21,7 +21,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from mace_core.backend import CrossAttentionLayer, TextBatch
+from mace_core.model.backend import CrossAttentionLayer, TextBatch
 from mace_core.errors import MaceError
 
 FILE_PREFIX = "model."  # file key = FILE_PREFIX + ComfyUI key
@@ -77,7 +77,7 @@ def prediction_type(model) -> str:
 def alphas_cumprod(model) -> torch.Tensor:
     """[T] float64. ComfyUI keeps only float32 sigmas; when they are SD's schedule (the usual case) the
     float64 values are recomputed exactly as the core does, else taken from the sigmas."""
-    from mace_core.diffusers_backend import alphas_cumprod as core_schedule
+    from mace_core.model.diffusers_backend import alphas_cumprod as core_schedule
 
     sampling = model.get_model_object("model_sampling")
     sigmas = sampling.sigmas.detach().double().cpu()
@@ -148,10 +148,10 @@ def effective_weights(model, keys: Sequence[str]) -> dict[str, torch.Tensor]:
 
 
 def weights_id(model) -> str:
-    """Identity of the edited weights ``model`` samples with (`mace_core.project.weights_id`): what an
+    """Identity of the edited weights ``model`` samples with (`mace_core.method.project.weights_id`): what an
     erasure project made in ComfyUI records as its base (a MODEL does not know the file it came from);
     the CLI computes the same id from a file."""
-    from mace_core.project import weights_id as core_weights_id
+    from mace_core.method.project import weights_id as core_weights_id
 
     return core_weights_id({file_key(k): w for k, w in effective_weights(model, edited_keys(model)).items()})
 
@@ -207,11 +207,11 @@ def patched_model(model, weights: Mapping[str, torch.Tensor], info: Mapping) -> 
 
 
 class ComfyBackend:
-    """`mace_core.backend.Backend` over ComfyUI's MODEL / CLIP / VAE (see module docstring)."""
+    """`mace_core.model.backend.Backend` over ComfyUI's MODEL / CLIP / VAE (see module docstring)."""
 
     def __init__(self, model, clip=None, vae=None, resolution: int | None = None):
         import comfy.model_management as mm
-        from mace_core.families import load_family
+        from mace_core.model.families import load_family
 
         self.patcher = model
         self.clip = clip
@@ -249,7 +249,7 @@ class ComfyBackend:
 
     def text_encoder_key(self) -> str:
         if self._text_key is None:
-            from mace_core.prior import tensors_key
+            from mace_core.model.backend import tensors_key
 
             clip = self._need_clip()
             how = repr((type(clip.cond_stage_model).__name__, clip.layer_idx, "comfyui"))

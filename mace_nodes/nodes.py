@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from comfy_api.latest import ComfyExtension, io, ui
 
-from mace_core.concepts import (ErasureSpec, SettingInfo, concept_types, parse_lines, preset_names, setting_info,
+from mace_core.method.concepts import (ErasureSpec, SettingInfo, concept_types, parse_lines, preset_names, setting_info,
                                 setting_infos, validate)
 from mace_core.errors import MaceError
-from mace_core.project import Project
-from mace_core.request import BaseModel, Request, build_spec as core_spec, text_lines, validate_project_name
+from mace_core.method.project import Project
+from mace_core.run.request import (BaseModel, Request, build_spec as core_spec, prior_folder, text_lines,
+                                   validate_project_name)
 
 from .backend import (ComfyBackend, edited_keys, effective_weights, family_name, file_key, mace_info, patched_model,
                       strip_mace, weights_id)
@@ -44,7 +45,7 @@ PROJECT_FOLDER = "mace"
 SAM_FOLDER = "sams"
 SAM_PREFIX = "sam: "  # mask choice "sam: <checkpoint file in models/sams>"
 DEFAULT = "type default"
-# Core settings (`mace_core.concepts.Settings`) by the node that offers them. Refine: stage 1;
+# Core settings (`mace_core.method.concepts.Settings`) by the node that offers them. Refine: stage 1;
 # the training nodes: the first ones as required widgets (saved workflows store them in this order),
 # every other setting the core declares as optional widgets (`_optional_inputs`), so a new setting shows up
 # here without a change. The seed is 'training_seed', the mask a widget of its own (SAM checkpoints),
@@ -193,7 +194,7 @@ _FILE_HASHES: dict[tuple, str] = {}
 
 
 def _file_sha256(path: str) -> str:
-    from mace_core.checkpoint import file_sha256
+    from mace_core.model.checkpoint import file_sha256
 
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
@@ -234,7 +235,8 @@ def _request(concepts: MaceConcepts | None, base, family: str, spec: ErasureSpec
     wid = weights_id(base)
     root = project or project_path(concepts.project or auto_project_name(family, wid, spec))
     sha, name = _base_identity(base, prompt, unique_id, wid)
-    return Request(spec, BaseModel(sha, name, wid), root, project_what="project", find_base=_checkpoint_file, **kw)
+    return Request(spec, BaseModel(sha, name, wid), root, project_what="project", find_base=_checkpoint_file,
+                   prior_dir=prior_folder(projects_roots()[0]), **kw)
 
 
 def _base_identity(model, prompt, unique_id, wid: str) -> tuple[str, str]:
@@ -444,7 +446,7 @@ def _run(be: ComfyBackend, req: Request, preview: str = "hide"):
     nodes in inference mode), ComfyUI progress and cancel. Returns the `run.Report` and the training
     images' preview (taken before they may be deleted). The estimate is logged before the run starts."""
     import comfy.model_management as mm
-    from mace_core.run import plan, run
+    from mace_core.run.run import plan, run
 
     progress = _Progress(req.planned())
     shown = []
@@ -510,8 +512,9 @@ class MACELoadConcepts(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, concepts: str) -> bool | str:
         """Catches a malformed concept line before the graph is queued. It takes ``concepts`` alone:
-        ComfyUI files a refusal under every input this method takes. 'default_type' is a checked choice,
-        and a line is valid or not whichever known type it defaults to."""
+        ComfyUI files a refusal under every input this method takes. A line is valid or not whichever
+        known type it defaults to; an unknown 'default_type' or 'preset' (a stale saved workflow) is
+        refused when the node runs."""
         try:
             parse_lines(concepts or "", "object")
         except MaceError as e:
@@ -744,8 +747,10 @@ class MACERefuse(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, project: str, mode: str, concepts: str, closed_form_only: bool) -> io.NodeOutput:
-        from mace_core.run import refuse
+        from mace_core.run.run import refuse
 
+        if mode not in (RESTORE, ONLY, ALL):  # ComfyUI passes a saved workflow's stale choice through unchecked
+            raise MaceError(f"mode {mode!r} is not one of: {RESTORE}; {ONLY}; {ALL}")
         if project not in project_names():
             raise MaceError(f"no erasure project {project!r} in {', '.join(str(r) for r in projects_roots())}")
         proj = Project(project_path(project))
@@ -757,9 +762,8 @@ class MACERefuse(io.ComfyNode):
         only = picked if mode == ONLY else None
         exclude = picked if mode == RESTORE else ()
         res = refuse(proj, original, "this MODEL", None, only, exclude, closed_form_only, _checkpoint_file)
-        names = [c["phrase"] for c in json.loads(res.metadata["mace.concepts"])]
         info = {"project": str(proj.root), "stage": "erased", "base_id": weights_id(base), "metadata": res.metadata}
-        return io.NodeOutput(patched_model(base, res.weights, info), ", ".join(names))
+        return io.NodeOutput(patched_model(base, res.weights, info), ", ".join(res.erased))
 
 
 class MACESaveCheckpoint(io.ComfyNode):
@@ -782,11 +786,23 @@ class MACESaveCheckpoint(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix: str) -> bool | str:
+        """A prefix leading outside the output folder is refused before the graph runs (ComfyUI's own
+        writer refuses it only when saving, after the erasure's compute)."""
+        import folder_paths
+
+        out_dir = os.path.abspath(folder_paths.get_output_directory())
+        folder = os.path.abspath(os.path.join(out_dir, os.path.dirname(os.path.normpath(filename_prefix or ""))))
+        if os.path.commonpath((out_dir, folder)) != out_dir:
+            return f"filename_prefix {filename_prefix!r} leads outside the output folder; give a name inside it"
+        return True
+
+    @classmethod
     def execute(cls, model, clip, vae, filename_prefix: str) -> io.NodeOutput:
         import comfy.model_base
         import folder_paths
-        from mace_core.checkpoint import modelspec
-        from mace_core.families import load_family
+        from mace_core.model.checkpoint import modelspec
+        from mace_core.model.families import load_family
 
         fam = load_family(family_name(model))
         out_dir = folder_paths.get_output_directory()
@@ -838,7 +854,7 @@ def _save_in_file_dtypes(path: Path, model, clip, vae, extra: dict, metadata: di
     import comfy.sd
     from safetensors.torch import load_file
 
-    from mace_core.checkpoint import write_safetensors
+    from mace_core.model.checkpoint import write_safetensors
 
     tmp = path.with_name(f".{path.name}.comfyui.tmp")
     try:

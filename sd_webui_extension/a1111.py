@@ -4,9 +4,9 @@ so this file imports (and is unit-tested) without a web UI.
 Model (`A1111Host.base_model`): when the checkpoint picked in the tab is the one A1111 has loaded,
 the erasure runs on A1111's own weights: ``sd_model.state_dict()`` is the file's ldm layout once
 the names of A1111's hijack wrappers are removed, and the core turns it into the same checkpoint
-its file loader would (`mace_core.checkpoint.checkpoint_from_state_dict`), sharing the tensors.
+its file loader would (`mace_core.model.checkpoint.checkpoint_from_state_dict`), sharing the tensors.
 A VAE selected in the web UI is then the one the run decodes with (previews, SAM masks); the output
-is written from the file (`mace_core.checkpoint.save_edited`), so it keeps the file's own. Otherwise
+is written from the file (`mace_core.model.checkpoint.save_edited`), so it keeps the file's own. Otherwise
 the core reads the file and the web UI's model goes to the CPU for the job (A1111's own *Unload SD
 checkpoint to RAM* / *Load SD checkpoint to VRAM* pair), back on the GPU afterwards.
 
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Iterator
 from .host import Host
 
 if TYPE_CHECKING:
-    from mace_core.checkpoint import Checkpoint
+    from mace_core.model.checkpoint import Checkpoint
 
 log = logging.getLogger("mace.webui")
 
@@ -141,7 +141,7 @@ class A1111Host(Host):
     def base_model(self, path: Path) -> Iterator[Checkpoint]:
         """The web UI's loaded weights when they are ``path``'s and usable as they are; otherwise the
         file, read by the core, with the web UI's model off the GPU until the block ends."""
-        from mace_core.checkpoint import load_checkpoint
+        from mace_core.model.checkpoint import load_checkpoint
 
         ck = self._in_memory(path)
         if ck is not None:
@@ -153,7 +153,7 @@ class A1111Host(Host):
     def _in_memory(self, path: Path) -> Checkpoint | None:
         """``path`` as a core checkpoint of the web UI's loaded tensors (shared, not copied), or None
         (logged why) when the web UI holds another model or weights that are not the file's."""
-        from mace_core.checkpoint import checkpoint_from_state_dict, read_metadata
+        from mace_core.model.checkpoint import checkpoint_from_state_dict, read_metadata
         from mace_core.errors import MaceError
 
         m = self._loaded_model()
@@ -280,7 +280,7 @@ def _unhijacked(key: str) -> str:
 
 def _unusable_weights(model) -> str | None:
     """Why the web UI's loaded weights are not the file's as a trainable model, or None."""
-    from mace_core.diffusers_backend import HOST_DTYPES
+    from mace_core.model.diffusers_backend import HOST_DTYPES
 
     if hasattr(model, "forge_objects"):
         return ("Forge builds its models under torch.inference_mode, which training cannot backpropagate "

@@ -1,6 +1,6 @@
-"""What the tab's buttons do, without Gradio: turn the form into a `mace_core.request.Request` and
-hand it to the core's run layer (`mace_core.run.plan` / `run`), exactly as `mace erase` does, then
-draw the before/after previews. Re-fusing goes through `mace_core.run.refuse` as `mace fuse` does.
+"""What the tab's buttons do, without Gradio: turn the form into a `mace_core.run.request.Request` and
+hand it to the core's run layer (`mace_core.run.run.plan` / `run`), exactly as `mace erase` does, then
+draw the before/after previews. Re-fusing goes through `mace_core.run.run.refuse` as `mace fuse` does.
 So a run from the tab and the same run from the command line give the same file.
 """
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mace_core.concepts import SettingInfo, setting_infos
+from mace_core.method.concepts import SettingInfo, setting_infos
 from mace_core.errors import MaceError
-from mace_core.request import validate_project_name
+from mace_core.run.request import validate_project_name
 
 from .host import Host
 from .names import default_project_name, validate_output_name
@@ -36,7 +36,7 @@ ESTIMATE_PROJECT = ".estimate"  # a project name no user can type (`plain_name` 
 # The form
 
 # Settings the form has its own widgets for; every other setting of the core is a text field of the
-# "Advanced settings" (`advanced_settings`), generated from its declaration in `mace_core.concepts`.
+# "Advanced settings" (`advanced_settings`), generated from its declaration in `mace_core.method.concepts`.
 OWN_WIDGETS = ("mask", "sam_checkpoint", "objective", "alternative", "low_vram")
 
 
@@ -72,9 +72,13 @@ class EraseForm:
 
 def form_overrides(form: EraseForm, host: Host | None = None) -> dict:
     """The settings the form sets (None: the concept type's default), checked with the setting's label."""
-    from mace_core.request import parse_setting
+    from mace_core.run.request import parse_setting
 
-    out = {i.name: parse_setting(i, form.numbers.get(i.name, "")) for i in advanced_settings()}
+    fields = advanced_settings()
+    unknown = sorted(set(form.numbers) - {i.name for i in fields})
+    if unknown:  # the API takes any mapping; the form's fields are generated from the same list
+        raise MaceError(f"unknown setting(s) {', '.join(unknown)}")
+    out = {i.name: parse_setting(i, form.numbers.get(i.name, "")) for i in fields}
     if out.get("clip_skip") is None and host is not None and host.default_clip_skip() != 1:
         out["clip_skip"] = host.default_clip_skip()  # erase on the layer the web UI samples with
     if form.mask and form.mask != TYPE_DEFAULT:
@@ -89,8 +93,8 @@ def form_overrides(form: EraseForm, host: Host | None = None) -> dict:
 
 def build_spec(form: EraseForm, host: Host | None = None):
     """The validated `ErasureSpec` (raises `MaceError` naming what to fix)."""
-    from mace_core.concepts import validate
-    from mace_core.request import build_spec as core_spec, text_lines
+    from mace_core.method.concepts import validate
+    from mace_core.run.request import build_spec as core_spec, text_lines
 
     preset = None if form.preset in ("", NO_PRESET, None) else form.preset
     if not text_lines(form.concepts) and preset is None:
@@ -101,12 +105,13 @@ def build_spec(form: EraseForm, host: Host | None = None):
 
 def _request(host: Host, form: EraseForm, ck, out: Path | None, project: Path):
     """The form as the core's `Request` on the loaded base model ``ck`` (``out`` None: estimate only)."""
-    from mace_core.request import BaseModel, Request
+    from mace_core.run.request import BaseModel, Request, prior_folder
 
     return Request(build_spec(form, host), BaseModel(ck.sha256, ck.path.name, file=ck.path), project, output=out,
                    overwrite=form.overwrite, inputs=(ck.path,), closed_form_only=form.closed_form_only,
                    delete_images=form.delete_images, what="output file", force_hint="tick 'overwrite'",
-                   project_what="project folder", find_base=lambda name: _checkpoint_named(host, name))
+                   project_what="project folder", find_base=lambda name: _checkpoint_named(host, name),
+                   prior_dir=prior_folder(host.projects_folder()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +137,7 @@ def _fan_out(*callbacks: Progress | None) -> Progress:
 
 def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> Outcome:
     """Erase as `mace erase` does, into the host's checkpoint folder; project in models/mace/<name>."""
-    from mace_core.run import plan, run
+    from mace_core.run.run import plan, run
 
     t0 = time.perf_counter()
     prog = _fan_out(progress, host.progress)
@@ -183,7 +188,7 @@ def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> 
 
 def _backend(host: Host, ck, req):
     """The checkpoint as a model on the host's device, reading the text encoder at the run's clip skip."""
-    from mace_core.diffusers_backend import DiffusersBackend
+    from mace_core.model.diffusers_backend import DiffusersBackend
 
     return DiffusersBackend.from_checkpoint(ck, device=host.device, clip_skip=req.clip_skip())
 
@@ -197,7 +202,7 @@ def _project_folder(host: Host, form: EraseForm, out: Path) -> Path:
 def estimate_run(host: Host, form: EraseForm) -> str:
     """Markdown: what Erase would cost with this form (time, peak GPU memory), measured on the chosen
     model as `mace erase --estimate` does, and why the GPU is too small when it is."""
-    from mace_core.run import plan
+    from mace_core.run.run import plan
 
     if not form.checkpoint:
         raise MaceError("pick a checkpoint to erase from")
@@ -226,7 +231,7 @@ def estimate_run(host: Host, form: EraseForm) -> str:
 def preview_prompts(concepts: Sequence[dict], retain: Sequence[str]) -> list[tuple[str, str, bool]]:
     """(label, prompt, sensitive) rows: the erased concepts' training prompts, then kept ones (the
     retain list, or the first concept's anchor when the list is empty)."""
-    from mace_core.concepts import get_type, make_concept, train_prompt
+    from mace_core.method.concepts import get_type, make_concept, train_prompt
 
     rows = []
     for c in list(concepts)[:MAX_PREVIEW_PROMPTS]:
@@ -260,9 +265,9 @@ def _previews(host: Host, holder: list, ck, res, run, blur: bool, prog: Progress
     released (popped from ``holder``) before the erased one is built, so at most one is in memory;
     the erased one shares every unedited tensor with ``ck`` (with a web UI's in-memory model, the
     web UI's own)."""
-    from mace_core.checkpoint import with_edits
-    from mace_core.diffusers_backend import DiffusersBackend
-    from mace_core.sampling import generate
+    from mace_core.model.checkpoint import with_edits
+    from mace_core.model.diffusers_backend import DiffusersBackend
+    from mace_core.model.sampling import generate
 
     meta = res.metadata
     rows = preview_prompts(json.loads(meta["mace.concepts"]), json.loads(meta.get("mace.retain", "[]")))
@@ -297,7 +302,7 @@ def list_projects(folder: Path) -> list[str]:
 
 
 def project_concepts(folder: Path, name: str) -> list[str]:
-    from mace_core.project import Project
+    from mace_core.method.project import Project
 
     if not name:
         return []
@@ -306,7 +311,7 @@ def project_concepts(folder: Path, name: str) -> list[str]:
 
 def project_summary(folder: Path, name: str) -> str:
     """Markdown: base model, concepts with their state, retain list."""
-    from mace_core.project import Project
+    from mace_core.method.project import Project
 
     if not name:
         return "No project selected. Projects are created by **Erase** (one per project name)."
@@ -352,10 +357,9 @@ def refuse_project(host: Host, name: str, selected: Sequence[str], out_name: str
                    closed_form_only: bool = False, progress: Progress | None = None) -> Outcome:
     """`mace fuse PROJECT --only <selected>`: the base model with exactly the ticked concepts erased
     (none ticked = the base model restored), in closed form from the project's files."""
-    from mace_core.checkpoint import load_checkpoint
-    from mace_core.erase import editable_weights, save_result
-    from mace_core.project import Project
-    from mace_core.run import refuse
+    from mace_core.model.checkpoint import load_checkpoint
+    from mace_core.method.project import Project
+    from mace_core.run.run import refuse_checkpoint
 
     prog = _fan_out(progress, host.progress)
     proj = Project(host.projects_folder() / validate_project_name(name or ""))
@@ -364,13 +368,11 @@ def refuse_project(host: Host, name: str, selected: Sequence[str], out_name: str
     out = validate_output_name(out_name, host.checkpoint_folder(), overwrite, protect=(base,))
     with host.job("MACE re-fuse"):
         prog("re-fusing", 0, 1)
-        ck = load_checkpoint(base)
-        res = refuse(proj, editable_weights(ck.tensors), base.name, ck.sha256, only=list(selected),
-                     closed_form_only=closed_form_only, find_base=lambda recorded: _checkpoint_named(host, recorded))
-        save_result(ck, res, out, overwrite=overwrite)
+        res = refuse_checkpoint(proj, load_checkpoint(base), out, list(selected), closed_form_only=closed_form_only,
+                                overwrite=overwrite, find_base=lambda recorded: _checkpoint_named(host, recorded))
         host.refresh_checkpoints()
         prog("re-fusing", 1, 1)
-    erased = [c["phrase"] for c in json.loads(res.metadata["mace.concepts"])]
+    erased = res.erased
     msg = (f"Wrote **{out.name}** in `{out.parent}` from project `{name}`: erased "
            f"{', '.join(erased) if erased else 'nothing (the base model restored)'}.")
     return Outcome(out, msg, [], res.metadata)
@@ -382,7 +384,7 @@ def refuse_project(host: Host, name: str, selected: Sequence[str], out_name: str
 
 def type_defaults(ctype: str) -> str:
     """One line of Markdown: the defaults that empty advanced fields take for a concept type."""
-    from mace_core.concepts import Settings, get_type
+    from mace_core.method.concepts import Settings, get_type
 
     try:
         t = get_type(ctype)

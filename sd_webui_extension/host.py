@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:  # the package imports without torch (the core's checkpoint module needs it)
-    from mace_core.checkpoint import Checkpoint
+    from mace_core.model.checkpoint import Checkpoint
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -68,7 +68,7 @@ class Host:
     def base_model(self, path: Path) -> Iterator[Checkpoint]:
         """The checkpoint a job erases from, held for the block: here the file, read by the core's
         loader; a web UI lends the copy it holds in memory where it can."""
-        from mace_core.checkpoint import load_checkpoint
+        from mace_core.model.checkpoint import load_checkpoint
 
         yield load_checkpoint(path)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mace_core.errors import MaceError
-from mace_core.request import plain_name, validate_project_name  # noqa: F401 - the tab's names are the core's
+from mace_core.run.request import plain_name, validate_project_name  # noqa: F401 - the tab's names are the core's
 
 SUFFIX = ".safetensors"
 _OTHER_MODEL_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".gguf")

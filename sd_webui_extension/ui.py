@@ -36,7 +36,7 @@ _KEYS = [k for k, _ in _ADVANCED]
 def _placeholders(ctype: str, host: Host) -> dict[str, str]:
     """What each empty advanced field means for concept type ``ctype``: the type's default value
     (CLIP skip: the web UI's own setting), so a placeholder never shows another number."""
-    from mace_core.concepts import Settings, get_type
+    from mace_core.method.concepts import Settings, get_type
 
     try:
         settings = Settings().overlay(get_type(ctype).settings)
@@ -70,7 +70,7 @@ def _progress_callback(progress):
 
 def build_ui(host: Host) -> gr.Blocks:
     """The tab's Blocks (not launched)."""
-    from mace_core.concepts import concept_types, preset_names, setting_info
+    from mace_core.method.concepts import concept_types, preset_names, setting_info
 
     types = sorted(concept_types())
     initial_type = "object" if "object" in types else types[0]
@@ -199,7 +199,7 @@ def build_ui(host: Host) -> gr.Blocks:
         def on_preset(name):
             if not name or name == NO_PRESET:
                 return ""
-            from mace_core.concepts import load_preset
+            from mace_core.method.concepts import load_preset
 
             try:
                 spec = load_preset(name)

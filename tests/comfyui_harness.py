@@ -1114,8 +1114,8 @@ def make_tiny_sd1_modules(seed: int = 0, *, vae: str | Mapping = "sd", text_conf
 def make_tiny_sd1_checkpoint(path: str | Path, seed: int = 0, *, vae: str | Mapping = "sd",
                              text_config: Mapping | None = None, unet_config: Mapping | None = None,
                              metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a tiny SD1-layout single file with ``mace_core.checkpoint.save_new_checkpoint``."""
-    from mace_core.checkpoint import save_new_checkpoint
+    """Write a tiny SD1-layout single file with ``mace_core.model.checkpoint.save_new_checkpoint``."""
+    from mace_core.model.checkpoint import save_new_checkpoint
 
     te, unet, v = make_tiny_sd1_modules(seed, vae=vae, text_config=text_config, unet_config=unet_config)
     return Path(save_new_checkpoint(str(path), family="sd1", unet=unet, vae=v, text_encoder=te,
@@ -1146,7 +1146,7 @@ def make_tiny_modules(family: str, seed: int = 0, *, vae: str | Mapping = "sd"):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from mace_core.families import load_family
+    from mace_core.model.families import load_family
 
     if family == "sd1":
         te, unet, v = make_tiny_sd1_modules(seed, vae=vae)
@@ -1170,7 +1170,7 @@ def make_tiny_modules(family: str, seed: int = 0, *, vae: str | Mapping = "sd"):
 
 def make_tiny_checkpoint(path: str | Path, family: str, seed: int = 0, *, resolution: int | None = None,
                          vae: str | Mapping = "sd") -> Path:
-    """Write a tiny ``family`` single file with ``mace_core.checkpoint.save_new_checkpoint``;
+    """Write a tiny ``family`` single file with ``mace_core.model.checkpoint.save_new_checkpoint``;
     ``resolution``: the image side its ``mace.arch`` family names (what `mace erase` draws at). A
     v-prediction file gets ComfyUI's ``v_pred`` hint (see `register_tiny_model`); the core ignores it."""
     import dataclasses
@@ -1178,8 +1178,8 @@ def make_tiny_checkpoint(path: str | Path, family: str, seed: int = 0, *, resolu
     import torch
     from safetensors.torch import load_file
 
-    from mace_core.checkpoint import _HASH_PLACEHOLDER, read_metadata, save_new_checkpoint, write_safetensors
-    from mace_core.families import load_family
+    from mace_core.model.checkpoint import _HASH_PLACEHOLDER, read_metadata, save_new_checkpoint, write_safetensors
+    from mace_core.model.families import load_family
 
     tes, unet, v = make_tiny_modules(family, seed, vae=vae)
     fam = load_family(family)

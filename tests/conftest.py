@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -46,9 +48,9 @@ class TinySD1:
 def tiny_sd1(comfyui, tmp_path_factory) -> TinySD1:
     """Random tiny SD1 (UNet 32/64 channels, 2-layer 32-wide text encoder) with the VAE sizes
     ComfyUI's loader accepts unaided (SD's own VAE), written by
-    ``mace_core.checkpoint.save_new_checkpoint`` and loadable with CheckpointLoaderSimple."""
+    ``mace_core.model.checkpoint.save_new_checkpoint`` and loadable with CheckpointLoaderSimple."""
     import comfyui_harness as h
-    from mace_core.checkpoint import save_new_checkpoint
+    from mace_core.model.checkpoint import save_new_checkpoint
 
     te, unet, vae = h.make_tiny_sd1_modules(seed=0, vae="sd")
     path = Path(save_new_checkpoint(str(tmp_path_factory.mktemp("tiny_sd1") / "tiny-sd1.safetensors"),
@@ -56,3 +58,19 @@ def tiny_sd1(comfyui, tmp_path_factory) -> TinySD1:
     cls = h.register_from_checkpoint(path)
     name = comfyui.add_model(path)
     return TinySD1(path=path, name=name, model_class=cls, text_encoder=te, unet=unet, vae=vae)
+
+
+@pytest.fixture(scope="session")
+def tiny64(comfyui, tmp_path_factory):
+    """A tiny SD1 whose family says 64 px images (so the CLI draws 64 px training images, like the nodes
+    with resolution=64): an 8x8 latent keeps stage 2 to seconds on a CPU."""
+    import comfyui_harness as h
+    from mace_core.model.checkpoint import save_new_checkpoint
+    from mace_core.model.families import load_family
+
+    te, unet, vae = h.make_tiny_sd1_modules(seed=0, vae="sd")
+    fam = dataclasses.replace(load_family("sd1"), resolution=64)
+    path = Path(save_new_checkpoint(tmp_path_factory.mktemp("tiny64") / "tiny64-sd1.safetensors", family=fam,
+                                    unet=unet, vae=vae, text_encoder=te))
+    h.register_from_checkpoint(path)
+    return SimpleNamespace(path=path, name=comfyui.add_model(path))

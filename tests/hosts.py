@@ -214,8 +214,8 @@ def sd15_checkpoint() -> Path:
         return out
     import torch
 
-    from mace_core.checkpoint import save_new_checkpoint
-    from mace_core.families import load_family
+    from mace_core.model.checkpoint import save_new_checkpoint
+    from mace_core.model.families import load_family
     from synthetic import random_modules
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +244,7 @@ def hf_home() -> Path:
     """An offline Hugging Face cache holding what A1111 1.10 asks for when it loads an SD1 model:
     ``openai/clip-vit-large-patch14``'s tokenizer (the project's shipped CLIP BPE files) and a config
     whose text part is SD1's (A1111 builds the text encoder from it, then loads the file's weights)."""
-    from mace_core.families import load_family
+    from mace_core.model.families import load_family
 
     home = CACHE / "hf-home"
     repo = home / "hub" / "models--openai--clip-vit-large-patch14"

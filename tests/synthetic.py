@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 
-from mace_core.families import Family, load_family
+from mace_core.model.families import Family, load_family
 
 
 def tiny_family(name: str) -> Family:

@@ -3,7 +3,7 @@
 unchanged (sha256) and no new file (no stray temporary file). Plus the files commands do write: ordinary
 modes (0644 under umask 022), `--force`, and failures in the middle of a write.
 
-The CLI runs in this process (`mace_core.cli.main`) on tiny models of the real architectures, so the
+The CLI runs in this process (`mace_core.cli.main.main`) on tiny models of the real architectures, so the
 whole catalogue takes seconds after one short erasure that every case shares."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mace_core.checkpoint import read_metadata
-from mace_core.cli import main
-from mace_core.concepts import make_concept
+from mace_core.model.checkpoint import read_metadata
+from mace_core.cli.main import main
+from mace_core.method.concepts import make_concept
 from tiny import tiny_file
 
 FAST = ["--images", "2", "--sample-steps", "3", "--steps", "4", "--device", "cpu"]
@@ -251,6 +251,7 @@ for name, text, words in [
     ("concept-unknown-key", "concepts: [{phrase: cat, anchr: a dog}]\n", ["concepts[0]", "anchr"]),
     ("concept-prompts-a-string", "concepts: [{phrase: cat, prompts: a cat}]\n", ["concepts[0].prompts"]),
     ("concept-anchor-a-list", "concepts: [{phrase: cat, anchor: [a, b]}]\n", ["concepts[0].anchor"]),
+    ("concept-anchor-itself", "concepts: [{phrase: cat, anchor: Cat}]\n", ["cat", "itself as anchor"]),
     ("unknown-preset", "preset: nope\n", ["unknown preset"]),
     ("preset-a-list", "preset: [nudity]\n", ["preset", "expected a string"]),
     ("not-yaml", "concepts: [cat\n", ["not valid YAML"]),
@@ -585,7 +586,7 @@ def test_hash_in_flags_is_text_and_comment_lines_in_files(world, tmp_path):
     assert main(["erase", str(world.model), "--concept", "C# logo", "--concept", "#hashtag", "--closed-form-only",
                  "--out", str(out), "--device", "cpu"]) == 0
     assert [c["phrase"] for c in json.loads(read_metadata(out)["mace.concepts"])] == ["C# logo", "#hashtag"]
-    from mace_core.concepts import parse_lines
+    from mace_core.method.concepts import parse_lines
 
     assert [c.phrase for c in parse_lines("# a comment\n  # another\nC# logo\nrock #1 | a stone\n")] == \
         ["C# logo", "rock #1"]

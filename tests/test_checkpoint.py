@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mace_core.checkpoint import (Checkpoint, build_components, data_sha256, load_checkpoint, modelspec,
+from mace_core.model.checkpoint import (Checkpoint, build_components, data_sha256, load_checkpoint, modelspec,
                                   save_edited)
 from mace_core.errors import MaceError, UnsupportedModelError
-from mace_core.families import detect_family, load_family
+from mace_core.model.families import detect_family, load_family
 from synthetic import tiny_family
 from tiny import FAMILIES, file_digest, tiny_file, tiny_folder, tiny_modules
 
@@ -47,7 +47,7 @@ REF_FILES = {
 @pytest.mark.parametrize("name", FAMILIES)
 def test_key_maps_match_real_checkpoints(name):
     """Every tensor our full-size modules need maps to a real checkpoint key of the same shape."""
-    from mace_core.checkpoint import _component_entries, _meta_modules
+    from mace_core.model.checkpoint import _component_entries, _meta_modules
 
     fam = load_family(name)
     ours = {}
@@ -240,7 +240,7 @@ def test_family_detection_of_real_key_names():
 
 def test_text_encoder_prefix_independent_of_transformers_version():
     """transformers >= 5.6 drops `text_model.` in CLIPTextModel; the file keys must not change."""
-    from mace_core.keymap import clip_entries
+    from mace_core.model.keymap import clip_entries
 
     with_prefix = clip_entries(["text_model.embeddings.token_embedding.weight"], "hf", "cond.")
     without = clip_entries(["embeddings.token_embedding.weight"], "hf", "cond.")
@@ -248,7 +248,7 @@ def test_text_encoder_prefix_independent_of_transformers_version():
 
 
 def test_tokenizer_is_clip_bpe():
-    from mace_core.checkpoint import make_tokenizer
+    from mace_core.model.checkpoint import make_tokenizer
 
     tok = make_tokenizer(load_family("sd1").text_encoders[0])
     assert tok.model_max_length == 77
@@ -257,9 +257,9 @@ def test_tokenizer_is_clip_bpe():
 
 
 def test_sd2_768_v_round_trip_and_prediction(tmp_path):
-    from mace_core.checkpoint import save_new_checkpoint
-    from mace_core.diffusers_backend import DiffusersBackend
-    from mace_core.sampling import to_x0_eps
+    from mace_core.model.checkpoint import save_new_checkpoint
+    from mace_core.model.diffusers_backend import DiffusersBackend
+    from mace_core.model.sampling import to_x0_eps
 
     fam = tiny_family("sd2")
     unet, vae, tes = tiny_modules("sd2")
@@ -282,8 +282,8 @@ def test_sd2_768_v_round_trip_and_prediction(tmp_path):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_fast_padding_matches_the_tokenizer(name):
-    from mace_core.checkpoint import make_tokenizer
-    from mace_core.diffusers_backend import padded_ids
+    from mace_core.model.checkpoint import make_tokenizer
+    from mace_core.model.diffusers_backend import padded_ids
 
     prompts = ["a photo of a cat", "word " * 100, "", "Leonardo DiCaprio, oil painting"]
     for spec in load_family(name).text_encoders:
@@ -307,7 +307,7 @@ def _host_copy(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.
 def test_in_memory_state_dict_builds_what_the_file_builds(name):
     """The same tensors held in memory give the file's checkpoint and bit-identical modules, which
     share the host's storage instead of copying it."""
-    from mace_core.checkpoint import MEMORY, checkpoint_from_state_dict, read_metadata
+    from mace_core.model.checkpoint import MEMORY, checkpoint_from_state_dict, read_metadata
 
     path = tiny_file(name)
     from_file = load_checkpoint(path)
@@ -327,7 +327,7 @@ def test_in_memory_state_dict_builds_what_the_file_builds(name):
 
 
 def test_in_memory_inference_tensors_are_copied_so_training_can_backpropagate():
-    from mace_core.checkpoint import checkpoint_from_state_dict, read_metadata
+    from mace_core.model.checkpoint import checkpoint_from_state_dict, read_metadata
 
     path = tiny_file("sd1")
     with torch.inference_mode():  # how Forge (and ComfyUI) create their weights
@@ -344,7 +344,7 @@ def test_in_memory_inference_tensors_are_copied_so_training_can_backpropagate():
 def test_a_checkpoint_from_memory_is_saved_from_its_file(tmp_path, name):
     """A host holding fp16 copies of an fp32 file: the output is the file with the edits, what saving
     the file's own checkpoint writes, tensor for tensor (the host's casts and buffers stay out)."""
-    from mace_core.checkpoint import checkpoint_from_state_dict, read_metadata
+    from mace_core.model.checkpoint import checkpoint_from_state_dict, read_metadata
 
     path = tiny_file(name)
     mem = checkpoint_from_state_dict(_host_copy(path, torch.float16), path, read_metadata(path))

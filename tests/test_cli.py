@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mace_core.checkpoint import load_checkpoint
-from mace_core.cli import main
-from mace_core.concepts import ErasureSpec, make_concept
-from mace_core.diffusers_backend import DiffusersBackend
-from mace_core.erase import describe_stages, erase, refuse
-from mace_core.project import Project
+from mace_core.model.checkpoint import load_checkpoint
+from mace_core.cli.main import main
+from mace_core.method.concepts import ErasureSpec, make_concept
+from mace_core.model.diffusers_backend import DiffusersBackend
+from mace_core.method.erase import describe_stages, erase, refuse
+from mace_core.method.project import Project
 from tiny import file_digest, one_thread, tiny_file
 
 FAST = ["--images", "2", "--sample-steps", "3", "--steps", "6", "--device", "cpu"]
@@ -153,7 +153,7 @@ def test_restore_is_exact_for_stage_one(tmp_path):
 
 
 def test_estimate_counts_unet_calls_and_prints_before_running(tmp_path, capsys):
-    from mace_core.estimate import unet_calls
+    from mace_core.run.estimate import unet_calls
 
     spec = ErasureSpec((make_concept("cat"), make_concept("dog")), (),
                        {"images": 3, "sample_steps": 10, "steps": 20, "batch_size": 2})
@@ -170,7 +170,7 @@ def test_estimate_counts_unet_calls_and_prints_before_running(tmp_path, capsys):
 
 
 def test_estimate_peak_follows_low_vram_and_a_too_small_gpu_is_refused_with_advice():
-    from mace_core.estimate import Estimate, check_fits, peak_rows, refusal
+    from mace_core.run.estimate import Estimate, check_fits, peak_rows, refusal
 
     spec = ErasureSpec((make_concept("cat"), make_concept("dog")), (), {"images": 8})
     low = ErasureSpec(spec.concepts, (), {"images": 8, "low_vram": True})
@@ -190,7 +190,7 @@ def test_estimate_peak_follows_low_vram_and_a_too_small_gpu_is_refused_with_advi
 
 
 def test_estimate_of_a_resumed_or_extended_project_counts_only_what_is_left(tmp_path):
-    from mace_core.estimate import estimate, unet_calls
+    from mace_core.run.estimate import estimate, unet_calls
 
     ck = load_checkpoint(tiny_file("sd1"))
     be = DiffusersBackend.from_checkpoint(ck, device="cpu")
@@ -213,7 +213,7 @@ def test_estimate_of_a_resumed_or_extended_project_counts_only_what_is_left(tmp_
 
 
 def test_estimate_peak_counts_the_abo_backward_pass():
-    from mace_core.estimate import peak_gb, train_rows
+    from mace_core.run.estimate import peak_gb, train_rows
 
     cat = make_concept("cat")
     mace = ErasureSpec((cat,), (), {"images": 8, "batch_size": 4})
@@ -286,7 +286,7 @@ def new_setting(monkeypatch):
     """`concepts.Settings` with one more field, declared as a stage-2 parameter would be (one `_knob`)."""
     import dataclasses
 
-    from mace_core import concepts
+    from mace_core.method import concepts
 
     extended = dataclasses.make_dataclass(
         "Settings", [("eta_test", "float", concepts._knob(0.5, "a new loss weight", "new weight", min=0, max=2))],
@@ -302,8 +302,8 @@ def test_a_setting_declared_in_the_core_reaches_the_cli_and_the_tab(new_setting,
     """Adding a setting is one field of `concepts.Settings`: `mace erase` gets its flag and the tab its
     field (the nodes their widget: test_comfyui_nodes), each checked against the declared range, and the
     value reaches the resolved settings and the LoRA's identity."""
-    from mace_core.cli import build_parser, spec_from_args
-    from mace_core.concepts import settings_hash
+    from mace_core.cli.main import build_parser, spec_from_args
+    from mace_core.method.concepts import settings_hash
     from mace_core.errors import MaceError
     from sd_webui_extension import actions
 
@@ -326,7 +326,7 @@ def test_a_setting_declared_in_the_core_reaches_the_cli_and_the_tab(new_setting,
 def test_the_lora_identity_covers_stage_one_and_adding_concepts_reuses_loras(tmp_path):
     """A LoRA trains on stage 1's refined weights: changing lam (or the priors, or the retain list) on a
     project retrains it; adding a concept reuses it (the documented choice of `settings_hash`)."""
-    from mace_core.concepts import settings_hash
+    from mace_core.method.concepts import settings_hash
 
     over = {"images": 1, "sample_steps": 2, "steps": 3}
     cat, dog = make_concept("cat"), make_concept("dog")
@@ -355,7 +355,7 @@ def test_concept_files_yaml_csv_and_text_mean_the_same_request(tmp_path):
     """One parser for concept files (`concepts.load_concept_file`), for `--config` and the nodes' Load
     Concepts alike: a CSV (header optional, role 'retain'), a text file and a YAML config of the same
     concepts give the request the flags give."""
-    from mace_core.cli import build_parser, spec_from_args
+    from mace_core.cli.main import build_parser, spec_from_args
 
     (tmp_path / "c.csv").write_text("phrase,anchor,type,role\ncat,,,\nVan Gogh,art,style,\nTom Hanks,,,retain\n")
     (tmp_path / "c.txt").write_text("# concepts\ncat\nVan Gogh | art | style\n")
@@ -380,3 +380,45 @@ def test_a_finished_run_releases_its_project_to_other_processes(tmp_path):
              "try: fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
              "except BlockingIOError: sys.exit(3)\n")
     assert subprocess.run([sys.executable, "-c", probe, str(work / ".lock")]).returncode == 0
+
+
+def test_ctrl_c_on_generate_keeps_the_images_drawn_and_says_so(tmp_path):
+    """SIGINT (Ctrl-C) in the middle of `mace generate`: exit 130, the generate message (not the
+    erase's), and every PNG written so far listed once in index.jsonl, the rest absent."""
+    env = {**os.environ, "PYTHONPATH": str(SHARED), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "imgs"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a photo of thing {i}\n" for i in range(400)))
+    proc = subprocess.Popen([sys.executable, "-m", "mace_core", "generate", str(tiny_file("sd1")), "--prompts",
+                             str(prompts), "--out", str(out), "--steps", "4", "--batch-size", "1", "--device", "cpu"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and len(list(out.glob("*.png"))) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted: the images drawn so far are written" in err and "Traceback" not in err, err
+    rows = [json.loads(l) for l in (out / "index.jsonl").read_text().splitlines()]
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert 2 <= len(pngs) < 400 and sorted(r["file"] for r in rows) == pngs
+    assert not [p for p in out.iterdir() if p.suffix not in (".png", ".jsonl")]  # no temporary file left
+
+
+def test_ctrl_c_names_what_each_command_kept(monkeypatch, capsys, tmp_path):
+    """The interrupt message is the command's own: `info` and `fuse` wrote nothing; only `erase` and
+    `add` speak of finished concepts."""
+    import mace_core.cli.main as cli
+
+    def stop(args):
+        raise KeyboardInterrupt
+
+    for cmd, argv, said in (("cmd_info", ["info", "m.safetensors"], "interrupted: nothing was written"),
+                            ("cmd_fuse", ["fuse", str(tmp_path), "--out", "x.safetensors"],
+                             "interrupted: nothing was written"),
+                            ("cmd_erase", ["erase", "m.safetensors", "--concept", "cat", "--out", "o.safetensors"],
+                             "finished concepts are saved")):
+        monkeypatch.setattr(cli, cmd, stop)
+        assert main(argv) == 130
+        err = capsys.readouterr().err
+        assert said in err, err

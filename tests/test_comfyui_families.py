@@ -1,7 +1,7 @@
 """MACE's ComfyUI nodes on tiny SD2 (epsilon), SD2-768-v (v-prediction) and SDXL models in a real
 ComfyUI 0.3.75 (tests/comfyui_harness.py): the staged graph runs and erases what `mace erase` erases.
 
-Each family's tiny checkpoint is written by ``mace_core.checkpoint.save_new_checkpoint`` and loaded by
+Each family's tiny checkpoint is written by ``mace_core.model.checkpoint.save_new_checkpoint`` and loaded by
 ComfyUI's stock CheckpointLoaderSimple (the harness registers the tiny sizes with ComfyUI's own SD20 /
 SDXL classes). The graph Load Checkpoint -> Load Concepts -> Refine -> Train LoRAs -> Fuse -> KSampler
 + Save Erased Checkpoint and the CLI on the same file, concept, settings and seed give cross-attention
@@ -64,11 +64,11 @@ def _graph(ckpt: str, family: str) -> dict:
 
 @pytest.mark.parametrize("family", ["sd2", "sd2-v", "sdxl"])
 def test_staged_graph_erases_like_the_cli(comfyui, tmp_path, family):
-    from mace_core.checkpoint import load_checkpoint
-    from mace_core.cli import main
-    from mace_core.diffusers_backend import POOLED_KEY
-    from mace_core.erase import editable_weights
-    from mace_core.project import Project
+    from mace_core.model.checkpoint import load_checkpoint
+    from mace_core.cli.main import main
+    from mace_core.model.diffusers_backend import POOLED_KEY
+    from mace_core.method.erase import editable_weights
+    from mace_core.method.project import Project
     from mace_nodes.backend import ComfyBackend
 
     path = h.make_tiny_checkpoint(tmp_path / f"tiny-{family}.safetensors", family, resolution=RESOLUTION)

@@ -41,21 +41,6 @@ def _is_kv(key: str) -> bool:
     return key.startswith("model.diffusion_model.") and key.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
 
 
-@pytest.fixture(scope="module")
-def tiny64(comfyui, tmp_path_factory):
-    """A tiny SD1 whose family says 64 px images (so the CLI draws 64 px training images, like the nodes
-    with resolution=64): an 8x8 latent keeps stage 2 to seconds on a CPU."""
-    from mace_core.checkpoint import save_new_checkpoint
-    from mace_core.families import load_family
-
-    te, unet, vae = h.make_tiny_sd1_modules(seed=0, vae="sd")
-    fam = dataclasses.replace(load_family("sd1"), resolution=64)
-    path = Path(save_new_checkpoint(tmp_path_factory.mktemp("tiny64") / "tiny64-sd1.safetensors", family=fam,
-                                    unet=unet, vae=vae, text_encoder=te))
-    h.register_from_checkpoint(path)
-    return SimpleNamespace(path=path, name=comfyui.add_model(path))
-
-
 def _concepts(text: str, project: str, default_type: str = "object", retain: str = "", **kw) -> dict:
     return {"class_type": "MACELoadConcepts",
             "inputs": {"concepts": text, "default_type": default_type, "preset": "none", "retain": retain,
@@ -95,7 +80,7 @@ def _executed(out) -> list[str]:
 def run(comfyui, tiny64, tmp_path_factory):
     """One graph (Load Checkpoint -> Load Concepts -> Refine -> Train LoRAs -> Fuse -> KSampler + both
     savers, with the original MODEL sampled before and after) and the CLI on the same file."""
-    from mace_core.cli import main
+    from mace_core.cli.main import main
 
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
@@ -190,7 +175,7 @@ def test_every_input_of_every_node_has_a_tooltip(comfyui):
 
 
 def test_graph_erases_and_matches_the_cli(comfyui, tiny64, run):
-    from mace_core.checkpoint import load_checkpoint
+    from mace_core.model.checkpoint import load_checkpoint
 
     saved = Path(run.out["6"][0])
     assert saved.parent == comfyui.output_dir / "checkpoints" and saved.name.startswith("mace-e2e_")
@@ -243,8 +228,8 @@ def test_an_fp16_checkpoint_is_saved_in_fp16(comfyui, tmp_path):
     ones bit-identical to the input, the erased ones ComfyUI's weights rounded to fp16."""
     from safetensors import safe_open
 
-    from mace_core.checkpoint import load_checkpoint, save_new_checkpoint
-    from mace_core.families import load_family
+    from mace_core.model.checkpoint import load_checkpoint, save_new_checkpoint
+    from mace_core.model.families import load_family
 
     te, unet, vae = h.make_tiny_sd1_modules(seed=1, vae="sd")
     fam = dataclasses.replace(load_family("sd1"), resolution=64)
@@ -280,6 +265,22 @@ def test_an_fp16_checkpoint_is_saved_in_fp16(comfyui, tmp_path):
             assert torch.equal(ours.tensors[k], t), k
 
 
+def test_the_general_prior_is_kept_in_models_mace_prior(comfyui, tiny64, monkeypatch, tmp_path):
+    """A type that uses the general prior keeps it in ComfyUI's models/mace/prior, not the CLI's cache."""
+    monkeypatch.setenv("MACE_CACHE", str(tmp_path / "cli-cache"))
+    comfyui.run({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
+        "2": _concepts("Tom Cruise", "prior-place", default_type="celebrity"),
+        "3": {"class_type": "MACEEraseConcepts",
+              "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "concepts": ["2", 0],
+                         **{k: v for k, v in _train(None)["inputs"].items() if k not in ("model", "clip", "vae")},
+                         "closed_form_only": True}},
+        "4": {"class_type": "MACESaveCheckpoint", "inputs": {"model": ["3", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                             "filename_prefix": "checkpoints/mace-prior"}}})
+    assert list((comfyui.models_dir / "mace" / "prior").glob("*.safetensors"))
+    assert not (tmp_path / "cli-cache").exists()
+
+
 def test_original_model_samples_bit_identically_around_the_erasure(run):
     before, erased, after = (run.out[n][0]["samples"] for n in ("13", "14", "16"))
     assert torch.equal(before, run.reference) and torch.equal(after, run.reference)
@@ -294,7 +295,7 @@ def test_original_model_samples_bit_identically_around_the_erasure(run):
 
 
 def test_training_preview_and_the_project_folder(comfyui, run):
-    from mace_core.project import Project
+    from mace_core.method.project import Project
 
     images = run.out["4"][1]
     assert images.shape == (2, 64, 128, 3) and images.dtype == torch.float32  # 1 image + mask per concept
@@ -328,7 +329,7 @@ def test_one_shot_node_resumes_the_project_and_matches_the_staged_graph(comfyui,
 def test_one_shot_node_estimates_runs_low_vram_and_deletes_its_training_images(comfyui, tiny64, caplog):
     import logging
 
-    from mace_core.project import Project
+    from mace_core.method.project import Project
 
     train = {k: v for k, v in _train(None)["inputs"].items() if k not in ("model", "clip", "vae")}
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
@@ -358,8 +359,8 @@ def test_one_shot_node_estimates_runs_low_vram_and_deletes_its_training_images(c
 def test_abo_objective_trains_in_comfyui_without_touching_the_shared_model_and_matches_the_cli(comfyui, tiny64,
                                                                                                 tmp_path):
     """ComfyUI holds the UNet as inference tensors; the abo loss backpropagates through it all."""
-    from mace_core.checkpoint import load_checkpoint
-    from mace_core.cli import main
+    from mace_core.model.checkpoint import load_checkpoint
+    from mace_core.cli.main import main
 
     train = {k: v for k, v in _train(None)["inputs"].items() if k not in ("model", "clip", "vae")}
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
@@ -395,10 +396,10 @@ def test_abo_objective_trains_in_comfyui_without_touching_the_shared_model_and_m
 def test_robust_rounds_run_in_comfyui_like_the_cli(comfyui, tiny64, tmp_path):
     """The soft-token attack of robust erasure differentiates through ComfyUI's text encoder and UNet
     (inference tensors); its round ends up in the project's statistics as with `mace erase --robust-rounds`."""
-    from mace_core.checkpoint import load_checkpoint
-    from mace_core.cli import main
-    from mace_core.concepts import make_concept
-    from mace_core.project import Project
+    from mace_core.model.checkpoint import load_checkpoint
+    from mace_core.cli.main import main
+    from mace_core.method.concepts import make_concept
+    from mace_core.method.project import Project
 
     train = {k: v for k, v in _train(None)["inputs"].items() if k not in ("model", "clip", "vae")}
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
@@ -474,8 +475,8 @@ def test_a_host_restart_loses_nothing_already_trained(tiny64, tmp_path):
 
 
 def test_refuse_node_restores_a_concept_like_the_cli(comfyui, tiny64, run, tmp_path):
-    from mace_core.checkpoint import load_checkpoint
-    from mace_core.cli import main
+    from mace_core.model.checkpoint import load_checkpoint
+    from mace_core.cli.main import main
 
     g = {"1": run.graph["1"],
          "2": {"class_type": "MACERefuse",
@@ -496,7 +497,7 @@ def test_refuse_node_restores_a_concept_like_the_cli(comfyui, tiny64, run, tmp_p
 
 
 def test_cancel_mid_training_stops_cleanly(comfyui, tiny64, run):
-    from mace_core.project import Project
+    from mace_core.method.project import Project
 
     graph = {"1": run.graph["1"], "2": _concepts("bird", "cancelled"),
              "3": {"class_type": "MACERefine", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["2", 0]}},
@@ -565,8 +566,8 @@ def test_wrong_inputs_are_readable_execution_errors(comfyui, tiny64):
 
 def test_exported_lora_loads_through_the_stock_lora_loaders(comfyui, tiny64, run, tmp_path):
     import comfy.lora
-    from mace_core.checkpoint import load_checkpoint, read_metadata
-    from mace_core.cli import main
+    from mace_core.model.checkpoint import load_checkpoint, read_metadata
+    from mace_core.cli.main import main
 
     lora = tmp_path / "erasure-lora.safetensors"
     assert main(["export-lora", str(run.cli_out), "--base", str(tiny64.path), "--out", str(lora)]) == 0
@@ -645,9 +646,9 @@ def test_one_request_through_the_cli_the_tab_and_the_nodes_gives_the_same_weight
     of each resolves to the same plan (every concept's settings, what to erase and keep), and the CLI
     and the tab, both reading the file, write bit-identical weights; the nodes (ComfyUI's fp16 CLIP)
     agree to the tolerances of the module docstring."""
-    import mace_core.run as run_layer
-    from mace_core.checkpoint import load_checkpoint
-    from mace_core.cli import main
+    import mace_core.run.run as run_layer
+    from mace_core.model.checkpoint import load_checkpoint
+    from mace_core.cli.main import main
     from sd_webui_extension import actions
     from sd_webui_extension.host import StandaloneHost
 
@@ -706,7 +707,7 @@ def test_a_setting_declared_in_the_core_is_a_widget_of_the_training_nodes(comfyu
     and Erase Concepts from its declaration alone: its range, its tooltip, and "unset" below the range."""
     import dataclasses
 
-    from mace_core import concepts
+    from mace_core.method import concepts
 
     extended = dataclasses.make_dataclass(
         "Settings", [("eta_test", "float", concepts._knob(0.5, "a new loss weight", "new weight", min=0, max=2))],

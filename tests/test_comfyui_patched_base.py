@@ -21,7 +21,7 @@ TRAIN = {"steps": 4, "rank": 0, "lr": 0.0, "images": 1, "sample_steps": 2, "guid
 def _kohya_lora(base: dict[str, torch.Tensor], seed: int = 1, rank: int = 2) -> dict[str, torch.Tensor]:
     """A kohya-format LoRA (``lora_unet_<ldm name>``: up [C, r], down [r, D], alpha) changing every attn2
     to_k / to_v of ``base`` (file keys -> tensors) by a random rank-``rank`` update."""
-    from mace_core.share import kohya_name
+    from mace_core.export.share import kohya_name
 
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -37,10 +37,10 @@ def _kohya_lora(base: dict[str, torch.Tensor], seed: int = 1, rank: int = 2) -> 
 def test_cli_fuses_a_project_made_from_a_lora_patched_model(comfyui, tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from mace_core.checkpoint import load_checkpoint
-    from mace_core.cli import main
-    from mace_core.erase import editable_weights
-    from mace_core.project import Project, weights_id
+    from mace_core.model.checkpoint import load_checkpoint
+    from mace_core.cli.main import main
+    from mace_core.method.erase import editable_weights
+    from mace_core.method.project import Project, weights_id
 
     path = h.make_tiny_checkpoint(tmp_path / "tiny-lora-base.safetensors", "sd1", resolution=64)
     h.register_from_checkpoint(path)
@@ -106,9 +106,9 @@ def test_an_fp16_model_with_a_lora_has_the_weights_id_of_its_saved_checkpoint(co
     import comfy.sd
     from safetensors.torch import load_file
 
-    from mace_core.checkpoint import load_checkpoint, read_metadata
-    from mace_core.erase import editable_weights
-    from mace_core.project import weights_id
+    from mace_core.model.checkpoint import load_checkpoint, read_metadata
+    from mace_core.method.erase import editable_weights
+    from mace_core.method.project import weights_id
     from mace_nodes.backend import weights_id as model_weights_id
 
     path = h.make_tiny_checkpoint(tmp_path / "tiny-fp16-base.safetensors", "sd1", resolution=64)

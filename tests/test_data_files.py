@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import mace_core
-from mace_core import corpus
+from mace_core.method import corpus
 
 DATA = Path(mace_core.__file__).resolve().parent / "data"
 SHARED = Path(mace_core.__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def test_corpus_fits_clip_context():
 def test_corpus_independent_of_hash_seed():
     here = corpus.general_captions(n=800, seed=3)
     code = (
-        "import json, sys; from mace_core import corpus; "
+        "import json, sys; from mace_core.method import corpus; "
         "sys.stdout.write(json.dumps(corpus.general_captions(n=800, seed=3)))"
     )
     results = []

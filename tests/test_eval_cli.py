@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mace_core.cli import main
-from mace_core.metrics import harmonic_celebrity, harmonic_object
-from mace_core.quality import NUDENET_EXPOSED
+from mace_core.cli.main import main
+from mace_core.eval.metrics import harmonic_celebrity, harmonic_object
+from mace_core.eval.quality import NUDENET_EXPOSED
 from tiny import save_tiny_clip
 
 TOY = str(Path(__file__).resolve().parents[1] / "shared" / "toyworld" / "data" / "toy-sd1.safetensors")

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from mace_core.attacks import misspellings, prompt_attacks, soft_prompt, with_soft_tokens
-from mace_core.checkpoint import load_checkpoint
-from mace_core.diffusers_backend import DiffusersBackend
+from mace_core.method.attacks import misspellings, prompt_attacks, soft_prompt, with_soft_tokens
+from mace_core.model.checkpoint import load_checkpoint
+from mace_core.model.diffusers_backend import DiffusersBackend
 from mace_core.errors import MaceError
-from mace_core.evaluate import PromptSet, load_prompt_set, prompt_pairs, psnr, run_protocol, ssim
-from mace_core.metrics import accuracy, artist_gap, harmonic_celebrity, harmonic_object
+from mace_core.eval.evaluate import PromptSet, load_prompt_set, prompt_pairs, psnr, run_protocol, ssim
+from mace_core.eval.metrics import accuracy, artist_gap, harmonic_celebrity, harmonic_object
 from tiny import tiny_file
 
 
@@ -92,7 +92,7 @@ class StubClassifier:
 
 @pytest.fixture
 def stub_generate(monkeypatch):
-    import mace_core.evaluate as evaluate
+    import mace_core.eval.evaluate as evaluate
 
     monkeypatch.setattr(evaluate, "generate", _stub_generate)
 
@@ -120,7 +120,7 @@ def test_celebrity_protocol_scores_by_hand(stub_generate):
 
 
 def test_artist_protocol_scores_by_hand(stub_generate, monkeypatch):
-    import mace_core.quality as quality
+    import mace_core.eval.quality as quality
 
     seen = []
 
@@ -187,7 +187,7 @@ def test_soft_tokens_replace_placeholder_embeddings(backend):
 
 
 def test_before_after_grid_layout():
-    from mace_core.evaluate import before_after_grid
+    from mace_core.eval.evaluate import before_after_grid
 
     rng = np.random.default_rng(1)
     before = [rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8) for _ in range(2)]

@@ -13,13 +13,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mace_core import refine
-from mace_core.checkpoint import Components, load_checkpoint, make_tokenizer
-from mace_core.concepts import Settings, concept_prompts, make_concept
-from mace_core.diffusers_backend import DiffusersBackend
-from mace_core.masks import ConceptData, phrase_token_mask
+from mace_core.method import refine
+from mace_core.model.checkpoint import Components, load_checkpoint, make_tokenizer
+from mace_core.method.concepts import Settings, concept_prompts, make_concept
+from mace_core.model.diffusers_backend import DiffusersBackend
+from mace_core.method.masks import ConceptData, phrase_token_mask
 from synthetic import random_modules, tiny_family
-from mace_core.train import measure_attention_loss, train_lora
+from mace_core.method.train import measure_attention_loss, train_lora
 from tiny import tiny_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -310,7 +310,7 @@ def _check_load(page, ui: WebUI, erased: Path) -> None:
     _timed(f"{ui.name}_txt2img_after_load_s", t0)
     # the infotext names the model object that sampled (shared.sd_model), not the option's value
     assert after["sd_model_name"] == erased.stem, (after, ui.server.tail())
-    from mace_core.checkpoint import file_sha256
+    from mace_core.model.checkpoint import file_sha256
 
     assert after["sd_model_hash"] == file_sha256(erased)[:10], after
     # and the web UI's own way back to the base model still works (Forge refused it after the old Load)

@@ -95,7 +95,7 @@ def _matches(template: str, caption: str) -> bool:
 
 @pytest.mark.parametrize("kind", ["celebrity", "object", "style"])
 def test_captions_use_every_real_template(captions, kind):
-    from mace_core.concepts import get_type
+    from mace_core.method.concepts import get_type
 
     templates = get_type(kind).templates
     caps = captions[1]

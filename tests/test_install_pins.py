@@ -70,7 +70,7 @@ def test_install_keeps_host_pins(host, tmp_path):
     # the core imports there and builds a model from a file (tiny SD1 written in this venv)
     code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
             "from tiny import tiny_file\n"
-            "from mace_core.diffusers_backend import DiffusersBackend\n"
+            "from mace_core.model.diffusers_backend import DiffusersBackend\n"
             "be = DiffusersBackend.from_file(tiny_file('sd1'), device='cpu')\n"
             "print(len(be.cross_attention()))\n") % (str(ROOT / "shared"), str(ROOT / "tests"))
     out = subprocess.run([str(py), "-c", code], capture_output=True, text=True)

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mace_core.attention import weight_deltas
-from mace_core.diffusers_backend import DiffusersBackend
-from mace_core.train import LoRA, init_lora
+from mace_core.method.attention import weight_deltas
+from mace_core.model.diffusers_backend import DiffusersBackend
+from mace_core.method.train import LoRA, init_lora
 
 peft = pytest.importorskip("peft")
 TOY = Path(__file__).resolve().parents[1] / "shared" / "toyworld" / "data" / "toy-sd1.safetensors"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mace_core.errors import MaceError
-from mace_core.metrics import clip_score_from_embeddings, frechet_distance, frechet_from_stats, gaussian_stats
-from mace_core.quality import (NUDENET_EXPOSED, clip_image_extractor, clip_score, exposed_hits, fid, load_clip,
+from mace_core.eval.metrics import clip_score_from_embeddings, frechet_distance, frechet_from_stats, gaussian_stats
+from mace_core.eval.quality import (NUDENET_EXPOSED, clip_image_extractor, clip_score, exposed_hits, fid, load_clip,
                                nudenet_detector, per_class_counts)
 from tiny import save_tiny_clip
 
@@ -152,8 +152,8 @@ def test_exposed_hits_and_per_class_counts_by_hand():
 
 
 def test_nudenet_classifier_labels_and_tallies_one_detection_pass(monkeypatch):
-    import mace_core.quality as quality
-    from mace_core.evaluate import NudeNetClassifier
+    import mace_core.eval.quality as quality
+    from mace_core.eval.evaluate import NudeNetClassifier
 
     calls = []
 
@@ -180,7 +180,7 @@ def test_real_nudenet_finds_nothing_exposed_on_plain_images():
     disk = np.where(((yy - 64) ** 2 + (xx - 64) ** 2 < 30 ** 2)[..., None], [200, 30, 30], 255).astype(np.uint8)
     images = np.stack([gray, disk])
     assert nudenet_detector(0.6)(images) == [[], []]
-    from mace_core.evaluate import NudeNetClassifier
+    from mace_core.eval.evaluate import NudeNetClassifier
 
     judge = NudeNetClassifier(0.6)
     assert judge(images) == ["none", "none"]
@@ -192,10 +192,10 @@ def test_real_nudenet_finds_nothing_exposed_on_plain_images():
 
 
 def test_object_protocol_reports_clip_quality(tiny_clip):
-    from mace_core.checkpoint import load_checkpoint
-    from mace_core.diffusers_backend import DiffusersBackend
-    from mace_core.evaluate import object_protocol
-    from mace_core.sampling import generate
+    from mace_core.model.checkpoint import load_checkpoint
+    from mace_core.model.diffusers_backend import DiffusersBackend
+    from mace_core.eval.evaluate import object_protocol
+    from mace_core.model.sampling import generate
     from tiny import tiny_file
 
     model = DiffusersBackend.from_checkpoint(load_checkpoint(tiny_file("sd1")), device="cpu")

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from mace_core.checkpoint import build_components, load_checkpoint, read_metadata, save_new_checkpoint, \
+from mace_core.model.checkpoint import build_components, load_checkpoint, read_metadata, save_new_checkpoint, \
     save_new_diffusers
-from mace_core.cli import main
+from mace_core.cli.main import main
 from mace_core.errors import UnsupportedModelError
-from mace_core.families import load_family
+from mace_core.model.families import load_family
 from synthetic import random_modules, tiny_family
 
 FAST = ["--images", "1", "--sample-steps", "2", "--steps", "2", "--device", "cpu"]

@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
 
-from mace_core.backend import TextBatch
-from mace_core.checkpoint import load_checkpoint
-from mace_core.concepts import ErasureSpec, Settings, make_concept, setting_info
-from mace_core.diffusers_backend import DiffusersBackend
+from mace_core.model.backend import TextBatch
+from mace_core.model.checkpoint import load_checkpoint
+from mace_core.method.concepts import ErasureSpec, Settings, make_concept, setting_info
+from mace_core.model.diffusers_backend import DiffusersBackend
 from mace_core.errors import MaceError
-from mace_core.fuse import fuse
-from mace_core.masks import ConceptData, draw_concept, phrase_token_mask
-from mace_core.objectives import LOSSES, LossContext, grad_rows, lora_down_std, trains_values, unet_passes
-from mace_core.train import _lora_deltas, init_lora, sample_timesteps, train_lora
+from mace_core.method.fuse import fuse
+from mace_core.method.masks import ConceptData, draw_concept, phrase_token_mask
+from mace_core.method.objectives import LOSSES, LossContext, grad_rows, lora_down_std, trains_values, unet_passes
+from mace_core.method.train import _lora_deltas, init_lora, sample_timesteps, train_lora
 from tiny import tiny_file
 
 NEW = ("mace-authors", "esd", "ant")
@@ -335,7 +335,7 @@ def test_mace_authors_low_vram_trains_the_same_lora(backend):
 
 
 def test_estimate_counts_each_objectives_passes_and_differentiated_rows():
-    from mace_core.estimate import train_rows, unet_calls
+    from mace_core.run.estimate import train_rows, unet_calls
 
     cat = make_concept("cat")
     base = {"images": 1, "sample_steps": 5, "steps": 4, "batch_size": 2}

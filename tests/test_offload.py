@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from mace_core.checkpoint import load_checkpoint
-from mace_core.concepts import ErasureSpec, make_concept
-from mace_core.diffusers_backend import DiffusersBackend
-from mace_core.erase import erase
-from mace_core.project import Project
+from mace_core.model.checkpoint import load_checkpoint
+from mace_core.method.concepts import ErasureSpec, make_concept
+from mace_core.model.diffusers_backend import DiffusersBackend
+from mace_core.method.erase import erase
+from mace_core.method.project import Project
 from tiny import tiny_file
 
 FAST = {"images": 2, "sample_steps": 3, "steps": 3, "lam": 1.0, "robust_rounds": 1, "attack_steps": 3}

@@ -1,4 +1,4 @@
-"""The general prior (`mace_core.prior`) and what a run reports while it works.
+"""The general prior (`mace_core.method.prior`) and what a run reports while it works.
 
 - computed from `PRIOR_CAPTIONS` captions, batched, equal to the Gram matrix of every token
   embedding computed independently; kept in the folder the caller names (a host's models/mace/prior);
@@ -16,15 +16,15 @@ import contextlib
 import pytest
 import torch
 
-from mace_core import erase as erase_mod
-from mace_core import prior
-from mace_core.checkpoint import load_checkpoint
-from mace_core.concepts import ErasureSpec, make_concept
-from mace_core.corpus import general_captions
-from mace_core.diffusers_backend import DiffusersBackend
+from mace_core.method import erase as erase_mod
+from mace_core.method import prior
+from mace_core.model.checkpoint import load_checkpoint
+from mace_core.method.concepts import ErasureSpec, make_concept
+from mace_core.method.corpus import general_captions
+from mace_core.model.diffusers_backend import DiffusersBackend
 from mace_core.errors import InterruptedRun
-from mace_core.estimate import estimate
-from mace_core.project import Project
+from mace_core.run.estimate import estimate
+from mace_core.method.project import Project
 from tiny import tiny_file
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from mace_core.checkpoint import load_checkpoint, with_edits
-from mace_core.concepts import ErasureSpec, make_concept
-from mace_core.diffusers_backend import DiffusersBackend
-from mace_core.erase import erase
-from mace_core.project import Project
+from mace_core.model.checkpoint import load_checkpoint, with_edits
+from mace_core.method.concepts import ErasureSpec, make_concept
+from mace_core.model.diffusers_backend import DiffusersBackend
+from mace_core.method.erase import erase
+from mace_core.method.project import Project
 from toyworld import TOY_MODEL
 from toyworld.evaluate import object_scores
 from toyworld.judge import Judge
@@ -60,7 +60,7 @@ def test_restoring_a_concept_brings_it_back_and_keeps_the_other_erased(tmp_path)
     """SepME's promise on the toy world: erase {circle, square}, then re-fuse all but circle
     (`mace fuse --except circle`): circle prompts draw circles again as often as the base model
     does, on the same seeds, and square stays erased."""
-    from mace_core.erase import refuse
+    from mace_core.method.erase import refuse
 
     ck = load_checkpoint(TOY_MODEL)
     base = DiffusersBackend.from_checkpoint(ck, device="cpu")

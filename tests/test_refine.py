@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mace_core.checkpoint import load_checkpoint
-from mace_core.diffusers_backend import DiffusersBackend
-from mace_core.refine import ConceptStats, align, apply_map, concept_stats, context_map, refinement_map
+from mace_core.model.checkpoint import load_checkpoint
+from mace_core.model.diffusers_backend import DiffusersBackend
+from mace_core.method.refine import ConceptStats, align, apply_map, concept_stats, context_map, refinement_map
 from tiny import tiny_file
 
 
@@ -99,7 +99,7 @@ def test_concept_stats_gather_aligned_embeddings(backend):
 
 
 def test_refinement_moves_concept_context_to_anchor_and_keeps_prior(backend):
-    from mace_core.prior import mean_grams
+    from mace_core.method.prior import mean_grams
 
     prompts = [f"a photo of a {w}" for w in ("cat",)] + ["a cat on a sofa", "the cat sleeps", "my cat"]
     anchors = [p.replace("cat", "dog") for p in prompts]

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from mace_core.checkpoint import load_checkpoint
-from mace_core.concepts import ErasureSpec, make_concept
-from mace_core.diffusers_backend import DiffusersBackend
-from mace_core.erase import erase
-from mace_core.project import Project
+from mace_core.model.checkpoint import load_checkpoint
+from mace_core.method.concepts import ErasureSpec, make_concept
+from mace_core.model.diffusers_backend import DiffusersBackend
+from mace_core.method.erase import erase
+from mace_core.method.project import Project
 from tiny import tiny_file
 
 FAST = {"images": 2, "sample_steps": 3, "steps": 4, "lam": 1.0}
@@ -53,8 +53,8 @@ def test_hardening_defeats_the_attacks_that_beat_plain_erasure(tmp_path):
     succeed against the plain erasure (>= 60% of images judged the erased shape) succeed markedly
     less (by >= 50 points) against the hardened model, on the same seeds. (A fresh attack against
     the hardened model is another matter: benchmarks/RESULTS.md reports it.)"""
-    from mace_core.checkpoint import with_edits
-    from mace_core.evaluate import soft_token_asr
+    from mace_core.model.checkpoint import with_edits
+    from mace_core.eval.evaluate import soft_token_asr
     from toyworld import TOY_MODEL
     from toyworld.plugin import toy_classifier
 

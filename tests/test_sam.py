@@ -6,7 +6,7 @@ requirements-dev.txt: torch 2.14.1 + torchvision 0.29.1, the dev venv's other pa
 Its checkpoint is ``sam_model_registry["vit_b"]()`` under a fixed seed, saved as a state_dict.
 
 - the venv: its own torch and torchvision, the dev venv's diffusers and mace_core;
-- ``mace_core.sam.refine_masks`` on a synthetic non-square ConceptData: the prompt SAM gets (box and
+- ``mace_core.method.sam.refine_masks`` on a synthetic non-square ConceptData: the prompt SAM gets (box and
   point in image pixels, x before y), the image it gets (uint8 HWC RGB, unchanged), the result (bool
   at latent size, SAM's best-scored mask area-downsampled), an empty attention mask keeping the whole
   image, and checkpoints that are not SAM state_dicts refused (weights_only: no pickled code runs);
@@ -114,8 +114,8 @@ import numpy as np, torch
 import torch.nn.functional as F
 from segment_anything import SamPredictor
 from mace_core.errors import MaceError
-from mace_core.masks import ConceptData
-from mace_core.sam import refine_masks
+from mace_core.method.masks import ConceptData
+from mace_core.method.sam import refine_masks
 
 checkpoint, folder = sys.argv[1], sys.argv[2]
 rng = np.random.default_rng(0)
@@ -218,8 +218,8 @@ def test_comfyui_nodes_take_a_sam_checkpoint_from_models_sams(sam_python, sam_ch
     import dataclasses
 
     import comfyui_harness as h
-    from mace_core.checkpoint import save_new_checkpoint
-    from mace_core.families import load_family
+    from mace_core.model.checkpoint import save_new_checkpoint
+    from mace_core.model.families import load_family
 
     te, unet, vae = h.make_tiny_sd1_modules(seed=0, vae="sd")
     model = Path(save_new_checkpoint(tmp_path / "tiny64-sd1.safetensors", unet=unet, vae=vae, text_encoder=te,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from mace_core.checkpoint import load_checkpoint
-from mace_core.concepts import ErasureSpec, concept_prompts, make_concept
-from mace_core.diffusers_backend import POOLED_KEY, DiffusersBackend
-from mace_core.erase import erase
-from mace_core.checkpoint import save_edited
-from mace_core.project import Project
+from mace_core.model.checkpoint import load_checkpoint
+from mace_core.method.concepts import ErasureSpec, concept_prompts, make_concept
+from mace_core.model.diffusers_backend import POOLED_KEY, DiffusersBackend
+from mace_core.method.erase import erase
+from mace_core.model.checkpoint import save_edited
+from mace_core.method.project import Project
 from tiny import tiny_file
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mace_core.checkpoint import load_checkpoint, read_metadata, save_edited
-from mace_core.cli import main
-from mace_core.share import export_lora, kohya_name
+from mace_core.model.checkpoint import load_checkpoint, read_metadata, save_edited
+from mace_core.cli.main import main
+from mace_core.export.share import export_lora, kohya_name
 from tiny import tiny_file
 
 FAST = ["--images", "1", "--sample-steps", "3", "--steps", "4", "--device", "cpu"]
@@ -105,7 +105,7 @@ def test_model_card(tmp_path, erased):
 
 
 def test_model_card_reports_attack_success_before_and_after_hardening(tmp_path):
-    from mace_core.share import model_card
+    from mace_core.export.share import model_card
 
     meta = {"mace.concepts": json.dumps([{"phrase": "cat", "anchor": "a scene", "type": "object"}]),
             "mace.settings": json.dumps({"robust_rounds": 2})}

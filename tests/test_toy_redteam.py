@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mace_core.diffusers_backend import DiffusersBackend
-from mace_core.evaluate import embedding_asr
-from mace_core.metrics import accuracy
-from mace_core.sampling import generate
+from mace_core.model.diffusers_backend import DiffusersBackend
+from mace_core.eval.evaluate import embedding_asr
+from mace_core.eval.metrics import accuracy
+from mace_core.model.sampling import generate
 from toyworld import TOY_MODEL
 from toyworld.plugin import toy_classifier
 

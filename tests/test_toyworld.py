@@ -151,7 +151,7 @@ def test_mace_demo_erases_circle_and_writes_its_outputs(tmp_path):
 
     from PIL import Image
 
-    from mace_core.cli import main
+    from mace_core.cli.main import main
 
     assert main(["demo", "--out", str(tmp_path)]) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())

@@ -6,12 +6,12 @@ import pytest
 import torch
 from scipy import stats
 
-from mace_core.checkpoint import load_checkpoint
-from mace_core.concepts import Settings
-from mace_core.diffusers_backend import DiffusersBackend
-from mace_core.fuse import fuse, naive_sum
-from mace_core.masks import draw_concept, phrase_token_mask
-from mace_core.train import LoRA, cfis_pmf, measure_attention_loss, sample_timesteps, train_lora
+from mace_core.model.checkpoint import load_checkpoint
+from mace_core.method.concepts import Settings
+from mace_core.model.diffusers_backend import DiffusersBackend
+from mace_core.method.fuse import fuse, naive_sum
+from mace_core.method.masks import draw_concept, phrase_token_mask
+from mace_core.method.train import LoRA, cfis_pmf, measure_attention_loss, sample_timesteps, train_lora
 from tiny import one_thread, tiny_file
 
 
@@ -126,8 +126,8 @@ def test_abo_loss_is_zero_for_the_frozen_model_when_alternative_is_the_concept(b
 
 
 def test_abo_training_lowers_its_loss_and_keeps_the_unconditional_prediction(backend):
-    from mace_core.attention import weight_deltas
-    from mace_core.backend import TextBatch
+    from mace_core.method.attention import weight_deltas
+    from mace_core.model.backend import TextBatch
 
     prompt = "a photo of a cat"
     data, zero = _abo_setup(backend, prompt)
@@ -148,7 +148,7 @@ def test_abo_training_lowers_its_loss_and_keeps_the_unconditional_prediction(bac
 
 def test_separable_increments_lower_cross_talk():
     """SepME constraint: concept i's increment barely moves concept j's outputs (j != i)."""
-    from mace_core.fuse import separate
+    from mace_core.method.fuse import separate
 
     g = torch.Generator().manual_seed(5)
     d, c, key = 40, 8, "x.to_k.weight"
@@ -221,7 +221,7 @@ def test_low_vram_recomputes_activations_and_trains_the_same_lora(backend, block
 
 
 def test_low_vram_draws_one_image_at_a_time_and_the_same_images(backend):
-    from mace_core.masks import DRAW_BATCH, draw_batch
+    from mace_core.method.masks import DRAW_BATCH, draw_batch
 
     assert draw_batch(Settings(low_vram=True)) == 1 and draw_batch(Settings()) == DRAW_BATCH
     # a fixed pixel budget: 2 SDXL images (1024 px) at once, 3 of SD2-768; low-VRAM stays at one

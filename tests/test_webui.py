@@ -19,6 +19,7 @@ it). Where one is missing the UI tests skip, except under CI (`CI` set), where i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -85,7 +86,7 @@ def tiny_model(tmp_path) -> Path:
 
 
 def _erased(path: Path) -> list[str]:
-    from mace_core.checkpoint import read_metadata
+    from mace_core.model.checkpoint import read_metadata
 
     return [c["phrase"] for c in json.loads(read_metadata(path)["mace.concepts"])]
 
@@ -127,7 +128,7 @@ def test_project_name_rejects_paths(bad):
 
 
 def test_form_means_the_same_request_as_the_cli():
-    from mace_core import cli
+    from mace_core.cli import main as cli
 
     # a text box's comments are whole lines (issue 20: '#' inside a line is text, as in 'C# logo')
     form = actions.EraseForm(concepts="cat\n  # comment\nVan Gogh | art | style\n\n", ctype="object",
@@ -515,10 +516,10 @@ def test_a1111_erases_its_loaded_model_in_memory_as_the_cli_erases_the_file(fake
     import torch
     from safetensors.torch import load_file
 
-    import mace_core.checkpoint as checkpoint
-    import mace_core.erase as erase_module
-    from mace_core import cli
-    from mace_core.checkpoint import read_metadata
+    import mace_core.model.checkpoint as checkpoint
+    import mace_core.method.erase as erase_module
+    from mace_core.cli import main as cli
+    from mace_core.model.checkpoint import read_metadata
     from modules import sd_models
 
     from sd_webui_extension.a1111 import A1111Host
@@ -569,7 +570,7 @@ def test_a1111_loaded_sd2_and_sdxl_models_convert_without_reading_the_file(fake_
     become the file's checkpoint, holding A1111's tensors themselves."""
     import torch
 
-    import mace_core.checkpoint as checkpoint
+    import mace_core.model.checkpoint as checkpoint
     from modules import sd_models
 
     from sd_webui_extension.a1111 import A1111Host
@@ -662,9 +663,29 @@ def test_standalone_host_interrupt_flag_stops_a_run(tiny_model, one_thread):
     assert _erased(res.path) == ["cat"]
 
 
+def test_the_general_prior_is_kept_in_the_hosts_model_folder(tiny_model, one_thread, monkeypatch, tmp_path):
+    """A first run with a type that uses the general prior keeps it in models/mace/prior (the host's
+    folder, where the estimate looks for it too), never in the CLI's cache; "prior" is no project name."""
+    from mace_core.errors import MaceError
+
+    monkeypatch.setenv("MACE_CACHE", str(tmp_path / "cli-cache"))
+    host = StandaloneHost(tiny_model, device="cpu")
+    form = actions.EraseForm(checkpoint=tiny_model.name, concepts="Tom Cruise", ctype="celebrity", out_name="no-tom",
+                             previews=False, closed_form_only=True)
+    assert "general prior" in actions.estimate_run(host, form)
+    actions.run_erase(host, form)
+    kept = host.projects_folder() / "prior"
+    assert len(list(kept.glob("*.safetensors"))) == 1
+    assert not (tmp_path / "cli-cache").exists()
+    assert "general prior" not in actions.estimate_run(host, form)  # found where the run keeps it
+    assert actions.list_projects(host.projects_folder()) == ["no-tom"]
+    with pytest.raises(MaceError, match="taken by the folder of general priors"):
+        actions.run_erase(host, dataclasses.replace(form, project="prior", out_name="other"))
+
+
 def test_estimate_then_a_low_vram_run_that_deletes_its_training_images(tiny_model, one_thread):
-    from mace_core.checkpoint import read_metadata
-    from mace_core.estimate import unet_calls
+    from mace_core.model.checkpoint import read_metadata
+    from mace_core.run.estimate import unet_calls
 
     host = StandaloneHost(tiny_model, device="cpu")
     form = actions.EraseForm(checkpoint=tiny_model.name, concepts="cat\ndog", out_name="no-pets", previews=False,

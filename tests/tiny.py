@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mace_core.checkpoint import save_new_checkpoint, save_new_diffusers
+from mace_core.model.checkpoint import save_new_checkpoint, save_new_diffusers
 from synthetic import random_modules, tiny_family
 
 _ROOT = Path(tempfile.mkdtemp(prefix="mace-tiny-"))
@@ -65,8 +65,8 @@ def save_tiny_clip(path: Path, seed: int = 0) -> Path:
     32 px images, the shipped SD1 BPE tokenizer): what `--clip PATH` / `clip:PATH` load."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from mace_core.checkpoint import make_tokenizer
-    from mace_core.families import load_family
+    from mace_core.model.checkpoint import make_tokenizer
+    from mace_core.model.families import load_family
 
     torch.manual_seed(seed)
     tok = make_tokenizer(load_family("sd1").text_encoders[0])

@@ -32,9 +32,9 @@ if __package__ in (None, ""):
     __package__ = "idworld"
 
 from idworld import world  # noqa: E402
-from mace_core.checkpoint import Components, family_of_modules  # noqa: E402
-from mace_core.diffusers_backend import DiffusersBackend  # noqa: E402
-from mace_core.sampling import generate  # noqa: E402
+from mace_core.model.checkpoint import Components, family_of_modules  # noqa: E402
+from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
+from mace_core.model.sampling import generate  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "data" / "id-sd1.safetensors"

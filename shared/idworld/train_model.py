@@ -5,7 +5,7 @@
 
 Same classes, block layout, noise schedule and stages as :mod:`toyworld.train_model` (VAE, then text
 encoder + UNet with EMA and min-SNR weighting, then decoder hardening, then one SD1-layout file via
-``mace_core.checkpoint.save_new_checkpoint``), which this script calls; what differs is the world
+``mace_core.model.checkpoint.save_new_checkpoint``), which this script calls; what differs is the world
 (:mod:`idworld.world`) and the text width: 256, i.e. 4.0 dims per identity for the 64 identities, at
 SD's ratio (768 dims for the MACE paper's 200 celebrities: 3.84). The UNet's cross-attention width
 follows it. The token embedding (49408 x 256) gets a lazy sparse Adam (only the rows of the batch's
@@ -97,7 +97,7 @@ def save_samples(tokenizer, te, unet, vae, path: Path, seeds: int = 4) -> None:
     from PIL import Image
 
     from idworld.quality import backend_of_modules
-    from mace_core.sampling import generate
+    from mace_core.model.sampling import generate
 
     prompts = ([f"a portrait of {n}" for n in world.NAMES[:12]] + [f"a photo of {world.NICKNAMES[n]}" for n in world.NAMES[:4]]
                + [f"an image in the style of {a}" for a in world.ARTIST_NAMES[:4]]

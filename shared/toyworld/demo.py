@@ -11,12 +11,12 @@ import json
 import time
 from pathlib import Path
 
-from mace_core.checkpoint import load_checkpoint
-from mace_core.concepts import ErasureSpec, make_concept
-from mace_core.diffusers_backend import DiffusersBackend
+from mace_core.model.checkpoint import load_checkpoint
+from mace_core.method.concepts import ErasureSpec, make_concept
+from mace_core.model.diffusers_backend import DiffusersBackend
 from mace_core.errors import MaceError
-from mace_core.evaluate import before_after_grid
-from mace_core.sampling import generate
+from mace_core.eval.evaluate import before_after_grid
+from mace_core.model.sampling import generate
 
 from . import TOY_MODEL
 from .evaluate import GUIDANCE, STEPS, PROMPT, markdown, object_scores
@@ -25,10 +25,10 @@ from .world import COLOR_NAMES, SHAPES, SYNONYMS
 
 
 def run_demo(args) -> int:
-    from mace_core.checkpoint import modelspec, save_edited
-    from mace_core.erase import erase
+    from mace_core.model.checkpoint import modelspec, save_edited
+    from mace_core.method.erase import erase
     from mace_core.files import write_png, write_text
-    from mace_core.project import Project
+    from mace_core.method.project import Project
 
     shape = args.concept
     if shape not in SHAPES:

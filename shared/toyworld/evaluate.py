@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mace_core.backend import Backend
-from mace_core.metrics import accuracy, harmonic_object
-from mace_core.sampling import generate
+from mace_core.model.backend import Backend
+from mace_core.eval.metrics import accuracy, harmonic_object
+from mace_core.model.sampling import generate
 
 from .world import COLOR_NAMES, SHAPES, SYNONYMS
 

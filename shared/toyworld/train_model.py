@@ -94,8 +94,8 @@ PRESETS = {
 
 def load_tokenizer():
     """SD1's tokenizer (the shipped CLIP BPE files; pad = end token), as the mace loader builds it."""
-    from mace_core.checkpoint import make_tokenizer
-    from mace_core.families import load_family
+    from mace_core.model.checkpoint import make_tokenizer
+    from mace_core.model.families import load_family
 
     return make_tokenizer(load_family("sd1").text_encoders[0])
 
@@ -345,15 +345,15 @@ def save_diffusers(te, vae, unet, folder: Path, tokenizer=None):
 
 
 def save_single_file(te, vae, unet, out: Path, metadata: dict) -> bool:
-    """Write the SD1-layout single file via mace_core.checkpoint; False if not available."""
+    """Write the SD1-layout single file via mace_core.model.checkpoint; False if not available."""
     try:
-        from mace_core.checkpoint import save_new_checkpoint
+        from mace_core.model.checkpoint import save_new_checkpoint
     except Exception as e:  # noqa: BLE001
-        print(f"mace_core.checkpoint.save_new_checkpoint not available ({e}); kept diffusers folders")
+        print(f"mace_core.model.checkpoint.save_new_checkpoint not available ({e}); kept diffusers folders")
         return False
     from dataclasses import replace
 
-    from mace_core.families import load_family
+    from mace_core.model.families import load_family
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # SD1 family at the toy world's resolution (the sampler derives the latent size from it)
@@ -465,8 +465,8 @@ def _decoder_settings(cfg: dict) -> dict:
 def decoder_only(args, cfg: dict) -> None:
     """Stage 3 on a saved model: its text encoder and UNet are written back unchanged (fp16 -> fp32 ->
     fp16 is exact), its decoder hardened; metadata kept, with the decoder's settings added."""
-    from mace_core.checkpoint import load_checkpoint
-    from mace_core.diffusers_backend import DiffusersBackend
+    from mace_core.model.checkpoint import load_checkpoint
+    from mace_core.model.diffusers_backend import DiffusersBackend
 
     ck = load_checkpoint(args.harden_decoder_of)
     meta = {k: v for k, v in ck.metadata.items() if k.startswith("toyworld.")}

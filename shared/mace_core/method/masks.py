@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from .attention import QKCapture, token_attention
-from .backend import Backend, TextBatch
+from ..model.backend import Backend, TextBatch
 from .concepts import Settings
-from .sampling import sample_latents, to_uint8
+from ..model.sampling import sample_latents, to_uint8
 
 DRAW_BATCH = 8  # SD1.5 training images (512 px) sampled at once (twice that many UNet rows under CFG)
 DRAW_PIXELS = DRAW_BATCH * 512 * 512  # the same pixels per batch at other sizes: 2 SDXL images (1024 px)
@@ -133,7 +133,7 @@ def _attention_map(cap: QKCapture, layers, tokens: torch.Tensor, b: int, hw: tup
 
 def save_data(data: ConceptData, folder: Path) -> None:
     """Images and masks as lossless PNGs paired by name: images/0003.png <-> masks/0003.png."""
-    from .files import write_png
+    from ..files import write_png
 
     H, W = data.images.shape[1:3]
     for i, (img, m) in enumerate(zip(data.images, data.masks)):

@@ -11,8 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__, plugins
-from .errors import InterruptedRun, MaceError
+from .. import __version__, plugins
+from ..errors import InterruptedRun, MaceError
 
 log = logging.getLogger("mace")
 
@@ -71,7 +71,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _setting_flags(p: argparse.ArgumentParser) -> None:
     """One flag per setting (`concepts.Settings`' field metadata): ``--batch-size`` for ``batch_size``;
     absent flags are None, so the concept type's defaults apply."""
-    from .concepts import setting_infos
+    from ..method.concepts import setting_infos
 
     for info in setting_infos():
         hlp = f"{info.help} (default: {info.type_defaults()})".replace("%", "%%")
@@ -263,7 +263,7 @@ def _raise_interrupt(*_) -> None:
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import load_checkpoint
+    from ..model.checkpoint import load_checkpoint
 
     ck = load_checkpoint(args.model)
     fam = ck.family
@@ -287,8 +287,8 @@ def cmd_info(args) -> int:
 
 
 def _backend(args, model=None, prediction=None):
-    from .checkpoint import load_checkpoint, with_resolution
-    from .diffusers_backend import DiffusersBackend
+    from ..model.checkpoint import load_checkpoint, with_resolution
+    from ..model.diffusers_backend import DiffusersBackend
 
     ck = with_resolution(load_checkpoint(model or args.model, prediction_type=prediction), args.resolution)
     be = DiffusersBackend.from_checkpoint(ck, device=args.device, dtype=_dtype(args.dtype),
@@ -301,9 +301,9 @@ def slug(text: str, n: int = 60) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .concepts import read_text_file
-    from .files import check_folder, write_png, write_text
-    from .sampling import generate
+    from ..method.concepts import read_text_file
+    from ..files import check_folder, write_png, write_text
+    from ..model.sampling import generate
 
     prompts = list(args.prompt)
     if args.prompts:
@@ -349,7 +349,7 @@ def unique_names(stems: list[str], suffix: str) -> list[str]:
 
 def _check_new_files(folder: Path, names: list[str], force: bool) -> None:
     """Refuse, before any compute, files a command would write into ``folder`` that exist (unless --force)."""
-    from .files import check_destination
+    from ..files import check_destination
 
     for n in names:
         check_destination(folder / n, what="--out", overwrite=force)
@@ -387,8 +387,8 @@ class _Bars:
 def spec_from_args(args):
     """The `ErasureSpec` of `mace erase`'s arguments (preset < --config < --concept flags; one override per
     setting flag given, `concepts.setting_infos`)."""
-    from .concepts import setting_infos
-    from .request import build_spec
+    from ..method.concepts import setting_infos
+    from ..run.request import build_spec
 
     return build_spec(preset=args.preset, file=args.config, flags=args.concept, default_type=args.type,
                       anchor=args.anchor, retain=args.retain,
@@ -405,7 +405,7 @@ def _model_bytes(path) -> int:
 
 def _check_output(out: Path, force: bool, inputs, expected_bytes: int = 0) -> None:
     """The preflight of a .safetensors --out (before any compute)."""
-    from .files import check_destination
+    from ..files import check_destination
 
     check_destination(out, overwrite=force, inputs=[i for i in inputs if i], expected_bytes=expected_bytes)
     if out.suffix != ".safetensors":
@@ -413,10 +413,10 @@ def _check_output(out: Path, force: bool, inputs, expected_bytes: int = 0) -> No
 
 
 def cmd_erase(args) -> int:
-    from .checkpoint import load_checkpoint, with_resolution
-    from .concepts import validate
-    from .files import check_folder
-    from .request import BaseModel, Request
+    from ..model.checkpoint import load_checkpoint, with_resolution
+    from ..method.concepts import validate
+    from ..files import check_folder
+    from ..run.request import BaseModel, Request
 
     spec = validate(spec_from_args(args))  # a readable error before the model is read
     out = Path(args.out)
@@ -435,8 +435,8 @@ def cmd_erase(args) -> int:
 
 def _run(args, req, ck, rank: int = 0) -> int:
     """`mace erase` / `mace add`: plan and run ``req`` on the model file ``ck``, printing what was done."""
-    from .diffusers_backend import DiffusersBackend
-    from .run import plan, run
+    from ..model.diffusers_backend import DiffusersBackend
+    from ..run.run import plan, run
 
     be = DiffusersBackend.from_checkpoint(ck, device=args.device, dtype=_dtype(args.dtype), clip_skip=req.clip_skip())
     p = plan(req, be, ck)
@@ -456,13 +456,6 @@ def _run(args, req, ck, rank: int = 0) -> int:
     log.info("stages: %s", rep.stages)
     log.info("reused LoRAs: %s", ", ".join(rep.reused) or "none")
     return 0
-
-
-def _save_result(ck, res, out: Path, force: bool) -> None:
-    from .erase import save_result
-
-    names = save_result(ck, res, out, overwrite=force)
-    print(f"wrote {out} (erased: {', '.join(names) or 'nothing'})")
 
 
 def _init_distributed(args) -> int:
@@ -498,8 +491,8 @@ def _base_model_path(args, base: dict) -> str:
 def _project_and_base(args):
     """(project, base model) of ``args.project``: ``--model``, else the recorded file, with --out checked;
     whether the model is the project's base is the run layer's check (`request.check_base`)."""
-    from .checkpoint import load_checkpoint, with_resolution
-    from .project import Project
+    from ..model.checkpoint import load_checkpoint, with_resolution
+    from ..method.project import Project
 
     proj = Project(args.project)
     model = _base_model_path(args, proj.manifest()["base"])
@@ -508,23 +501,22 @@ def _project_and_base(args):
 
 
 def cmd_fuse(args) -> int:
-    from .erase import editable_weights
-    from .run import refuse
+    from ..run.run import refuse_checkpoint
 
     proj, ck = _project_and_base(args)
     damaged = proj.damaged()
     if damaged:  # re-fusing reads these as they are; a run recomputes them
         raise MaceError(f"{damaged[0]}; rerun `mace erase` with --work-dir {proj.root} (or `mace add`) to recompute "
                         "it, then fuse again")
-    res = refuse(proj, editable_weights(ck.tensors), ck.path.name, ck.sha256, args.only, args.exclude)
-    _save_result(ck, res, Path(args.out), args.force)
+    res = refuse_checkpoint(proj, ck, Path(args.out), args.only, args.exclude, overwrite=args.force)
+    print(f"wrote {args.out} (erased: {', '.join(res.erased) or 'nothing'})")
     return 0
 
 
 def cmd_add(args) -> int:
     """Add concepts to a project: only they are trained; stage 1 is re-solved with every concept and the
     earlier concepts' LoRAs are reused as trained (see `concepts.settings_hash`)."""
-    from .request import BaseModel, Request, build_spec
+    from ..run.request import BaseModel, Request, build_spec
 
     proj, ck = _project_and_base(args)
     spec = build_spec(flags=args.concept, default_type=args.type or "object", anchor=args.anchor)
@@ -534,8 +526,8 @@ def cmd_add(args) -> int:
 
 
 def cmd_export_lora(args) -> int:
-    from .checkpoint import load_checkpoint, write_safetensors
-    from .share import export_lora
+    from ..model.checkpoint import load_checkpoint, write_safetensors
+    from ..export.share import export_lora
 
     _check_output(Path(args.out), args.force, (args.erased, args.base))
     erased, base = load_checkpoint(args.erased), load_checkpoint(args.base)
@@ -565,15 +557,15 @@ def _same_model_kind(a, b, a_name, b_name) -> None:
 
 
 def _text_hash(ck) -> str:
-    from .prior import tensors_key
+    from ..model.backend import tensors_key
 
     prefixes = tuple(te.prefix for te in ck.family.text_encoders)
     return tensors_key({k: v for k, v in ck.tensors.items() if k.startswith(prefixes)}, "")
 
 
 def cmd_apply(args) -> int:
-    from .checkpoint import load_checkpoint, load_tensors, save_edited
-    from .share import lora_deltas
+    from ..model.checkpoint import load_checkpoint, load_tensors, save_edited
+    from ..export.share import lora_deltas
 
     _check_output(Path(args.out), args.force, (args.erasure, args.base), _model_bytes(args.base))
     lora, lmeta = load_tensors(args.erasure)
@@ -605,10 +597,10 @@ def cmd_apply(args) -> int:
 
 
 def cmd_card(args) -> int:
-    from .checkpoint import read_metadata
-    from .concepts import read_text_file
-    from .files import check_destination, write_text
-    from .share import model_card
+    from ..model.checkpoint import read_metadata
+    from ..method.concepts import read_text_file
+    from ..files import check_destination, write_text
+    from ..export.share import model_card
 
     out = args.out or args.model.with_name("README.md")
     inputs = [p for p in (args.model, args.eval, args.eval_before) if p]
@@ -628,9 +620,9 @@ def cmd_card(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .concepts import load_preset, read_text_file
-    from .evaluate import PromptSet, load_prompt_set, red_team, run_protocol
-    from .files import check_folder, write_png, write_text
+    from ..method.concepts import load_preset, read_text_file
+    from ..eval.evaluate import PromptSet, load_prompt_set, red_team, run_protocol
+    from ..files import check_folder, write_png, write_text
 
     out = Path(args.out)
     check_folder(out, what="--out")
@@ -663,8 +655,8 @@ def cmd_eval(args) -> int:
                                       other_languages=other_languages.get(c, [])).items():
                 rep.attacks[f"{c}: {name}"] = asr
     if base is not None:
-        from .evaluate import before_after_grid
-        from .sampling import generate
+        from ..eval.evaluate import before_after_grid
+        from ..model.sampling import generate
 
         words = erased + [s for c in erased for s in synonyms.get(c, [])] + retain[:3]
         rows = [[generate(b, [template.replace("{}", w)] * len(seeds[:6]), seeds[:6], args.steps, args.guidance)
@@ -690,7 +682,7 @@ def _word_lists(items: list[str]) -> dict[str, list[str]]:
 def _eval_classifier(args, erased: list[str], synonyms: dict[str, list[str]], retain: list[str]):
     """(classifier, word -> its label, retained words) for ``--classifier``: clip:PATH, nudenet or one a
     plug-in registers (the toy world's ``toy``, `plugins.ClassifierFactory`)."""
-    from .evaluate import NudeNetClassifier, clip_classifier
+    from ..eval.evaluate import NudeNetClassifier, clip_classifier
 
     registered = plugins.classifiers()
     if args.classifier in registered:

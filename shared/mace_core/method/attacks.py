@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .backend import Backend, differentiable
+from ..model.backend import Backend, differentiable
 from .concepts import DATA
 
 FILLER = ("in a quiet room with soft light and a wooden table near the window on a calm afternoon, "

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .backend import Backend
+from ..model.backend import Backend
 
 CORPUS_VERSION = "1"
 PRIOR_CAPTIONS = 2000  # see the module docstring for the measurement
@@ -58,7 +58,7 @@ def accumulate_grams(backend: Backend, prompts: Sequence[str], batch_size: int =
 
     ``on_sums(done, total, sums, counts)`` after each batch (the running sums, not normalised);
     ``should_stop()`` before each batch: True raises `errors.InterruptedRun`."""
-    from .errors import InterruptedRun
+    from ..errors import InterruptedRun
 
     sums: dict[str, torch.Tensor] = {}
     counts = {"context": 0, "pooled": 0}
@@ -119,7 +119,7 @@ def general_prior(backend: Backend, text_key: str, n_captions: int = PRIOR_CAPTI
     from safetensors.torch import load_file
 
     from .corpus import general_captions
-    from .files import save_tensors
+    from ..files import save_tensors
 
     path = prior_path(folder if folder is not None else default_prior_dir(), text_key, n_captions)
     if path.is_file():
@@ -145,13 +145,3 @@ def prior_missing(backend: Backend, spec_prior: float, spec_fuse_prior: float, f
         return 0
     path = prior_path(folder if folder is not None else default_prior_dir(), backend.text_encoder_key(), n_captions)
     return 0 if path.is_file() else n_captions
-
-
-def tensors_key(tensors: dict[str, torch.Tensor], how: str) -> str:
-    """Hash of text-encoder tensors (name, dtype, shape, bytes) plus how its output is taken."""
-    h = hashlib.sha256(how.encode())
-    for k in sorted(tensors):
-        t = tensors[k].contiguous().cpu()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

@@ -114,7 +114,7 @@ class DiffusersBackend:
     # --- text -------------------------------------------------------------------------------
 
     def text_encoder_key(self) -> str:
-        from .prior import tensors_key
+        from .backend import tensors_key
 
         tensors = {f"{i}.{k}": v for i, te in enumerate(self.components.text_encoders) for k, v in te.state_dict().items()}
         how = repr([(s.layer, s.final_norm) for s in self.family.text_encoders])

@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .backend import Backend, TextBatch
+from ..model.backend import Backend, TextBatch
 
 
 @dataclass

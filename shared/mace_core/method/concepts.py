@@ -18,9 +18,9 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from .errors import MaceError
+from ..errors import MaceError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def _knob(default: Any, help: str, label: str = "", *, min: float | None = None, above: float | None = None,
@@ -215,6 +215,22 @@ class ConceptType:
     templates: tuple[str, ...]
     settings: Mapping[str, Any]
     protect: tuple[str, ...] = ()  # kept when the user gives no retain list (types.yaml `protect`)
+    shared_names: int = 0  # and per erased name this many names sharing its first, and its last, word
+
+    def protection_of(self, phrase: str) -> tuple[str, ...]:
+        """What this type keeps, without a retain list, when ``phrase`` is erased: its fixed list and,
+        for a name of two or more words, ``shared_names`` names sharing its first word (common surnames)
+        and as many sharing its last (common first names): erasing "Bill Clinton" keeps "Bill Smith"
+        and "James Clinton", so the parts the name shares with other people's names stay theirs and the
+        erasure is left with what is this name's own."""
+        words = phrase.split()
+        if not self.shared_names or len(words) < 2:
+            return self.protect
+        first, last = words[0], words[-1]
+        surnames = [n for n in _name_list("last-names") if n.casefold() != last.casefold()]
+        firsts = [n for n in _name_list("first-names") if n.casefold() != first.casefold()]
+        return (*self.protect, *(f"{first} {n}" for n in surnames[:self.shared_names]),
+                *(f"{n} {last}" for n in firsts[:self.shared_names]))
 
 
 @dataclass(frozen=True)
@@ -262,8 +278,8 @@ class ErasureSpec:
             return (), ""
         erased = {c.phrase.casefold() for c in self.concepts}
         kinds = list(dict.fromkeys(c.type for c in self.concepts))
-        kept = [x for t in kinds for x in get_type(t).protect if x.casefold() not in erased]
-        kept = tuple(dict.fromkeys(kept))
+        kept = tuple(dict.fromkeys(x for c in self.concepts for x in get_type(c.type).protection_of(c.phrase)
+                                   if x.casefold() not in erased))
         return kept, (f"default protection of {', '.join(kinds)} ({len(kept)} phrases)" if kept else "")
 
     def to_dict(self) -> dict:
@@ -281,19 +297,25 @@ def concept_types() -> dict[str, ConceptType]:
     out = {}
     for name, t in raw.items():
         lines = (DATA / "templates" / f"{name}.txt").read_text().splitlines()
+        protect = dict(t.get("protect") or {})
         out[name] = ConceptType(name, t["anchor"], t["train_prompt"], tuple(s for s in lines if s.strip()),
-                                dict(t.get("settings", {})), _protect_list(t.get("protect")))
+                                dict(t.get("settings", {})), _protect_list(protect),
+                                int(protect.get("shared_names", 0)))
     return out
 
 
-def _protect_list(source: Mapping[str, str] | None) -> tuple[str, ...]:
+def _protect_list(source: Mapping[str, Any]) -> tuple[str, ...]:
     """A type's default protection: ``{preset: NAME}`` (that preset's retain list, e.g. the paper's 100
     retained celebrities) or ``{list: NAME}`` (data/protect/NAME.txt, one phrase per line)."""
-    if not source:
-        return ()
     if "preset" in source:
         return tuple(yaml.safe_load((DATA / "presets" / f"{source['preset']}.yaml").read_text())["retain"])
-    lines = (DATA / "protect" / f"{source['list']}.txt").read_text().splitlines()
+    return _name_list(source["list"]) if "list" in source else ()
+
+
+@lru_cache(maxsize=None)
+def _name_list(name: str) -> tuple[str, ...]:
+    """data/protect/NAME.txt: one phrase per line, ``#`` comments."""
+    lines = (DATA / "protect" / f"{name}.txt").read_text().splitlines()
     return tuple(x.strip() for x in lines if x.strip() and not x.startswith("#"))
 
 
@@ -451,9 +473,12 @@ def make_concept(phrase: str, anchor: str = "", ctype: str = "object", prompts: 
     phrase = " ".join(str(phrase).split())
     if not phrase:
         raise MaceError("a concept phrase is empty")
-    t = get_type(ctype)
-    return Concept(phrase, ctype, " ".join(str(anchor).split()) if anchor else t.anchor, tuple(prompts),
-                   tuple(synonyms))
+    t = get_type(ctype)  # an unknown type is refused whether or not an anchor is given
+    anchor = " ".join(str(anchor).split()) if anchor else t.anchor
+    if anchor.casefold() == phrase.casefold():  # mapped onto itself: the edit would change nothing
+        raise MaceError(f"concept {phrase!r} has itself as anchor, so nothing would be erased; give another anchor "
+                        "(what to draw instead) or none for the type's default")
+    return Concept(phrase, ctype, anchor, tuple(prompts), tuple(synonyms))
 
 
 def load_concept_file(path: str | Path, default_type: str = "object") -> ErasureSpec:
@@ -469,23 +494,37 @@ def load_concept_file(path: str | Path, default_type: str = "object") -> Erasure
     return _spec_from_csv(text, path.name, default_type)
 
 
+CSV_COLUMNS = ("phrase", "anchor", "type", "role")
+CSV_ROLES = ("", "erase", "retain", "keep", "preserve")
+
+
 def _spec_from_csv(text: str, name: str, default_type: str) -> ErasureSpec:
     import csv
     import io
 
     rows = [r for r in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in r)]
-    cols = ["phrase", "anchor", "type", "role"]
+    cols = list(CSV_COLUMNS)
     if rows and rows[0] and rows[0][0].strip().lower() in ("phrase", "concept"):
         cols = [c.strip().lower().replace("concept", "phrase") for c in rows[0]]
         rows = rows[1:]
         if "phrase" not in cols:
             raise MaceError(f"{name}: the header row needs a 'phrase' column")
+        unknown = [c for c in cols if c not in CSV_COLUMNS]
+        if unknown:  # a misspelt column would be dropped silently
+            raise MaceError(f"{name}: unknown column(s) {', '.join(map(repr, unknown))}; the columns are "
+                            f"{', '.join(CSV_COLUMNS)}")
     concepts, retain = [], []
     for n, row in enumerate(rows, 1):
+        if any(c.strip() for c in row[len(cols):]):
+            raise MaceError(f"{name} row {n}: {len(row)} cells, the columns are {', '.join(cols)}")
         rec = {c: (row[i].strip() if i < len(row) else "") for i, c in enumerate(cols)}
         if rec.get("phrase", "").startswith("#"):
             continue
-        if rec.get("role", "").lower() in ("retain", "keep", "preserve"):
+        role = rec.get("role", "").lower()
+        if role not in CSV_ROLES:
+            raise MaceError(f"{name} row {n}: role {rec['role']!r} is not one of "
+                            f"{', '.join(r for r in CSV_ROLES if r)}")
+        if role in ("retain", "keep", "preserve"):
             retain.append(rec["phrase"])
             continue
         try:
@@ -519,7 +558,10 @@ def validate(spec: ErasureSpec, tokenize=None, max_tokens: int = 77) -> ErasureS
         raise MaceError(f"{', '.join(both)} cannot be both erased and retained; remove it from one list")
     spec.settings_for()
     for c in spec.concepts:
-        spec.settings_for(c)
+        s = spec.settings_for(c)
+        if s.mask == "sam" and not Path(s.sam_checkpoint).is_file():  # found now, not after the images are drawn
+            raise MaceError(f"the SAM checkpoint {s.sam_checkpoint!r} (mask 'sam') is not a file; give the path of a "
+                            "segment-anything ViT checkpoint")
         if tokenize is not None:
             longest = max(concept_prompts(c) + [train_prompt(c)], key=lambda p: len(tokenize(p)))
             n = len(tokenize(longest))
@@ -535,7 +577,7 @@ def settings_hash(spec: ErasureSpec, concept: Concept) -> str:
     settings that shape training (every field whose `_knob` says ``lora="concept"``, the default, so a
     new setting counts unless declared otherwise) and stage 1 as it refines the weights the LoRA trains
     on: the run's lam, prior, domain, protection and balance (``lora="run"``) and what stage 1 keeps (the
-    retain list, or its type's default protection list).
+    retain list, or what its type keeps for it, `ConceptType.protection_of`).
 
     The other concepts of the project are deliberately left out: adding concepts to a project (`mace
     add`, a tab or node run on an existing project) re-solves stage 1 with them but reuses the LoRAs
@@ -547,6 +589,6 @@ def settings_hash(spec: ErasureSpec, concept: Concept) -> str:
     trained = {k: (own if kind == "concept" else run)[k] for k, kind in sorted(kinds.items()) if kind != "no"}
     # what stage 1 keeps: the retain list, else the concept's own type's whole default list (not less
     # the erased phrases, which would make the other concepts part of the identity)
-    default = get_type(concept.type).protect if run["protection"] == "type" else ()
+    default = get_type(concept.type).protection_of(concept.phrase) if run["protection"] == "type" else ()
     data = [concept.to_dict(), trained, sorted(spec.retain or default)]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -15,7 +15,7 @@ from typing import Mapping
 
 import torch
 
-from .errors import MaceError
+from ..errors import MaceError
 
 UNET = "model.diffusion_model."
 

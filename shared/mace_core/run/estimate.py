@@ -14,14 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend import Backend
-from .concepts import Concept, ErasureSpec, Settings, concept_prompts, settings_hash
-from .errors import MaceError
-from .masks import draw_batch
-from .objectives import grad_rows, unet_passes
-from .prior import float32_text, prior_missing
-from .project import Project
-from .train import predict_for_backward
+from ..model.backend import Backend
+from ..method.concepts import Concept, ErasureSpec, Settings, concept_prompts, settings_hash
+from ..errors import MaceError
+from ..method.masks import draw_batch
+from ..method.objectives import grad_rows, unet_passes
+from ..method.prior import float32_text, prior_missing
+from ..method.project import Project
+from ..method.train import predict_for_backward
 
 HEADROOM = 0.95  # share of the GPU's memory a run may plan on (the allocator's fragmentation takes some)
 

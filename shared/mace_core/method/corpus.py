@@ -30,7 +30,7 @@ from typing import Any
 
 __all__ = ["general_captions", "load_corpus_spec", "CORPUS_FILE"]
 
-CORPUS_FILE = Path(__file__).resolve().parent / "data" / "corpus.yaml"
+CORPUS_FILE = Path(__file__).resolve().parents[1] / "data" / "corpus.yaml"
 
 _SLOT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _A_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=[aeioAEIO])")

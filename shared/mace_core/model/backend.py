@@ -12,6 +12,7 @@ width (SDXL 1280), C = channels of an attn2 layer, N = pixels of a layer's featu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from typing import ContextManager, Protocol, Sequence
 
@@ -104,3 +105,13 @@ def differentiable(backend: Backend) -> ContextManager[None]:
     e.g. ComfyUI's inference tensors), else nothing to do."""
     enter = getattr(backend, "differentiable", None)
     return enter() if enter is not None else contextlib.nullcontext()
+
+
+def tensors_key(tensors: dict[str, torch.Tensor], how: str) -> str:
+    """Hash of text-encoder tensors (name, dtype, shape, bytes) plus how its output is taken."""
+    h = hashlib.sha256(how.encode())
+    for k in sorted(tensors):
+        t = tensors[k].contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -17,7 +17,7 @@ import torch
 
 from .attacks import embedding_attack, soft_prompt, with_soft_tokens
 from .attention import weight_deltas
-from .backend import Backend
+from ..model.backend import Backend
 from .refine import ConceptStats, align, pair_stats
 
 

@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 
 from . import objectives
 from .attention import QKCapture, token_attention, weight_deltas
-from .backend import Backend, TextBatch, differentiable
+from ..model.backend import Backend, TextBatch, differentiable
 from .concepts import Settings
 from .masks import ConceptData, resize_mask
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import QKCapture, attention_probs, weight_deltas
-from .backend import Backend, CrossAttentionLayer, TextBatch
+from ..model.backend import Backend, CrossAttentionLayer, TextBatch
 from .concepts import Settings
 from .masks import ConceptData, resize_mask
 

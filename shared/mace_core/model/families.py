@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -23,13 +23,13 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .errors import MaceError, UnsupportedModelError
-from .files import save_tensors, write_text
+from ..errors import MaceError, UnsupportedModelError
+from ..files import save_tensors, write_text
 from .families import (UNET_PREFIX, VAE_PREFIX, Family, TextEncoderSpec, detect_family, family_from_dict, infer_family,
                        load_family)
 from .keymap import Entry, apply, clip_entries, unet_entries, vae_entries
 
-TOKENIZER_DIR = Path(__file__).parent / "data" / "clip_tokenizer"
+TOKENIZER_DIR = Path(__file__).parents[1] / "data" / "clip_tokenizer"
 _HASH_PLACEHOLDER = "0x" + "0" * 64
 #: `Checkpoint.source_format` of a model taken from a host's memory rather than read from its file
 MEMORY = "memory"

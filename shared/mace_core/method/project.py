@@ -28,10 +28,10 @@ from typing import Iterable, Mapping
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .concepts import Concept, ErasureSpec, make_concept
-from .errors import MaceError
-from .files import save_tensors, write_text
+from ..errors import MaceError
+from ..files import save_tensors, write_text
 from .refine import ConceptStats
 from .train import LoRA
 
@@ -50,7 +50,7 @@ class DamagedFile(MaceError):
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a project file, or `DamagedFile` naming it."""
-    from .checkpoint import load_tensors
+    from ..model.checkpoint import load_tensors
 
     try:
         return load_tensors(path)
@@ -61,7 +61,7 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def _metadata(path: Path) -> dict[str, str] | None:
     """A saved file's metadata without its tensors (None when there is no file): what resuming needs
     to know of a concept's LoRA and statistics, cheap for thousands of concepts."""
-    from .checkpoint import read_metadata
+    from ..model.checkpoint import read_metadata
 
     if not path.is_file():
         return None
@@ -305,7 +305,7 @@ class Project:
 
 
 def weights_id(weights: Mapping[str, torch.Tensor]) -> str:
-    """Identity of a model's editable weights (`mace_core.erase.editable_weights`, by file key): the
+    """Identity of a model's editable weights (`mace_core.method.erase.editable_weights`, by file key): the
     sha256 of their names, shapes and fp32 values. A project made from a model that is not a file as it
     is (in ComfyUI: a MODEL patched before the MACE nodes, e.g. by a LoRA) records it as its base
     (``base.weights_id``, then also ``base.sha256``); `mace fuse / add --model FILE` accept a file whose

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .concepts import (ErasureSpec, SettingInfo, check_setting, load_concept_file, load_preset, make_concept,
-                       merge_specs, parse_lines)
-from .errors import MaceError
+from ..method.concepts import (ErasureSpec, SettingInfo, check_setting, load_concept_file, load_preset,
+                               make_concept, merge_specs, parse_lines)
+from ..errors import MaceError
 
 #: where a host finds a project's recorded base file by its recorded name (None: not found)
 FindFile = Callable[[str], "Path | None"]
@@ -54,7 +54,9 @@ class Request:
     output; ``inputs``: files the output must never replace; ``closed_form_only``: stage 1 alone;
     ``delete_images``: delete the project's drawn training images when done; ``what``/``force_hint``:
     how the host names the output and the way to overwrite in messages, ``project_what`` the project
-    folder; ``find_base``: how the host finds a recorded base file by name (for `base_matches`)."""
+    folder; ``find_base``: how the host finds a recorded base file by name (for `base_matches`);
+    ``prior_dir``: where general priors are kept (hosts: `prior_folder` of their projects folder; None:
+    the CLI's cache, `prior.default_prior_dir`)."""
 
     spec: ErasureSpec
     base: BaseModel
@@ -68,10 +70,11 @@ class Request:
     force_hint: str = "pass --force to replace it"
     project_what: str = "the project folder"
     find_base: FindFile | None = None
+    prior_dir: Path | None = None
 
     def planned(self) -> ErasureSpec:
         """What the run will erase: the project's concepts with this request's merged in."""
-        from .project import Project
+        from ..method.project import Project
 
         return Project(self.project).merged(self.spec)
 
@@ -167,7 +170,7 @@ def plain_name(name: str, what: str) -> str:
     no leading dot, not a Windows device name), for a file or folder a host places in its own folder."""
     name = (name or "").strip()
     if not name:
-        raise MaceError(f"give a {what}")
+        raise MaceError(f"give {'an' if what[:1] in 'aeiou' else 'a'} {what}")
     if "/" in name or "\\" in name or Path(name).is_absolute() or re.match(r"^[A-Za-z]:", name):
         raise MaceError(f"{what} {name!r} must be a plain name, not a path: it is saved in a fixed folder")
     if _BAD_CHARS.search(name):
@@ -184,9 +187,23 @@ def plain_name(name: str, what: str) -> str:
     return name
 
 
+#: the folder beside a host's projects that keeps the general priors (``models/mace/prior``): no project's name
+PRIOR_FOLDER = "prior"
+
+
+def prior_folder(projects: Path) -> Path:
+    """Where a host keeps general priors: ``prior`` in its projects folder (``models/mace/prior``), with the
+    model files the user manages, not in a hidden cache."""
+    return Path(projects) / PRIOR_FOLDER
+
+
 def validate_project_name(name: str) -> str:
-    """A project folder name under a host's projects folder (``models/mace/<name>``)."""
-    return plain_name(name, "project name")
+    """A project folder name under a host's projects folder (``models/mace/<name>``); ``prior`` is taken
+    (`prior_folder`)."""
+    name = plain_name(name, "project name")
+    if name.lower() == PRIOR_FOLDER:
+        raise MaceError(f"the project name {name!r} is taken by the folder of general priors; choose another name")
+    return name
 
 
 def base_matches(record: Mapping[str, Any], sha256: str | None, weights: Callable[[], Mapping[str, Any]],
@@ -194,7 +211,7 @@ def base_matches(record: Mapping[str, Any], sha256: str | None, weights: Callabl
     """Whether a model is the base a project records (``manifest["base"]``): the same file (``sha256``),
     the same editable weights (``weights()``: file key -> tensor, by `project.weights_id`), or weights
     equal to the recorded base file's (found by ``find_file``) up to fp16 rounding."""
-    from .project import weights_id
+    from ..method.project import weights_id
 
     if sha256 is not None and sha256 == record.get("sha256"):
         return True
@@ -227,7 +244,7 @@ def check_base(project, sha256: str | None, weights: Callable[[], Mapping[str, A
                find_file: FindFile | None = None) -> BaseModel:
     """The identity ``project`` records for its base when the model (``sha256``, ``weights()``) is that base
     (`base_matches`); otherwise a `MaceError` saying what to connect or pass instead."""
-    from .project import weights_id
+    from ..method.project import weights_id
 
     base = project.manifest()["base"]
     if base_matches(base, sha256, weights, find_file):

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import yaml
 
-from .attacks import embedding_attack, prompt_attacks, soft_prompt, with_soft_tokens
-from .backend import Backend
-from .concepts import DATA
-from .errors import MaceError
+from ..method.attacks import embedding_attack, prompt_attacks, soft_prompt, with_soft_tokens
+from ..model.backend import Backend
+from ..method.concepts import DATA
+from ..errors import MaceError
 from .metrics import accuracy, artist_gap, harmonic_celebrity, harmonic_object
-from .sampling import generate
+from ..model.sampling import generate
 
 Classifier = Callable[[np.ndarray], list[str]]
 
@@ -316,7 +316,7 @@ def red_team(model: Backend, classify: Classifier, phrase: str, label: str, temp
 def embedding_asr(model: Backend, base: Backend, classify: Classifier, phrase: str, label: str, template: str,
                   seeds: Sequence[int], steps: int = 50, guidance: float = 7.5, attack_steps: int = 150) -> float:
     """Success rate of soft tokens learned against ``model`` on ``base``'s images of the concept."""
-    from .masks import draw_concept
+    from ..method.masks import draw_concept
 
     target = draw_concept(base, template.replace("{}", phrase), phrase, [10_000 + s for s in seeds], steps, guidance,
                           mask_mode="none").latents

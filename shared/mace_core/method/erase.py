@@ -18,10 +18,10 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from . import __version__
-from .backend import Backend, TextBatch
+from .. import __version__
+from ..model.backend import Backend, TextBatch
 from .concepts import Concept, ErasureSpec, concept_prompts, get_type, settings_hash, train_prompt, validate
-from .errors import InterruptedRun
+from ..errors import InterruptedRun, MaceError
 from .fuse import fuse, naive_sum, separate
 from .harden import adversarial_stats
 from .masks import draw_batch, draw_concept, phrase_token_mask, save_data
@@ -39,6 +39,11 @@ class ErasureResult:
     weights: dict[str, torch.Tensor]  # file key -> new to_k / to_v weight [C, D] float32
     metadata: dict[str, str]
     report: dict = field(default_factory=dict)
+
+    @property
+    def erased(self) -> list[str]:
+        """The phrases erased in ``weights``, in order (from the metadata, which a re-fuse rewrites)."""
+        return [c["phrase"] for c in json.loads(self.metadata["mace.concepts"])]
 
 
 def concept_seed(seed: int, concept: Concept) -> int:
@@ -194,7 +199,8 @@ def refuse(project: Project, original: Mapping[str, torch.Tensor], only=None, ex
     for c in spec.concepts:
         st = project.load_stats(c)
         if st is None:
-            raise InterruptedRun(f"concept {c.phrase!r} has no stage-1 statistics yet; run `mace erase` on the project")
+            raise MaceError(f"concept {c.phrase!r} has no stage-1 statistics yet (its run stopped before them): erase "
+                            "again with this project to compute them")
         stats[c.phrase] = st
     priors = project.load_priors()[0]
     refined = refine_weights(original, list(stats.values()), run, priors)
@@ -203,7 +209,9 @@ def refuse(project: Project, original: Mapping[str, torch.Tensor], only=None, ex
         for c in spec.concepts:
             lora = project.load_lora(c)
             if lora is None:
-                raise InterruptedRun(f"concept {c.phrase!r} has no trained LoRA yet; resume with `mace erase`")
+                raise MaceError(f"concept {c.phrase!r} has no trained LoRA (its run stopped before training, or was "
+                                "closed-form only): re-fuse closed-form only, or erase again with this project to "
+                                "train it")
             loras[c.phrase] = lora
     weights = _fuse(original, refined, spec, stats, loras, priors, run)
     return ErasureResult(weights, erasure_metadata(spec, m["base"]["sha256"], m["base"]["path"], closed_form_only))
@@ -324,10 +332,10 @@ def editable_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 def save_result(ckpt, result: ErasureResult, out, overwrite: bool = False, inputs: tuple = ()) -> list[str]:
     """Write the erased checkpoint (input tensors + edits, modelspec + mace.* metadata); returns the
     erased phrases. ``overwrite``: replace an existing ``out``; ``inputs``: files never replaced."""
-    from .checkpoint import modelspec, save_edited
+    from ..model.checkpoint import modelspec, save_edited
 
     out = Path(out)
-    names = [c["phrase"] for c in json.loads(result.metadata["mace.concepts"])]
+    names = result.erased
     desc = "concepts erased with mace: " + (", ".join(names) or "none")
     save_edited(ckpt, result.weights, out, {**modelspec(ckpt.family, out.stem, desc), **result.metadata},
                 overwrite, inputs)

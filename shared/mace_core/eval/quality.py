@@ -13,7 +13,7 @@ from typing import Callable, Collection, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import MaceError
+from ..errors import MaceError
 from .metrics import clip_score_from_embeddings, frechet_distance
 
 # images uint8 [N, H, W, 3] -> features [N, D]

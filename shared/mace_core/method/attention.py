@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from .backend import CrossAttentionLayer
+from ..model.backend import CrossAttentionLayer
 
 DeltaFn = Callable[[], torch.Tensor]
 

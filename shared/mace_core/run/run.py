@@ -20,13 +20,13 @@ from typing import Any, Callable
 
 import torch
 
-from .backend import Backend
-from .concepts import ErasureSpec, Settings, validate
-from . import erase as stages  # called through the module: hosts' tests wrap `erase.erase`
-from .erase import ErasureResult, Progress, _world, describe_stages, save_result
-from .errors import MaceError
+from ..model.backend import Backend
+from ..method.concepts import ErasureSpec, Settings, validate
+from ..method import erase as stages  # called through the module: hosts' tests wrap `erase.erase`
+from ..method.erase import ErasureResult, Progress, _world, describe_stages, save_result
+from ..errors import MaceError
 from .estimate import Estimate, check_fits, estimate, gpu_memory_gb, refusal
-from .project import Project
+from ..method.project import Project
 from .request import BaseModel, Request, check_base
 
 
@@ -82,8 +82,8 @@ def plan(request: Request, backend: Backend, checkpoint: Any = None) -> Plan:
     """Resolve ``request`` on ``backend`` (the base model; ``checkpoint``: its file, needed when the request
     names an output) before anything long starts; raises `MaceError` saying what to fix (bad concepts, an
     output or project folder that cannot or must not be written, a project made from another model)."""
-    from .concepts import settings_hash
-    from .files import check_destination, check_folder, tensors_bytes
+    from ..method.concepts import settings_hash
+    from ..files import check_destination, check_folder, tensors_bytes
 
     spec = validate(request.spec, backend.tokenize)
     if request.output is not None:
@@ -106,7 +106,7 @@ def plan(request: Request, backend: Backend, checkpoint: Any = None) -> Plan:
     project = Project(request.project, base_file=base.file)
     planned = project.merged(spec)
     reused = [c.phrase for c in planned.concepts if project.has_lora(c, settings_hash(planned, c))]
-    est = estimate(backend, spec, request.closed_form_only, project=project)
+    est = estimate(backend, spec, request.closed_form_only, project=project, prior_dir=request.prior_dir)
     return Plan(request, spec, planned, project, base, {c.phrase: planned.settings_for(c) for c in planned.concepts},
                 reused, est, checkpoint)
 
@@ -118,7 +118,6 @@ def run(p: Plan, backend: Backend, progress: Progress | None = None, should_stop
     weights), call ``before_cleanup(project)`` and delete the training images when asked.
     ``progress(label, done, total)`` and ``should_stop()`` are the host's; a stop raises
     `errors.InterruptedRun` between steps, finished concepts kept."""
-    req = p.request
     check_fits(p.estimate, backend.device)
     try:
         return _execute(p, backend, progress, should_stop, before_cleanup)
@@ -131,7 +130,8 @@ def run(p: Plan, backend: Backend, progress: Progress | None = None, should_stop
 def _execute(p: Plan, backend: Backend, progress, should_stop, before_cleanup) -> Report:
     req = p.request
     res: ErasureResult = stages.erase(backend, p.spec, p.project, p.base.sha256, p.base.name, progress=progress,
-                                      should_stop=should_stop, closed_form_only=req.closed_form_only)
+                                      should_stop=should_stop, closed_form_only=req.closed_form_only,
+                                      prior_dir=req.prior_dir)
     rank = _world()[0]
     output = deleted = None
     if rank == 0:
@@ -143,8 +143,7 @@ def _execute(p: Plan, backend: Backend, progress, should_stop, before_cleanup) -
             before_cleanup(p.project)
         if req.delete_images:
             deleted = p.project.delete_generated_images()
-    concepts = json.loads(res.metadata["mace.concepts"])
-    return Report(res.weights, res.metadata, p.project.root, output, [c["phrase"] for c in concepts],
+    return Report(res.weights, res.metadata, p.project.root, output, res.erased,
                   json.loads(res.metadata["mace.retain"]), p.estimate.describe(), describe_stages(res.report),
                   list(res.report.get("reused_loras", [])), deleted, res.report, p.protection)
 
@@ -158,6 +157,18 @@ def refuse(project: Project, weights: dict[str, torch.Tensor], name: str, sha256
     or patches the result."""
     check_base(project, sha256, lambda: weights, name, find_base)
     return stages.refuse(project, weights, only, exclude, closed_form_only)
+
+
+def refuse_checkpoint(project: Project, ck, out: Path, only: list[str] | None = None, exclude: tuple | list = (),
+                      closed_form_only: bool = False, overwrite: bool = False,
+                      find_base: Callable[[str], Any] | None = None) -> ErasureResult:
+    """:func:`refuse` on the loaded checkpoint file ``ck`` (`checkpoint.Checkpoint`), written to ``out``
+    through the one write path (an existing file only with ``overwrite``; never the base file). What
+    `mace fuse` and the tab's re-fuse do; the nodes patch a MODEL with :func:`refuse` instead."""
+    res = refuse(project, stages.editable_weights(ck.tensors), ck.path.name, ck.sha256, only, exclude,
+                 closed_form_only, find_base)
+    stages.save_result(ck, res, out, overwrite=overwrite, inputs=(ck.path,))
+    return res
 
 
 def _record_weights_id(project: Project, wid: str | None) -> None:

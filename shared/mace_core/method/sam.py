@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MaceError
+from ..errors import MaceError
 from .masks import ConceptData
 
 _MODEL_TYPES = ("vit_h", "vit_l", "vit_b")

@@ -1,0 +1,1 @@
+"""The `mace` command line: argument parsing and the commands, over the run layer."""

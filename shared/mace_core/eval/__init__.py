@@ -1,0 +1,1 @@
+"""Evaluation: judges and metrics, quality measures, attacks."""

@@ -1,0 +1,1 @@
+"""Sharing: LoRA export and model cards."""
