@@ -266,3 +266,25 @@ def test_judge_says_none(judge):
     for batch in (blanks, noise, anon):
         assert all(v == ("none", "none", "none") for v in judge.classify(batch)), judge.classify(batch)
 
+
+
+# --------------------------------------------------------------------------- the shipped model
+def test_shipped_model_draws_the_identities_its_judge_names(judge):
+    """The quality gate of the second world: the shipped file fits the 40 MB budget, and a portrait of
+    each of the 64 names (seeds 0 and 1, DDIM 25, CFG 5, the prompts of `quality.py`) is judged that
+    identity in most images, while "a photo of a" draws nobody (no erasable fallback). Measured with
+    `quality.py --seeds 4`: 71.9% and 100% (benchmarks/RESULTS.md)."""
+    from idworld import ID_MODEL
+    from idworld.quality import load_backend
+    from mace_core.model.sampling import generate
+
+    assert ID_MODEL.stat().st_size <= 40 * 10 ** 6
+    be = load_backend()
+    jobs = [(f"a portrait of {n}" if s == 0 else f"a photo of {n}", n, s) for n in NAMES for s in (0, 1)]
+    jobs += [("a photo of a", "none", s) for s in range(8)]
+    imgs = generate(be, [p for p, _, _ in jobs], [s for *_, s in jobs], steps=25, guidance=5.0, batch_size=64)
+    got = [v[0] for v in judge.classify(imgs)]
+    named = np.mean([g == n for g, (_, n, _) in zip(got[:128], jobs[:128])])
+    print(f"identities named in {100 * named:.1f}% of 128 portraits; fallback {got[128:]}")
+    assert named >= 0.55, named
+    assert got[128:] == ["none"] * 8
