@@ -196,6 +196,8 @@ def run(args) -> None:
             with measure(device, m), encoder_seconds(be, enc):
                 res = erase(be, spec, Project(d), "bench", closed_form_only=closed)
             t = res.report["timings"]
+            if device.type == "cuda":  # erase resets the device's peak at each stage: the run's is the largest
+                m["peak_gb"] = max(v for v in res.report["peak_memory_gb"].values() if v is not None)
             projected = ""
             if flops and closed:
                 projected = f" {m['seconds'] - enc['seconds'] + n * flops / (args.gpu_tflops * 1e12):.2f} |"
