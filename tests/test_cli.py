@@ -389,9 +389,12 @@ def test_ctrl_c_on_generate_keeps_the_images_drawn_and_says_so(tmp_path):
     out = tmp_path / "imgs"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a photo of thing {i}\n" for i in range(400)))
+    # a shell starting a job in the background (nohup ... &, as CI runners may) leaves SIGINT ignored,
+    # and Python then installs no Ctrl-C handler: give the child a terminal's default
     proc = subprocess.Popen([sys.executable, "-m", "mace_core", "generate", str(tiny_file("sd1")), "--prompts",
                              str(prompts), "--out", str(out), "--steps", "4", "--batch-size", "1", "--device", "cpu"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and len(list(out.glob("*.png"))) < 2:
         time.sleep(0.2)

@@ -328,7 +328,8 @@ def test_mace_authors_low_vram_trains_the_same_lora(backend):
         s = Settings(objective="mace-authors", steps=4, lr=1e-2, low_vram=low)
         out[low] = train_lora(backend, data, PROMPTS, tokens, zero, s, seed=0)
     (plain, pl), (low, ll) = out[False], out[True]
-    assert pl == pytest.approx(ll, abs=1e-6)
+    # fp32 losses near 16 are 1.9e-6 apart per ulp; recomputation may round differently by an ulp or two
+    assert pl == pytest.approx(ll, rel=1e-6)
     assert any(float(v.abs().max()) > 0 for v in plain.up.values())
     for k in plain.down:
         assert (plain.up[k] - low.up[k]).abs().max() <= 1e-5 and (plain.down[k] - low.down[k]).abs().max() <= 1e-5

@@ -319,16 +319,22 @@ def cmd_generate(args) -> int:
     _check_size(args.size, be)
     bar = _bar("generating", len(pairs))
     rows: list[str] = []
-    # one batch at a time, each image written as soon as it is drawn: an interrupt keeps them
-    for s in range(0, len(pairs), args.batch_size):
-        batch = pairs[s:s + args.batch_size]
-        imgs = generate(be, [p for p, _ in batch], [x for _, x in batch], args.steps, args.guidance, args.negative,
-                        args.size, args.batch_size)
-        for (p, x), name, img in zip(batch, names[s:], imgs):
-            write_png(out / name, img, checked=True)
-            rows.append(json.dumps({"file": name, "prompt": p, "seed": x}) + "\n")
-        write_text(out / "index.jsonl", "".join(rows), checked=True)
-        bar(s + len(batch))
+    # one batch at a time, each image written as soon as it is drawn: an interrupt keeps them, and the
+    # index then lists exactly the images on disk (an interrupt may fall between an image and its row)
+    try:
+        for s in range(0, len(pairs), args.batch_size):
+            batch = pairs[s:s + args.batch_size]
+            imgs = generate(be, [p for p, _ in batch], [x for _, x in batch], args.steps, args.guidance,
+                            args.negative, args.size, args.batch_size)
+            for (p, x), name, img in zip(batch, names[s:], imgs):
+                rows.append(json.dumps({"file": name, "prompt": p, "seed": x}) + "\n")
+                write_png(out / name, img, checked=True)
+            write_text(out / "index.jsonl", "".join(rows), checked=True)
+            bar(s + len(batch))
+    except KeyboardInterrupt:
+        kept = [r for r in rows if (out / json.loads(r)["file"]).is_file()]
+        write_text(out / "index.jsonl", "".join(kept), checked=True)
+        raise
     print(f"wrote {len(pairs)} images to {out}")
     return 0
 
