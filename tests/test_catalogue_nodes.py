@@ -27,14 +27,14 @@ def _concepts(text: str = "cat", project: str = "", **kw) -> dict:
     return {"class_type": "MACELoadConcepts", "inputs": {**inputs, **kw}}
 
 
-def _erase(concepts: dict, ckpt: str = "tiny64", **kw) -> dict:
-    """Load Checkpoint -> Load Concepts -> Erase Concepts (closed form) -> Save Erased Checkpoint."""
+def _erase(concepts: dict, ckpt: str = "tiny64", prefix: str = "checkpoints/catalogue", **kw) -> dict:
+    """Load Checkpoint -> Load Concepts -> Erase Concepts (closed form) -> Save Erased Checkpoint (``prefix``)."""
     return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}, "2": concepts,
             "3": {"class_type": "MACEEraseConcepts",
                   "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "concepts": ["2", 0], **FAST,
                              "closed_form_only": True, **kw}},
             "4": {"class_type": "MACESaveCheckpoint", "inputs": {"model": ["3", 0], "clip": ["1", 1], "vae": ["1", 2],
-                                                                 "filename_prefix": "checkpoints/catalogue"}}}
+                                                                 "filename_prefix": prefix}}}
 
 
 def _refuse(project: str, mode: str = "erase all concepts of the project", concepts: str = "",
@@ -90,8 +90,7 @@ CASES: dict[str, tuple[dict, str, str]] = {
     "project-of-another-model": (_erase(_concepts(project="made-from-tiny64"), ckpt="other"), NODE,
                                  "not the model project 'made-from-tiny64' was made from"),
     "project-damaged-manifest": (_erase(_concepts(project="broken")), NODE, "manifest.json"),
-    "save-outside-output": ({**_erase(_concepts()), "4": {**_erase(_concepts())["4"], "inputs": {
-        **_erase(_concepts())["4"]["inputs"], "filename_prefix": "../../escape"}}}, VALIDATION, "outside the output"),
+    "save-outside-output": (_erase(_concepts(), prefix="../../escape"), VALIDATION, "outside the output"),
     # Re-fuse / restore
     "refuse-unknown-project": (_refuse("nope"), NODE, "nope"),
     "refuse-damaged-manifest": (_refuse("broken"), NODE, "manifest.json"),

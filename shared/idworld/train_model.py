@@ -142,6 +142,8 @@ def main(argv=None) -> None:
     out = Path(args.out)
     if not args.no_single_file and out.exists():
         raise SystemExit(f"{out} exists; move it away first (this script never replaces a model)")
+    if args.wide_unet and not args.finetune_from:
+        raise SystemExit("--wide-unet is phase 3: give phase 2's folders with --finetune-from")
     if args.finetune_from:
         return finetune(args)
     cfg = dict(PRESETS[args.preset])
