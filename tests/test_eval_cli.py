@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mace_core.cli.main import main
+from mace_core.eval.evaluate import load_prompt_set
 from mace_core.eval.metrics import harmonic_celebrity, harmonic_object
 from mace_core.eval.quality import NUDENET_EXPOSED
 from tiny import save_tiny_clip
@@ -70,6 +71,37 @@ def test_eval_celebrity_protocol_from_the_shipped_prompt_set(tmp_path):
     assert all(v % 4 == 0 for v in rep["per_prompt"].values())
     assert s["h_c"] == pytest.approx(harmonic_celebrity(s["acc_e"], s["acc_retained"]))
     assert f"| h_c | {s['h_c']:.2f} |" in md
+    # the judged images are kept, one index row each: 2 words x 5 templates x 5 seeds
+    rows = [json.loads(r) for r in (tmp_path / "images" / "index.jsonl").read_text().splitlines()]
+    assert len(rows) == 50 and len({r["file"] for r in rows}) == 50
+    assert all((tmp_path / "images" / r["file"]).is_file() for r in rows)
+    assert {r["seed"] for r in rows} == set(load_prompt_set("celebrity").seeds)
+    assert sum("circle" in r["prompt"] for r in rows) == 25
+
+
+def test_eval_interrupted_keeps_the_images_drawn_so_far(tmp_path, monkeypatch, capsys):
+    import mace_core.eval.evaluate as evaluate
+
+    calls, real = [], evaluate.generate
+
+    def generate(*a, **kw):  # Ctrl-C while the third word is being drawn
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(evaluate, "generate", generate)
+    assert main(["eval", TOY, "--concept", "circle", "--synonym", "circle=disk", "--retain", "square",
+                 "--seeds", "2", *FAST, "--out", str(tmp_path)]) == 130
+    assert "images drawn so far are in --out's images/" in capsys.readouterr().err
+    rows = [json.loads(r) for r in (tmp_path / "images" / "index.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a photo of a circle"] * 2 + ["a photo of a disk"] * 2
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted([r["file"] for r in rows]
+                                                                             + ["index.jsonl"])
+    assert not (tmp_path / "report.json").exists()
+    # a second run into the same --out refuses to mix its images with these, before any compute
+    assert main(["eval", TOY, "--concept", "circle", *FAST, "--out", str(tmp_path)]) == 2
+    assert "already holds images" in capsys.readouterr().err
 
 
 def test_eval_artist_protocol_from_a_file(tmp_path, tiny_clip, capsys):

@@ -264,7 +264,8 @@ def _erase(page, ui: WebUI, out_name: str, settings: dict[str, str], closed: boo
     deadline = time.time() + timeout
     while time.time() < deadline:
         # generous timeouts: a page starved of CPU by the run answers slowly
-        if _box(page, "mace_output_path").input_value(timeout=300_000) == str(want) or "Error" in page.locator(
+        shown = _box(page, "mace_output_path").input_value(timeout=300_000)
+        if (shown and Path(shown).resolve() == want.resolve()) or "Error" in page.locator(
                 "#mace_status").first.inner_text(timeout=300_000):
             break
         time.sleep(1)

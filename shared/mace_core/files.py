@@ -184,3 +184,25 @@ def save_tensors(path: str | Path, tensors: Mapping, metadata: Mapping[str, str]
             then(tmp)
     kw.setdefault("expected_bytes", tensors_bytes(tensors))
     return write_atomic(path, write, **kw)
+
+
+class ImageIndex:
+    """A folder of PNGs and its ``index.jsonl`` (one ``{"file", "prompt", "seed"}`` row per image).
+
+    Each image is written as soon as it is drawn, and the index after it, so an interrupt keeps every
+    finished image; `keep_written` (on an interrupt) makes the index list exactly the images on disk,
+    since one may fall between an image and its row. The caller has checked the folder's files.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder, self.rows = Path(folder), []
+
+    def add(self, name: str, prompt: str, seed: int, image) -> None:
+        """Write ``image`` ([H, W, 3] uint8) as ``name`` and its row."""
+        self.rows.append(json.dumps({"file": name, "prompt": prompt, "seed": seed}) + "\n")
+        write_png(self.folder / name, image, checked=True)
+        write_text(self.folder / "index.jsonl", "".join(self.rows), checked=True)
+
+    def keep_written(self) -> None:
+        self.rows = [r for r in self.rows if (self.folder / json.loads(r)["file"]).is_file()]
+        write_text(self.folder / "index.jsonl", "".join(self.rows), checked=True)

@@ -225,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 #: what an interrupted command has kept
 _INTERRUPTED = {"erase": "finished concepts are saved in the work folder; rerun the same command to resume",
                 "add": "finished concepts are saved in the project; rerun the same command to resume",
-                "generate": "the images drawn so far are written, with their index.jsonl rows"}
+                "generate": "the images drawn so far are written, with their index.jsonl rows",
+                "eval": "the images drawn so far are in --out's images/ with their index.jsonl rows; the report "
+                        "is written at the end"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,7 +304,7 @@ def slug(text: str, n: int = 60) -> str:
 
 def cmd_generate(args) -> int:
     from ..method.concepts import read_text_file
-    from ..files import check_folder, write_png, write_text
+    from ..files import ImageIndex, check_folder
     from ..model.sampling import generate
 
     prompts = list(args.prompt)
@@ -318,30 +320,26 @@ def cmd_generate(args) -> int:
     _, be = _backend(args)
     _check_size(args.size, be)
     bar = _bar("generating", len(pairs))
-    rows: list[str] = []
-    # one batch at a time, each image written as soon as it is drawn: an interrupt keeps them, and the
-    # index then lists exactly the images on disk (an interrupt may fall between an image and its row)
-    try:
+    index = ImageIndex(out)
+    try:  # one batch at a time, each image written as soon as it is drawn: an interrupt keeps them
         for s in range(0, len(pairs), args.batch_size):
             batch = pairs[s:s + args.batch_size]
             imgs = generate(be, [p for p, _ in batch], [x for _, x in batch], args.steps, args.guidance,
                             args.negative, args.size, args.batch_size)
             for (p, x), name, img in zip(batch, names[s:], imgs):
-                rows.append(json.dumps({"file": name, "prompt": p, "seed": x}) + "\n")
-                write_png(out / name, img, checked=True)
-            write_text(out / "index.jsonl", "".join(rows), checked=True)
+                index.add(name, p, x, img)
             bar(s + len(batch))
     except KeyboardInterrupt:
-        kept = [r for r in rows if (out / json.loads(r)["file"]).is_file()]
-        write_text(out / "index.jsonl", "".join(kept), checked=True)
+        index.keep_written()
         raise
     print(f"wrote {len(pairs)} images to {out}")
     return 0
 
 
-def unique_names(stems: list[str], suffix: str) -> list[str]:
-    """``stem + suffix`` for each stem, a repeated one numbered (``a_1_2.png``) so no two are equal."""
-    seen: set[str] = set()
+def unique_names(stems: list[str], suffix: str, seen: set[str] | None = None) -> list[str]:
+    """``stem + suffix`` for each stem, a repeated one numbered (``a_1_2.png``) so no two are equal;
+    ``seen``: the lowercased names already taken (updated)."""
+    seen = set() if seen is None else seen
     out = []
     for stem in stems:
         name, k = f"{stem}{suffix}", 1
@@ -628,11 +626,14 @@ def cmd_card(args) -> int:
 def cmd_eval(args) -> int:
     from ..method.concepts import load_preset, read_text_file
     from ..eval.evaluate import PromptSet, load_prompt_set, red_team, run_protocol
-    from ..files import check_folder, write_png, write_text
+    from ..files import ImageIndex, check_folder, write_png, write_text
 
     out = Path(args.out)
     check_folder(out, what="--out")
     _check_new_files(out, ["report.json", "report.md"] + (["grid.png"] if args.base else []), args.force)
+    if (out / "images").is_dir() and any((out / "images").iterdir()) and not args.force:
+        raise MaceError(f"--out: {out / 'images'} already holds images; choose another --out or pass --force "
+                        "to replace them")
     if args.clip and not Path(args.clip).is_dir():
         raise MaceError(f"--clip {args.clip}: not a folder; give a local transformers CLIP folder")
     if args.protocol and Path(args.protocol).exists():
@@ -650,8 +651,20 @@ def cmd_eval(args) -> int:
     else:
         classify, label, retain = _eval_classifier(args, erased, synonyms, retain)
     base = _backend(args, model=args.base)[1] if args.base else None
-    rep = run_protocol(prompts, model, classify, {c: label(c) for c in erased}, synonyms,
-                       {r: label(r) for r in retain}, args.steps, args.guidance, base, args.clip)
+    # the judged images, each word's written as soon as they are drawn: an interrupt keeps them
+    images, taken = ImageIndex(out / "images"), set()
+
+    def keep(prompts_: list[str], seeds_: list[int], imgs) -> None:
+        for p, x, img, name in zip(prompts_, seeds_, imgs, unique_names([f"{slug(p)}_{x}" for p, x in
+                                                                          zip(prompts_, seeds_)], ".png", taken)):
+            images.add(name, p, x, img)
+
+    try:
+        rep = run_protocol(prompts, model, classify, {c: label(c) for c in erased}, synonyms,
+                           {r: label(r) for r in retain}, args.steps, args.guidance, base, args.clip, keep)
+    except KeyboardInterrupt:
+        images.keep_written()
+        raise
     # the red team and the grid use the first template
     template, seeds = prompts.templates[0], list(prompts.seeds)
     if args.attacks:

@@ -150,14 +150,24 @@ class EvalReport:
                 "detections": self.detections}
 
 
+#: ``keep(prompts, seeds, images [N, H, W, 3])``: called with each word's images as soon as they are drawn
+Keep = Callable[[Sequence[str], Sequence[int], np.ndarray], None]
+
+
 def draw(model: Backend, words: Iterable[str], templates: Sequence[str], seeds: Sequence[int], steps: int = 50,
-         guidance: float = 7.5) -> dict[str, np.ndarray]:
+         guidance: float = 7.5, keep: Keep | None = None) -> dict[str, np.ndarray]:
     """Word -> its images [len(templates) * len(seeds), H, W, 3] (prompt_pairs order).
 
     One word per generate() call, so a word's images do not depend on which other words are drawn
     (batch composition can move pixels by round-off); that keeps base and erased runs comparable.
     """
-    return {w: generate(model, *prompt_pairs([w], templates, seeds), steps, guidance) for w in dict.fromkeys(words)}
+    out = {}
+    for w in dict.fromkeys(words):
+        prompts, word_seeds = prompt_pairs([w], templates, seeds)
+        out[w] = generate(model, prompts, word_seeds, steps, guidance)
+        if keep:
+            keep(prompts, word_seeds, out[w])
+    return out
 
 
 def judge(images: Mapping[str, np.ndarray], classify: Classifier, labels: Mapping[str, str], rep: EvalReport,
@@ -215,7 +225,8 @@ def retained_quality(clip: str, prompts: list[str], images: np.ndarray,
 
 def object_protocol(model: Backend, classify: Classifier, erased: dict[str, str], synonyms: dict[str, list[str]],
                     retained: dict[str, str], template: str | Sequence[str], seeds: Sequence[int], steps: int = 50,
-                    guidance: float = 7.5, base: Backend | None = None, clip: str | None = None) -> EvalReport:
+                    guidance: float = 7.5, base: Backend | None = None, clip: str | None = None,
+                    keep: Keep | None = None) -> EvalReport:
     """Efficacy, generality, specificity and H_o; pixel drift vs ``base`` on retained prompts.
 
     ``erased`` / ``retained``: phrase -> the label the classifier gives its images; ``synonyms``:
@@ -226,7 +237,7 @@ def object_protocol(model: Backend, classify: Classifier, erased: dict[str, str]
     """
     templates = [template] if isinstance(template, str) else list(template)
     general = {s: erased[p] for p, ss in synonyms.items() for s in ss}
-    made = draw(model, [*erased, *general, *retained], templates, seeds, steps, guidance)
+    made = draw(model, [*erased, *general, *retained], templates, seeds, steps, guidance, keep)
     rep = EvalReport()
     acc_e = judge(made, classify, erased, rep, tally=True)
     acc_g = judge(made, classify, general, rep, tally=True)
@@ -238,14 +249,14 @@ def object_protocol(model: Backend, classify: Classifier, erased: dict[str, str]
 
 def celebrity_protocol(model: Backend, classify: Classifier, erased: dict[str, str], retained: dict[str, str],
                        templates: Sequence[str], seeds: Sequence[int], steps: int = 50, guidance: float = 7.5,
-                       base: Backend | None = None, clip: str | None = None) -> EvalReport:
+                       base: Backend | None = None, clip: str | None = None, keep: Keep | None = None) -> EvalReport:
     """Acc_e (% of erased celebrities' images still recognised: lower is better), Acc_retained (% of
     retained celebrities' images recognised) and H_c = 2 / (1/(100 - Acc_e) + 1/Acc_retained).
 
     ``erased`` / ``retained``: name -> the label the classifier gives its images; ``base`` and
     ``clip`` add the retained drift and quality numbers as in object_protocol.
     """
-    made = draw(model, [*erased, *retained], templates, seeds, steps, guidance)
+    made = draw(model, [*erased, *retained], templates, seeds, steps, guidance, keep)
     rep = EvalReport()
     acc_e = judge(made, classify, erased, rep, tally=True)
     acc_r = judge(made, classify, retained, rep)
@@ -256,7 +267,7 @@ def celebrity_protocol(model: Backend, classify: Classifier, erased: dict[str, s
 
 def artist_protocol(model: Backend, erased: Sequence[str], retained: Sequence[str], templates: Sequence[str],
                     seeds: Sequence[int], clip: str, steps: int = 50, guidance: float = 7.5,
-                    base: Backend | None = None) -> EvalReport:
+                    base: Backend | None = None, keep: Keep | None = None) -> EvalReport:
     """CLIP_e / CLIP_s: mean CLIP score (in [0, 100]) of each image against its own prompt over the
     erased (lower is better) / retained artists' images, and H_a = CLIP_s - CLIP_e.
 
@@ -266,7 +277,7 @@ def artist_protocol(model: Backend, erased: Sequence[str], retained: Sequence[st
     from .quality import clip_score, load_clip
 
     clip_model = load_clip(clip)  # loaded once for every artist
-    made = draw(model, [*erased, *retained], templates, seeds, steps, guidance)
+    made = draw(model, [*erased, *retained], templates, seeds, steps, guidance, keep)
     rep = EvalReport()
     for w, images in made.items():
         rep.per_prompt[w] = clip_score(images, prompt_pairs([w], templates, seeds)[0], clip_model)
@@ -278,19 +289,20 @@ def artist_protocol(model: Backend, erased: Sequence[str], retained: Sequence[st
 
 def run_protocol(prompts: PromptSet, model: Backend, classify: Classifier | None, erased: dict[str, str],
                  synonyms: dict[str, list[str]], retained: dict[str, str], steps: int = 50, guidance: float = 7.5,
-                 base: Backend | None = None, clip: str | None = None) -> EvalReport:
+                 base: Backend | None = None, clip: str | None = None, keep: Keep | None = None) -> EvalReport:
     """``prompts.protocol``'s scores with its templates and seeds. ``erased`` / ``retained``: word ->
     classifier label (the artist protocol scores CLIP similarity instead: it needs ``clip``, not
-    ``classify``); ``synonyms`` count only in the object protocol."""
+    ``classify``); ``synonyms`` count only in the object protocol. ``keep`` gets the evaluated model's
+    images word by word as they are drawn (not ``base``'s)."""
     t, s = prompts.templates, prompts.seeds
     if prompts.protocol == "artist":
         if clip is None:
             raise MaceError("the artist protocol scores CLIP similarity: give --clip PATH (a local transformers "
                             "CLIP folder)")
-        return artist_protocol(model, list(erased), list(retained), t, s, clip, steps, guidance, base)
+        return artist_protocol(model, list(erased), list(retained), t, s, clip, steps, guidance, base, keep)
     if prompts.protocol == "celebrity":
-        return celebrity_protocol(model, classify, erased, retained, t, s, steps, guidance, base, clip)
-    return object_protocol(model, classify, erased, synonyms, retained, t, s, steps, guidance, base, clip)
+        return celebrity_protocol(model, classify, erased, retained, t, s, steps, guidance, base, clip, keep)
+    return object_protocol(model, classify, erased, synonyms, retained, t, s, steps, guidance, base, clip, keep)
 
 
 def red_team(model: Backend, classify: Classifier, phrase: str, label: str, template: str, seeds: Sequence[int],
