@@ -10,6 +10,7 @@ import torch
 
 from mace_core.model.checkpoint import load_checkpoint
 from mace_core.method.concepts import ErasureSpec, concept_prompts, get_type, make_concept
+from mace_core.method.corpus import CORPUS_FILE, subject_captions
 from mace_core.model.diffusers_backend import DiffusersBackend
 from mace_core.method.erase import _priors, refine_weights
 from mace_core.method.prior import mean_grams
@@ -156,3 +157,38 @@ def test_shared_name_protection_keeps_a_shared_first_name_that_the_erasure_moves
     print(f"'Bill Lee' keys moved {kept:.4g} with the protection, {fixed:.4g} with its fixed list, {without:.4g} "
           "without")
     assert kept < 0.8 * fixed and fixed < 0.1 * without  # measured: 7.7, 10.8, 193
+
+
+def test_celebrity_templates_put_the_name_in_everyday_scenes():
+    """types.yaml `scenes`: the celebrity type's templates end with 30 corpus captions around a person
+    slot, each naming the subject once, the same on every run; the erased name and every protected
+    name get the same scenes (stage 1 pairs them with the anchor's and keeps them for the others)."""
+    import re
+
+    scenes = subject_captions("person", 30)
+    assert len(set(scenes)) == 30 and all(s.count("{}") == 1 for s in scenes)
+    assert scenes == subject_captions("person", 30, seed=0) != subject_captions("person", 30, seed=1)
+    vocabulary = set(re.findall(r"[a-z]+", CORPUS_FILE.read_text().lower()))
+    assert all(set(re.findall(r"[a-z]+", s.lower())) <= vocabulary for s in scenes)  # corpus words only
+    t = get_type("celebrity")
+    assert t.templates[-30:] == tuple(scenes)
+    c = make_concept("Bill Marlow", "", "celebrity")
+    assert [p.replace("Bill Marlow", "{}") for p in concept_prompts(c)[-30:]] == scenes
+    assert concept_prompts(c, "Bill Holt")[-30:] == [s.replace("{}", "Bill Holt") for s in scenes]
+    assert get_type("object").templates_key != t.templates_key
+    with pytest.raises(ValueError, match="no slot"):
+        subject_captions("celebrity", 3)
+
+
+def test_stage_one_sums_made_with_other_templates_are_recomputed(tmp_path, monkeypatch):
+    """A project's stats from an older mace (other templates) count as absent: the run recomputes them
+    instead of erasing with sums of prompts it no longer uses."""
+    from mace_core.method.concepts import ConceptType
+
+    c = make_concept("Bill Marlow", "", "celebrity")
+    st = _stats(torch.eye(4, dtype=torch.float64), 2 * torch.eye(4, dtype=torch.float64))
+    project = Project(tmp_path)
+    project.save_stats(c, st)
+    assert torch.equal(project.load_stats(c).gram, st.gram)
+    monkeypatch.setattr(ConceptType, "templates_key", property(lambda self: "other"))
+    assert project.load_stats(c) is None

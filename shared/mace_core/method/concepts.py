@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from ..errors import MaceError
+from .corpus import subject_captions
 
 DATA = Path(__file__).parents[1] / "data"
 
@@ -217,6 +218,11 @@ class ConceptType:
     protect: tuple[str, ...] = ()  # kept when the user gives no retain list (types.yaml `protect`)
     shared_names: int = 0  # and per erased name this many names sharing its first, and its last, word
 
+    @property
+    def templates_key(self) -> str:
+        """A hash of the templates: stage-1 sums and LoRAs made with other templates are recomputed."""
+        return hashlib.sha256("\n".join(self.templates).encode()).hexdigest()[:16]
+
     def protection_of(self, phrase: str) -> tuple[str, ...]:
         """What this type keeps, without a retain list, when ``phrase`` is erased: its fixed list and,
         for a name of two or more words, ``shared_names`` names sharing its first word (common surnames)
@@ -298,7 +304,13 @@ def concept_types() -> dict[str, ConceptType]:
     for name, t in raw.items():
         lines = (DATA / "templates" / f"{name}.txt").read_text().splitlines()
         protect = dict(t.get("protect") or {})
-        out[name] = ConceptType(name, t["anchor"], t["train_prompt"], tuple(s for s in lines if s.strip()),
+        scenes = dict(t.get("scenes") or {})
+        # the phrase also in everyday scenes (`scenes`): stage 1 then remaps the open-ended words that
+        # follow it, and keeps what it protects in the same scenes; with the templates alone, another
+        # name followed by words no template has ("X next to a star") lost what those words carried
+        extra = subject_captions(scenes["slot"], int(scenes["count"])) if scenes else []
+        templates = tuple(s for s in lines if s.strip()) + tuple(extra)
+        out[name] = ConceptType(name, t["anchor"], t["train_prompt"], templates,
                                 dict(t.get("settings", {})), _protect_list(protect),
                                 int(protect.get("shared_names", 0)))
     return out
@@ -590,5 +602,5 @@ def settings_hash(spec: ErasureSpec, concept: Concept) -> str:
     # what stage 1 keeps: the retain list, else the concept's own type's whole default list (not less
     # the erased phrases, which would make the other concepts part of the identity)
     default = get_type(concept.type).protection_of(concept.phrase) if run["protection"] == "type" else ()
-    data = [concept.to_dict(), trained, sorted(spec.retain or default)]
+    data = [concept.to_dict(), trained, sorted(spec.retain or default), get_type(concept.type).templates_key]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

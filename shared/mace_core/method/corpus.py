@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["general_captions", "load_corpus_spec", "CORPUS_FILE"]
+__all__ = ["general_captions", "subject_captions", "load_corpus_spec", "CORPUS_FILE"]
 
 CORPUS_FILE = Path(__file__).resolve().parents[1] / "data" / "corpus.yaml"
 
@@ -123,3 +123,27 @@ def general_captions(n: int = 6000, seed: int = 0, path: str | Path | None = Non
         seen.add(caption)
         out.append(caption)
     return out
+
+
+def subject_captions(slot: str, n: int, seed: int = 0, path: str | Path | None = None) -> list[str]:
+    """``n`` distinct templates (``{}`` = the subject) made of the corpus's captions whose ``{slot}``
+    (e.g. ``person``) occurs exactly once: everyday scenes around a subject, "{} holding a small puppy
+    in a garden". Deterministic in ``(slot, n, seed)`` as `general_captions`.
+
+    A concept type puts its phrase in these scenes (types.yaml ``scenes``) so stage 1 sees the phrase
+    followed by open-ended words, and sees what it protects in the same scenes.
+    """
+    categories, lists = load_corpus_spec(path)
+    if slot not in lists:
+        raise ValueError(f"the corpus has no slot {{{slot}}}")
+    marked = {**lists, slot: ("{}",)}
+    usable = tuple(t for _, temps in categories for t in temps if f"{{{slot}}}" in t)
+    rng = random.Random(seed)
+    out: list[str] = []
+    for _ in range(50 * n + 1000):
+        if len(out) == n:
+            return out
+        caption = _finish(_expand(_pick(rng, usable), marked, rng))
+        if caption.count("{}") == 1 and len(caption.split()) <= _MAX_WORDS and caption not in out:
+            out.append(caption)
+    raise ValueError(f"could only make {len(out)} distinct {{{slot}}} captions of the {n} requested")

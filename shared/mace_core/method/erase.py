@@ -231,6 +231,14 @@ def _stats(backend: Backend, project: Project, c: Concept, anchors: dict[tuple[s
     return st
 
 
+def retain_key(spec: ErasureSpec) -> str:
+    """Identity of the project's retain-list Gram: the kept phrases, put into the first concept's
+    templates (either changing re-encodes them)."""
+    kept, _ = spec.protected()
+    key = [sorted(kept), get_type(spec.concepts[0].type).templates_key] if kept else []
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
 def _priors(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Path | None = None,
             prog: Progress | None = None, stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
     """Per-token general and retain-list Grams ("general", "domain", and their "_pooled" twins for
@@ -244,8 +252,7 @@ def _priors(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Pa
             priors["general" if name == "context" else "general_pooled"] = g
         changed = True
     kept, _ = spec.protected()
-    retain_key = hashlib.sha256(json.dumps(sorted(kept)).encode()).hexdigest()
-    if kept and run.domain and meta.get("retain") != retain_key:
+    if kept and run.domain and meta.get("retain") != retain_key(spec):
         # the sum of each kept phrase's own mean Gram: `domain` weighs per kept concept, so a long
         # retain list keeps each of its concepts as strongly as a short one instead of diluting them
         sums: dict[str, torch.Tensor] = {}
@@ -255,7 +262,7 @@ def _priors(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Pa
             for name, g in mean_grams(backend, concept_prompts(spec.concepts[0], r)).items():
                 sums[name] = sums[name] + g if name in sums else g
         priors.update({("domain" if name == "context" else "domain_pooled"): g for name, g in sums.items()})
-        meta["retain"] = retain_key
+        meta["retain"] = retain_key(spec)
         changed = True
     if changed:
         project.save_priors(priors, meta)

@@ -17,6 +17,7 @@ import torch
 from ..model.backend import Backend
 from ..method.concepts import Concept, ErasureSpec, Settings, concept_prompts, settings_hash
 from ..errors import MaceError
+from ..method.erase import retain_key
 from ..method.masks import draw_batch
 from ..method.objectives import grad_rows, unet_passes
 from ..method.prior import float32_text, prior_missing
@@ -123,6 +124,10 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     enc = (time.perf_counter() - t0) / 8
     captions, prior_s = _prior_cost(backend, spec, project, prior_dir)
     prompts = sum(2 * len(concept_prompts(c)) for c, _, encode, _, _ in left if encode)
+    kept, _ = spec.protected()
+    if kept and spec.settings_for().domain and (project is None or
+                                                project.load_priors()[1].get("retain") != retain_key(spec)):
+        prompts += len(kept) * len(concept_prompts(spec.concepts[0]))  # the retain list in the templates
     peak = None
     if cuda:
         resident = torch.cuda.memory_allocated()
