@@ -50,7 +50,10 @@ DEFAULT = "type default"
 # every other setting the core declares as optional widgets (`_optional_inputs`), so a new setting shows up
 # here without a change. The seed is 'training_seed', the mask a widget of its own (SAM checkpoints),
 # the CLIP skip read from the CLIP.
-REFINE_SETTINGS = ("lam", "prior", "domain")
+REFINE_SETTINGS = ("lam", "prior", "domain", "protection", "balance")  # stage 1's, the Refine node's widgets
+# protection and balance came to Refine later: Train LoRAs keeps them (saved graphs store its widgets by
+# position); left at "type default" there, the project's values (Refine's) hold
+NOT_ON_TRAIN = REFINE_SETTINGS[:3]
 TRAIN_SETTINGS = ("steps", "rank", "lr", "images", "sample_steps", "guidance")
 OWN_WIDGETS = ("seed", "mask", "sam_checkpoint", "clip_skip")
 
@@ -430,7 +433,7 @@ def _optional_inputs(*, refine: bool) -> list[io.Input]:
     """Optional inputs of the training nodes: the preview, every other core setting (`_setting_inputs`;
     with ``refine`` also stage 1's, which the one-shot node runs too) and deleting the training images."""
     others = [i.name for i in setting_infos() if i.name not in TRAIN_SETTINGS + OWN_WIDGETS
-              and (refine or i.name not in REFINE_SETTINGS)]
+              and (refine or i.name not in NOT_ON_TRAIN)]
     return [io.Combo.Input("preview", options=["auto", "show", "blur", "hide"], default="auto", optional=True,
                            tooltip="the training_images output: each image beside its mask; auto blurs explicit "
                                    "concepts"),

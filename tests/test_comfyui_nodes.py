@@ -724,3 +724,34 @@ def test_a_setting_declared_in_the_core_is_a_widget_of_the_training_nodes(comfyu
     finally:
         monkeypatch.undo()
         concepts._all_infos.cache_clear()
+
+
+def test_refine_node_turns_the_default_protection_off_like_the_cli(comfyui, tiny64, tmp_path):
+    """Refine (CFR)'s `protection` widget: 'none' refines as `mace erase --closed-form-only --protection
+    none` does, records it in the file, and differs from the type's default protection."""
+    from mace_core.cli.main import main
+    from mace_core.model.checkpoint import load_checkpoint
+
+    def refine(tag: str, **kw) -> dict:
+        graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
+                 "2": _concepts("cat", f"protect-{tag}"),
+                 "3": {"class_type": "MACERefine", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                              "concepts": ["2", 0], **kw}},
+                 "4": {"class_type": "MACESaveCheckpoint", "inputs": {"model": ["3", 0], "clip": ["1", 1],
+                                                                      "vae": ["1", 2],
+                                                                      "filename_prefix": f"checkpoints/prot-{tag}"}}}
+        saved = Path(comfyui.run(graph)["4"][0])
+        return load_checkpoint(saved, family=load_checkpoint(tiny64.path).family)
+
+    off, default = refine("off", protection="none"), refine("default")
+    assert main(["erase", str(tiny64.path), "--concept", "cat", "--type", "object", "--closed-form-only",
+                 "--protection", "none", "--device", "cpu", "--out", str(tmp_path / "cli.safetensors")]) == 0
+    cli = load_checkpoint(tmp_path / "cli.safetensors")
+    assert json.loads(off.metadata["mace.settings"])["protection"] == "none"
+    assert json.loads(off.metadata["mace.protected"])["phrases"] == []
+    assert len(json.loads(default.metadata["mace.protected"])["phrases"]) == 79  # 80 common objects but "cat"
+    kv = [k for k in cli.tensors if _is_kv(k)]
+    for k in kv:
+        wc, wo = cli.tensors[k].float(), off.tensors[k].float()
+        assert float((wo - wc).norm() / wc.norm()) <= TOL_WEIGHT, k
+    assert max(float((default.tensors[k].float() - off.tensors[k].float()).norm()) for k in kv) > 0
