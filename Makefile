@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/mace demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/run.py
