@@ -99,8 +99,9 @@ def prior_path(folder: str | Path, text_key: str, n_captions: int = PRIOR_CAPTIO
 @contextlib.contextmanager
 def float32_text(backend: Backend) -> Iterator[None]:
     """The backend's text encoders in fp32 for the block when it runs on the CPU in half precision,
-    through its ``text_encoders_float32`` context manager where it has one (ComfyUI keeps CLIP in
-    fp16 on the CPU); a backend without one encodes in its own dtype (DiffusersBackend: fp32 on CPU)."""
+    through its ``text_encoders_float32`` context manager where it has one; a backend without one
+    encodes in its own arithmetic (DiffusersBackend: fp32 on the CPU; ComfyUI stores CLIP in fp16 on
+    the CPU but computes in fp32, its manual-cast layers casting each weight to the fp32 input)."""
     hook = getattr(backend, "text_encoders_float32", None)
     if hook is None or backend.device.type != "cpu":
         yield
