@@ -408,6 +408,36 @@ def test_ctrl_c_on_generate_keeps_the_images_drawn_and_says_so(tmp_path):
     assert not [p for p in out.iterdir() if p.suffix not in (".png", ".jsonl")]  # no temporary file left
 
 
+def test_generate_force_interrupted_while_replacing_an_image_lists_only_what_it_wrote(monkeypatch, tmp_path):
+    """`mace generate --force` over an earlier run: an interrupt while the second image is being
+    written leaves it out of the index when the old file is still there (interrupted before the
+    rename), and lists it when the new file landed (interrupted right after)."""
+    import mace_core.files as files
+
+    out, real = tmp_path / "imgs", files.write_png
+    argv = ["generate", str(tiny_file("sd1")), "--prompt", "a cat", "--num-images", "3", "--out", str(out),
+            "--steps", "2", "--device", "cpu"]
+    assert main(argv) == 0
+    old = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    for landed in (False, True):
+        calls = []
+
+        def write_png(path, image, **kw):
+            calls.append(path)
+            if len(calls) == 2 and not landed:
+                raise KeyboardInterrupt  # before the new file replaces the old one
+            real(path, image, **kw)
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # the new file is in place, its row not yet written
+
+        monkeypatch.setattr(files, "write_png", write_png)
+        assert main(argv + ["--force", "--seed", "1" if landed else "0"]) == 130
+        rows = [json.loads(l)["file"] for l in (out / "index.jsonl").read_text().splitlines()]
+        assert rows == [p.name for p in calls[:2 if landed else 1]]
+        if not landed:
+            assert calls[1].read_bytes() == old[calls[1].name]  # the old image, not listed
+
+
 def test_ctrl_c_names_what_each_command_kept(monkeypatch, capsys, tmp_path):
     """The interrupt message is the command's own: `info` and `fuse` wrote nothing; only `erase` and
     `add` speak of finished concepts."""

@@ -190,19 +190,37 @@ class ImageIndex:
     """A folder of PNGs and its ``index.jsonl`` (one ``{"file", "prompt", "seed"}`` row per image).
 
     Each image is written as soon as it is drawn, and the index after it, so an interrupt keeps every
-    finished image; `keep_written` (on an interrupt) makes the index list exactly the images on disk,
-    since one may fall between an image and its row. The caller has checked the folder's files.
+    finished image; `keep_written` (on an interrupt) makes the index list exactly the images this run
+    wrote, since one may fall between an image and its row, and an image being replaced (``--force``)
+    may still be the old file. The caller has checked the folder's files.
     """
 
     def __init__(self, folder: str | Path):
         self.folder, self.rows = Path(folder), []
+        self._pending: tuple[str, tuple | None] | None = None  # (row, the file's identity before) while writing
 
     def add(self, name: str, prompt: str, seed: int, image) -> None:
-        """Write ``image`` ([H, W, 3] uint8) as ``name`` and its row."""
-        self.rows.append(json.dumps({"file": name, "prompt": prompt, "seed": seed}) + "\n")
+        """Write ``image`` ([H, W, 3] uint8) as ``name``, then its row."""
+        row = json.dumps({"file": name, "prompt": prompt, "seed": seed}) + "\n"
+        self._pending = (row, _identity(self.folder / name))
         write_png(self.folder / name, image, checked=True)
+        self.rows.append(row)
+        self._pending = None
         write_text(self.folder / "index.jsonl", "".join(self.rows), checked=True)
 
     def keep_written(self) -> None:
-        self.rows = [r for r in self.rows if (self.folder / json.loads(r)["file"]).is_file()]
+        if self._pending is not None:  # interrupted while writing an image: listed once it is the new file
+            row, before = self._pending
+            path = self.folder / json.loads(row)["file"]
+            if path.is_file() and _identity(path) != before:
+                self.rows.append(row)
         write_text(self.folder / "index.jsonl", "".join(self.rows), checked=True)
+
+
+def _identity(path: Path) -> tuple | None:
+    """(inode, mtime) of a file, None when absent: `write_atomic` renames a new file over the old one."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
