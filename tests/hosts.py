@@ -207,9 +207,12 @@ def guard_torchvision(python: Path) -> None:
 def sd15_checkpoint() -> Path:
     """A full-size SD1.5-layout single file with seeded random weights, fp16 (2.1 GB), made once.
 
-    The stock loaders refuse the project's toy sizes; weight values do not matter to them. Built with
-    the project's own model-building functions (`random_modules`, `save_new_checkpoint`)."""
-    out = CACHE / "models" / "sd15-random.safetensors"
+    The stock loaders refuse the project's toy sizes; weight values do not matter to them, but they
+    must sample finite images (the tiny training run trains on them): every convolution kernel is
+    drawn at 1/sqrt(its fan-in), not `random_modules`' 1/sqrt(kernel width), which overflows to NaN
+    within a few of the UNet's blocks. Built with the project's own model-building functions
+    (`random_modules`, `save_new_checkpoint`)."""
+    out = CACHE / "models" / "sd15-random-finite.safetensors"
     if out.is_file():
         return out
     import torch
@@ -221,6 +224,11 @@ def sd15_checkpoint() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fam = load_family("sd1")
     unet, vae, tes = random_modules(fam, seed=0)
+    with torch.no_grad():
+        for m in (unet, vae):
+            for p in m.parameters():
+                if p.ndim == 4:  # [out, in, k, k], drawn with std 1/sqrt(k)
+                    p.mul_((p.shape[-1] / p[0].numel()) ** 0.5)
     tmp = out.with_name(".partial-" + out.name)
     tmp.unlink(missing_ok=True)
     save_new_checkpoint(tmp, fam, unet=unet, vae=vae, text_encoder=tes[0], dtype=torch.float16)

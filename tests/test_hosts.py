@@ -73,11 +73,12 @@ def _need(name: str) -> None:
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does it)")
 
 
-def _code_key() -> str:
-    """A hash of the core's code and data: a cached reference is recomputed when either changes."""
+def _code_key(how: str) -> str:
+    """A hash of the core's code and data and of ``how`` the reference is made: a cached reference is
+    recomputed when any of them changes."""
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(how.encode())
     core = REPO / "shared" / "mace_core"
     for f in sorted(p for p in core.rglob("*") if p.suffix in (".py", ".yaml", ".json", ".txt")):
         h.update(f.relative_to(core).as_posix().encode() + f.read_bytes())
@@ -90,7 +91,8 @@ def reference(ui: "WebUI", name: str, settings: dict[str, str], closed_form_only
     venv's 5.23.0, which moves some fp32 results by an ulp, one fp16 ulp after rounding), one thread
     like the host; cached per core version beside the model."""
     model = hosts.sd15_checkpoint()
-    out = model.parent / "reference" / f"{ui.name}-{name}-{_code_key()}.safetensors"
+    how = json.dumps([model.name, settings, closed_form_only], sort_keys=True)  # and what it was run on
+    out = model.parent / "reference" / f"{ui.name}-{name}-{_code_key(how)}.safetensors"
     if out.is_file():
         return out
     out.parent.mkdir(exist_ok=True)

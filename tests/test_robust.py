@@ -74,3 +74,32 @@ def test_hardening_defeats_the_attacks_that_beat_plain_erasure(tmp_path):
     winning = [r for r in rates if r["plain"] >= 60.0]
     assert winning, rates  # hardening found an attack that beats plain erasure ...
     assert all(r["hard"] <= r["plain"] - 50.0 for r in winning), rates  # ... and closed it
+
+
+def test_a_model_whose_images_are_nan_is_refused_before_training(tmp_path, capsys):
+    """A model that overflows (its first UNet convolution NaN here; SD2 in fp16 without upcasting in the
+    wild) draws NaN training images; a LoRA trained on them, and every fused weight, would be NaN. The
+    run stops with a one-line error naming the concept and the precision, before any LoRA or output."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from mace_core.cli.main import main
+
+    tensors = load_file(str(tiny_file("sd1")))
+    with safe_open(str(tiny_file("sd1")), "pt") as f:
+        metadata = f.metadata()  # the tiny architecture
+    tensors["model.diffusion_model.input_blocks.0.0.weight"] = torch.full_like(
+        tensors["model.diffusion_model.input_blocks.0.0.weight"], float("nan"))
+    model = tmp_path / "overflows.safetensors"
+    save_file(tensors, str(model), metadata)
+    out, work = tmp_path / "erased.safetensors", tmp_path / "work"
+    assert main(["erase", str(model), "--concept", "cat", "--out", str(out), "--work-dir", str(work), "--steps", "2",
+                 "--images", "1", "--sample-steps", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n")  # progress bars redraw with \r and cursor moves
+    errors = [line[line.index("error:"):] for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "images of 'cat' are not finite" in errors[0], errors
+    assert "sampled in float32" in errors[0] and "closed-form only" in errors[0], errors
+    assert not out.exists() and not list(work.rglob("lora.safetensors"))
+    # closed form only never samples: the same model erases
+    assert main(["erase", str(model), "--concept", "cat", "--out", str(out), "--closed-form-only",
+                 "--device", "cpu"]) == 0

@@ -294,6 +294,12 @@ def _train_concept(backend: Backend, project: Project, spec: ErasureSpec, c: Con
     data = draw_concept(backend, prompt, c.phrase, [seed + i for i in range(s.images)], s.sample_steps,
                         s.guidance, "none" if s.mask == "none" else "attention", s.mask_threshold,
                         batch_size=draw_batch(s, backend.resolution), on_batch=lambda d, n: prog(f"drawing {c.phrase}", d, n))
+    if not bool(torch.isfinite(data.latents).all()):
+        # a LoRA trained on them is NaN, and so is every fused weight: refuse before writing anything
+        fix = ("erase closed-form only (no images)" if backend.dtype == torch.float32 else
+               "run it in fp32 (CLI --dtype fp32, A1111 --no-half, ComfyUI --force-fp32) or erase closed-form only")
+        raise MaceError(f"the model's own images of {c.phrase!r} are not finite (NaN or inf, sampled in "
+                        f"{str(backend.dtype).replace('torch.', '')}), so nothing can be trained on them: {fix}")
     if s.mask == "sam":
         from .sam import refine_masks  # optional dependency, imported only when asked for
 
