@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -49,7 +50,11 @@ TIMINGS: dict[str, float] = {}
 
 
 def _timed(key: str, t0: float) -> float:
-    TIMINGS[key] = round(time.time() - t0, 1)
+    return _record(key, time.time() - t0)
+
+
+def _record(key: str, seconds: float) -> float:
+    TIMINGS[key] = round(seconds, 1)
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / "hosts-timings.json"
     try:  # several host tests may run at once (pytest -n, or by hand): merge, write atomically
@@ -439,8 +444,10 @@ def _api_node(info: dict, cls: str, **given) -> dict:
     return {"class_type": cls, "inputs": inputs}
 
 
-def _queue(server: hosts.Server, graph: dict, timeout: float) -> tuple[str, list[dict]]:
-    """Submit ``graph`` to ``/prompt`` and read ``/ws`` until it finishes: (prompt id, the messages)."""
+def _queue(server: hosts.Server, graph: dict, timeout: float,
+           on_message: Callable[[dict], None] | None = None) -> tuple[str, list[dict]]:
+    """Submit ``graph`` to ``/prompt`` and read ``/ws`` until it finishes: (prompt id, the messages);
+    ``on_message`` sees each message as it arrives."""
     import asyncio
     import uuid
 
@@ -462,6 +469,8 @@ def _queue(server: hosts.Server, graph: dict, timeout: float) -> tuple[str, list
                         continue  # binary: preview images
                     d = json.loads(m.data)
                     msgs.append(d)
+                    if on_message is not None:
+                        on_message(d)
                     data = d.get("data", {})
                     if data.get("prompt_id") == pid and d["type"] in ("execution_success", "execution_error",
                                                                         "execution_interrupted"):
@@ -569,6 +578,45 @@ def test_comfyui_closed_form_and_staged_graphs_run_with_progress(comfy, browser)
     assert trained and trained[-1]["value"] == trained[-1]["max"], progress  # the bar reached its end
     saved = list((hosts.webui_app("comfyui") / "output" / "checkpoints").glob("comfyui-closed*.safetensors"))
     assert saved, "the closed-form graph wrote no checkpoint"
+
+
+def test_comfyui_first_use_prior_shows_progress_and_stops_on_interrupt(comfy):
+    """Closed-form only on a celebrity (the type's defaults use the general prior) with no prior kept
+    yet: the one-shot node's progress is on /ws from its start, and ComfyUI's Interrupt (POST
+    /interrupt, the frontend's cancel button) ends the prompt within a minute, writing nothing."""
+    info = hosts.http_json(comfy.url + "/object_info")
+    prior_dir = hosts.webui_app("comfyui") / "models" / "mace" / "prior"
+    shutil.rmtree(prior_dir, ignore_errors=True)
+    graph = {
+        "1": _api_node(info, "CheckpointLoaderSimple", ckpt_name=hosts.sd15_checkpoint().name),
+        "2": _api_node(info, "MACELoadConcepts", concepts="Tom Cruise", default_type="celebrity", preset="none",
+                       retain="", project="first-use"),
+        "3": _api_node(info, "MACEEraseConcepts", model=["1", 0], clip=["1", 1], vae=["1", 2], concepts=["2", 0],
+                       closed_form_only=True),
+        "4": _api_node(info, "MACESaveCheckpoint", model=["3", 0], clip=["1", 1], vae=["1", 2],
+                       filename_prefix="checkpoints/comfyui-first-use"),
+    }
+    seen: dict[str, float] = {}
+
+    def on_message(d: dict) -> None:
+        data = d.get("data", {})
+        if d["type"] == "executing" and data.get("node") == "3":
+            seen.setdefault("started", time.time())
+        if d["type"] == "progress" and data.get("node") == "3":
+            seen.setdefault("progress", time.time())
+            if time.time() - seen["progress"] > 3 and "interrupt" not in seen:  # a few batches in
+                seen["interrupt"] = time.time()
+                hosts.http_json(comfy.url + "/interrupt", {})
+        if d["type"] == "execution_interrupted":
+            seen["stopped"] = time.time()
+
+    _queue(comfy, graph, 1800, on_message)
+    assert {"started", "progress", "interrupt", "stopped"} <= set(seen), seen
+    assert _record("comfyui_first_use_progress_after_s", seen["progress"] - seen["started"]) < 60, seen
+    # one batch of captions, not the whole prior
+    assert _record("comfyui_interrupt_s", seen["stopped"] - seen["interrupt"]) < 60, seen
+    assert not list(prior_dir.rglob("*.safetensors")) if prior_dir.is_dir() else True
+    assert not list((hosts.webui_app("comfyui") / "output" / "checkpoints").glob("comfyui-first-use*"))
 
 
 def test_comfyui_fp16_checkpoint_comes_back_fp16(comfy):
