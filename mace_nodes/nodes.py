@@ -152,7 +152,8 @@ def _interrupt_check() -> bool:
 
 
 class _Progress:
-    """The core's ``progress(label, done, total)`` as one ComfyUI ProgressBar over drawing + training."""
+    """The core's ``progress(label, done, total)`` as one ComfyUI ProgressBar over drawing + training;
+    before them, stage 1's long phases (the general prior's captions, the kept phrases) count on it."""
 
     def __init__(self, spec: ErasureSpec):
         import comfy.utils
@@ -175,7 +176,8 @@ class _Progress:
             value = self.start.get(phrase, 0) + self.images.get(phrase, 0) + done
         elif label == "concepts":
             value = self.start[self.order[done]] if done < len(self.order) else self.total
-        else:
+        else:  # stage 1's own phases (the general prior, the kept phrases): that phase's count on the bar
+            self.bar.update_absolute(min(done, total), max(total, 1))
             return
         self.bar.update_absolute(min(value, self.total), self.total)
 

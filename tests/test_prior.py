@@ -19,7 +19,7 @@ import torch
 from mace_core.method import erase as erase_mod
 from mace_core.method import prior
 from mace_core.model.checkpoint import load_checkpoint
-from mace_core.method.concepts import ErasureSpec, make_concept
+from mace_core.method.concepts import ErasureSpec, get_type, make_concept
 from mace_core.method.corpus import general_captions
 from mace_core.model.diffusers_backend import DiffusersBackend
 from mace_core.errors import InterruptedRun
@@ -115,6 +115,7 @@ def test_each_phase_is_announced_when_it_starts(backend, tmp_path, monkeypatch):
         monkeypatch.setattr(erase_mod, name, wrapped)
 
     spy("general_prior", erase_mod.general_prior, "prior")
+    spy("mean_grams", erase_mod.mean_grams, "kept")  # the type's default protection: 79 objects
     spy("refine_weights", erase_mod.refine_weights, "refine")
     spy("draw_concept", erase_mod.draw_concept, "draw")
     spy("train_lora", erase_mod.train_lora, "train")
@@ -123,6 +124,8 @@ def test_each_phase_is_announced_when_it_starts(backend, tmp_path, monkeypatch):
     erase_mod.erase(backend, spec, Project(tmp_path / "p"), "0" * 64, progress=lambda l, d, n: labels.append(l),
                     prior_dir=tmp_path / "prior")
     assert at_start["prior"] == "encoding the concepts (stage 1)"
+    assert at_start["kept"] == erase_mod.KEPT_LABEL
+    assert labels.count(erase_mod.KEPT_LABEL) == len(get_type("object").protect) - 1  # one per phrase, "cat" not kept
     assert at_start["refine"] == "refining (stage 1)"
     assert at_start["draw"] == "drawing cat"
     assert at_start["train"] == "training cat"

@@ -231,6 +231,10 @@ def _stats(backend: Backend, project: Project, c: Concept, anchors: dict[tuple[s
     return st
 
 
+#: the progress label while the retain list (or the default protection) is encoded
+KEPT_LABEL = "encoding what is kept (stage 1)"
+
+
 def retain_key(spec: ErasureSpec) -> str:
     """Identity of the project's retain-list Gram: the kept phrases, put into the first concept's
     templates (either changing re-encodes them)."""
@@ -256,7 +260,9 @@ def _priors(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Pa
         # the sum of each kept phrase's own mean Gram: `domain` weighs per kept concept, so a long
         # retain list keeps each of its concepts as strongly as a short one instead of diluting them
         sums: dict[str, torch.Tensor] = {}
-        for r in kept:
+        for i, r in enumerate(kept):
+            if prog is not None:  # a hundred names in 60 prompts each: minutes on a CPU
+                prog(KEPT_LABEL, i, len(kept))
             if stop is not None and stop():
                 raise InterruptedRun("stopped while encoding the retain list; nothing was kept")
             for name, g in mean_grams(backend, concept_prompts(spec.concepts[0], r)).items():
