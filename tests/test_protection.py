@@ -192,3 +192,49 @@ def test_stage_one_sums_made_with_other_templates_are_recomputed(tmp_path, monke
     assert torch.equal(project.load_stats(c).gram, st.gram)
     monkeypatch.setattr(ConceptType, "templates_key", property(lambda self: "other"))
     assert project.load_stats(c) is None
+
+
+def test_a_celebrity_maps_onto_the_mean_of_ordinary_names():
+    """types.yaml `anchor_names`: with its default anchor a celebrity's stage 1 targets 8 ordinary names
+    (common first names and surnames paired), none sharing a word with it; an anchor the user gives, and
+    the other types, keep their one anchor."""
+    t = get_type("celebrity")
+    got = t.stage1_anchors(make_concept("James Marlow", "", "celebrity"))
+    firsts, lasts = _names("first-names"), _names("last-names")
+    assert len(got) == 8 == len(set(got))
+    assert got == tuple(f"{f} {s}" for f, s in zip(firsts, lasts) if "James" != f)[:8]
+    assert all(f in firsts and s in lasts for f, s in (n.split() for n in got))
+    assert t.stage1_anchors(make_concept("James Marlow", "a man", "celebrity")) == ("a man",)
+    assert get_type("object").stage1_anchors(make_concept("cat")) == ("a scene",)
+
+
+def test_stage_one_onto_several_anchors_fits_their_mean(backend):
+    """The mean of the pairings' sums (`ConceptStats.mean`) refines W0 to the least-squares fit of the
+    concept's embeddings onto the MEAN of the anchors' embeddings, checked against a direct solve of
+    sum_k ||W e_i - W0 e*_ki||^2 / K + lam ||W - W0||^2 (stacked lstsq, no normal equations)."""
+    from mace_core.method.refine import concept_stats, refinement_map
+
+    prompts = ["a photo of Bill Marlow", "Bill Marlow smiling"]
+    anchors = ["Mary Johnson", "John Williams", "a person"]
+    parts = [concept_stats(backend, prompts, [p.replace("Bill Marlow", a) for p in prompts]) for a in anchors]
+    st = ConceptStats.mean(parts)
+    lam = 0.5
+    m = refinement_map([st.cross], [st.gram], lam)
+    w0 = torch.randn(6, m.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    # the direct problem: rows e_i (each pairing's aligned positions) with targets W0 e*_i, weight 1/K
+    from mace_core.method.refine import align
+
+    rows, targets = [], []
+    ct = backend.encode(prompts).context.double()
+    for a in anchors:
+        ap = [p.replace("Bill Marlow", a) for p in prompts]
+        at = backend.encode(ap).context.double()
+        for k, (p, q) in enumerate(zip(prompts, ap)):
+            for i, j in align(backend.tokenize(p), backend.tokenize(q), ct.shape[1]):
+                rows.append(ct[k, i] / len(anchors) ** 0.5)
+                targets.append(w0 @ at[k, j] / len(anchors) ** 0.5)
+    d = m.shape[0]
+    lhs = torch.cat([torch.stack(rows), lam ** 0.5 * torch.eye(d, dtype=torch.float64)])
+    rhs = torch.cat([torch.stack(targets), lam ** 0.5 * w0.T])
+    direct = torch.linalg.lstsq(lhs, rhs).solution.T
+    torch.testing.assert_close(w0 @ m, direct, rtol=1e-6, atol=1e-8)

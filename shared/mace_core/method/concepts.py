@@ -217,6 +217,19 @@ class ConceptType:
     settings: Mapping[str, Any]
     protect: tuple[str, ...] = ()  # kept when the user gives no retain list (types.yaml `protect`)
     shared_names: int = 0  # and per erased name this many names sharing its first, and its last, word
+    anchor_names: int = 0  # stage 1 maps onto the mean of this many ordinary names (types.yaml)
+
+    def stage1_anchors(self, concept: "Concept") -> tuple[str, ...]:
+        """What stage 1 maps ``concept`` onto: its anchor, or, for a type with ``anchor_names`` N and the
+        type's default anchor, N ordinary names ("Mary Johnson": common first names and surnames paired,
+        none sharing a word with the phrase), whose mean it becomes. Mapping a name onto "a person" also
+        removes what every name has in common, which the other names then lose; the mean of other
+        names keeps it and removes only what is this name's own."""
+        if not self.anchor_names or concept.anchor != self.anchor:
+            return (concept.anchor,)
+        words = {w.casefold() for w in concept.phrase.split()}
+        pairs = zip(_name_list("first-names"), _name_list("last-names"))
+        return tuple(f"{f} {l}" for f, l in pairs if not {f.casefold(), l.casefold()} & words)[:self.anchor_names]
 
     @property
     def templates_key(self) -> str:
@@ -312,7 +325,7 @@ def concept_types() -> dict[str, ConceptType]:
         templates = tuple(s for s in lines if s.strip()) + tuple(extra)
         out[name] = ConceptType(name, t["anchor"], t["train_prompt"], templates,
                                 dict(t.get("settings", {})), _protect_list(protect),
-                                int(protect.get("shared_names", 0)))
+                                int(protect.get("shared_names", 0)), int(t.get("anchor_names", 0)))
     return out
 
 
@@ -345,6 +358,13 @@ def concept_prompts(concept: Concept, phrase: str | None = None) -> list[str]:
     prompts = [t.replace("{}", p) for t in ctype.templates]
     prompts += [x.replace(concept.phrase, p) for x in concept.prompts]
     return prompts
+
+
+def stage1_key(concept: Concept) -> str:
+    """Identity of what stage 1 encodes for ``concept``: its type's templates and what it maps onto;
+    stage-1 sums and LoRAs made from other ones are recomputed."""
+    t = get_type(concept.type)
+    return hashlib.sha256(json.dumps([t.templates_key, t.stage1_anchors(concept)]).encode()).hexdigest()[:16]
 
 
 def train_prompt(concept: Concept) -> str:
@@ -602,5 +622,5 @@ def settings_hash(spec: ErasureSpec, concept: Concept) -> str:
     # what stage 1 keeps: the retain list, else the concept's own type's whole default list (not less
     # the erased phrases, which would make the other concepts part of the identity)
     default = get_type(concept.type).protection_of(concept.phrase) if run["protection"] == "type" else ()
-    data = [concept.to_dict(), trained, sorted(spec.retain or default), get_type(concept.type).templates_key]
+    data = [concept.to_dict(), trained, sorted(spec.retain or default), stage1_key(concept)]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -221,12 +221,21 @@ def refuse(project: Project, original: Mapping[str, torch.Tensor], only=None, ex
 
 
 def _stats(backend: Backend, project: Project, c: Concept, anchors: dict[tuple[str, ...], TextBatch]) -> ConceptStats:
+    """The concept's stage-1 sums, onto the mean of its stage-1 anchors (`ConceptType.stage1_anchors`):
+    sum_k ||W e - W0 e*_k||^2 / K has the same minimiser as ||W e - W0 mean_k e*_k||^2, so the sums of
+    the K pairings, each divided by K, are the mean's."""
     st = project.load_stats(c)
     if st is None:
-        anchor_prompts = tuple(concept_prompts(c, c.anchor))
-        if anchor_prompts not in anchors:
-            anchors[anchor_prompts] = backend.encode(list(anchor_prompts))
-        st = concept_stats(backend, concept_prompts(c), anchor_prompts, anchor_text=anchors[anchor_prompts])
+        prompts = concept_prompts(c)
+        text = backend.encode(prompts)
+        parts = []
+        for anchor in get_type(c.type).stage1_anchors(c):
+            anchor_prompts = tuple(concept_prompts(c, anchor))
+            if anchor_prompts not in anchors:
+                anchors[anchor_prompts] = backend.encode(list(anchor_prompts))
+            parts.append(concept_stats(backend, prompts, anchor_prompts, concept_text=text,
+                                       anchor_text=anchors[anchor_prompts]))
+        st = parts[0] if len(parts) == 1 else ConceptStats.mean(parts)
         project.save_stats(c, st)
     return st
 
@@ -367,7 +376,9 @@ def erasure_metadata(spec: ErasureSpec, base_sha256: str, base_name: str, closed
     run = spec.settings_for() if spec.concepts else None
     return {
         "mace.version": __version__,
-        "mace.concepts": json.dumps([{"phrase": c.phrase, "anchor": c.anchor, "type": c.type} for c in spec.concepts]),
+        "mace.concepts": json.dumps([{"phrase": c.phrase, "anchor": c.anchor, "type": c.type,
+                                      "stage1_anchors": list(get_type(c.type).stage1_anchors(c))}
+                                     for c in spec.concepts]),
         "mace.retain": json.dumps(list(spec.retain)),
         # what stage 1 actually kept: the retain list, or the types' default protection (named)
         "mace.protected": json.dumps(dict(zip(("phrases", "source"), spec.protected())) if spec.concepts else {}),

@@ -29,7 +29,7 @@ from typing import Iterable, Mapping
 import torch
 
 from .. import __version__
-from .concepts import Concept, ErasureSpec, get_type, make_concept
+from .concepts import Concept, ErasureSpec, make_concept, stage1_key
 from ..errors import MaceError
 from ..files import save_tensors, write_text
 from .refine import ConceptStats
@@ -206,17 +206,18 @@ class Project:
     def save_stats(self, c: Concept, st: ConceptStats) -> None:
         _save(st.tensors(), self.concept_dir(c) / "stats.safetensors",
               {"pairs": str(st.pairs), "phrase": c.phrase, "hardened": str(st.hardened),
-               "templates": get_type(c.type).templates_key})
+               "stage1": stage1_key(c)})
 
     @_recomputed
     def load_stats(self, c: Concept) -> ConceptStats | None:
-        """The concept's stage-1 sums, or None where absent or made from other templates (an older mace)."""
+        """The concept's stage-1 sums, or None where absent or made from other templates or anchors (an
+        older mace)."""
         p = self.concept_dir(c) / "stats.safetensors"
         if not p.is_file():
             return None
         t, meta = _load(p)
-        if meta.get("templates") != get_type(c.type).templates_key:
-            log.info("%s was made with other templates; recomputing it", p)
+        if meta.get("stage1") != stage1_key(c):
+            log.info("%s was made with other templates or anchors; recomputing it", p)
             return None
         try:
             return ConceptStats(pairs=int(meta["pairs"]), hardened=int(meta.get("hardened", 0)), **t)

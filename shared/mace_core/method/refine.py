@@ -49,6 +49,19 @@ class ConceptStats:
         return ConceptStats(self.cross + other.cross, self.gram + other.gram, self.fusion_gram + other.fusion_gram,
                             self.pairs + other.pairs, self.pooled_cross, self.pooled_gram, hardened)
 
+    @staticmethod
+    def mean(parts: Sequence["ConceptStats"]) -> "ConceptStats":
+        """The mean of several pairings' sums (the same concept prompts onto several anchors): a least-
+        squares fit to each, weighted 1/K, is a fit to their mean target."""
+        k = len(parts)
+
+        def avg(name: str):
+            vals = [getattr(p, name) for p in parts]
+            return None if vals[0] is None else sum(vals) / k
+
+        return ConceptStats(avg("cross"), avg("gram"), avg("fusion_gram"), round(sum(p.pairs for p in parts) / k),
+                            avg("pooled_cross"), avg("pooled_gram"), parts[0].hardened)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"cross": self.cross, "gram": self.gram, "fusion_gram": self.fusion_gram}
         if self.pooled_gram is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.backend import Backend
-from ..method.concepts import Concept, ErasureSpec, Settings, concept_prompts, settings_hash
+from ..method.concepts import Concept, ErasureSpec, Settings, concept_prompts, get_type, settings_hash
 from ..errors import MaceError
 from ..method.erase import retain_key
 from ..method.masks import draw_batch
@@ -123,7 +123,8 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     backend.encode(["a photo of a cat"] * 8)
     enc = (time.perf_counter() - t0) / 8
     captions, prior_s = _prior_cost(backend, spec, project, prior_dir)
-    prompts = sum(2 * len(concept_prompts(c)) for c, _, encode, _, _ in left if encode)
+    prompts = sum((1 + len(get_type(c.type).stage1_anchors(c))) * len(concept_prompts(c))
+                  for c, _, encode, _, _ in left if encode)
     kept, _ = spec.protected()
     if kept and spec.settings_for().domain and (project is None or
                                                 project.load_priors()[1].get("retain") != retain_key(spec)):
