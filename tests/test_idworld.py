@@ -294,8 +294,8 @@ def test_erasing_one_name_keeps_the_other_names_in_scenes(judge, tmp_path):
     """The celebrity preset with no retain list (closed form: stage 1 is where it moves the other names)
     erases "Bill Marlow" and keeps every other identity recognisable in held-out scene prompts, words
     after the name that no template has (benchmarks/ablation.py's context prompts, seed 0). Measured:
-    67.5% -> 57.1% with the templates alone, -> 62.7% with the scenes (types.yaml `scenes`); the erased
-    name 0% in both."""
+    67.5% -> 57.1% with the templates alone, -> 62.7% with the scenes (types.yaml `scenes`), -> 61.9%
+    with the scenes and the ordinary-name target (`anchor_names`); the erased name 0% in all."""
     from idworld import ID_MODEL
     from mace_core.method.concepts import ErasureSpec, make_concept
     from mace_core.method.erase import erase
