@@ -97,9 +97,10 @@ def _matches(template: str, caption: str) -> bool:
 def test_captions_use_every_real_template(captions, kind):
     from mace_core.method.concepts import get_type
 
-    templates = get_type(kind).templates
+    # the type's template file (its prompts may add more: the celebrity type's corpus scenes)
+    templates = getattr(world, f"{kind.upper()}_TEMPLATES")
     caps = captions[1]
-    assert set(templates) >= set(getattr(world, f"{kind.upper()}_TEMPLATES"))
+    assert set(get_type(kind).templates) >= set(templates)
     missing = [t for t in templates if "{}" in t and t != "{}" and not any(_matches(t, c) for c in caps)]
     assert not missing, missing
 
