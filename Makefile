@@ -20,9 +20,8 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/mace demo
 
-# The suite includes the real hosts (tests/test_hosts.py: A1111, Forge, ComfyUI; MACE_REAL_HOSTS=0
-# skips them), one test after another: not beside the rest, a host and its CLI reference hold ~16 GB and
-# beside the full-size model tests the kernel killed one on a 24 GB machine.
+# MACE_REAL_HOSTS=1 make test adds the real hosts (tests/test_hosts.py: A1111, Forge, ComfyUI), one test
+# after another: not beside other jobs, a host and its CLI reference hold ~16 GB.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -rs tests
 

@@ -307,8 +307,9 @@ def http_json(url: str, payload: dict | None = None, timeout: float = 600, metho
 class Server:
     """A host application running as its own process (its own venv, its folder as the cwd)."""
 
-    def __init__(self, name: str, cmd: list[str], cwd: Path, env: dict, log: Path, url: str, ready: str):
-        self.name, self.url, self.log = name, url, log
+    def __init__(self, name: str, cmd: list[str], cwd: Path, env: dict, log: Path, url: str, ready: str,
+                 started: str = ""):
+        self.name, self.url, self.log, self.started = name, url, log, started
         log.parent.mkdir(parents=True, exist_ok=True)
         self._out = log.open("w")
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._out, stderr=subprocess.STDOUT,
@@ -316,7 +317,10 @@ class Server:
         self.ready_path = ready
 
     def wait_ready(self, timeout: float) -> float:
-        """Seconds until ``ready_path`` answers 200; raises with the log's tail when it does not."""
+        """Seconds until ``ready_path`` answers 200; raises with the log's tail when it does not. With
+        ``started``, nothing is asked before that line is in the log: A1111 and Forge add their API's
+        middleware after the server is up, and a request in between makes starlette refuse it
+        ("Cannot add middleware after an application has started": the web UI exits)."""
         import time
         import urllib.request
 
@@ -324,14 +328,17 @@ class Server:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
+            if time.time() - t0 > timeout:
+                raise RuntimeError(f"{self.name} did not answer on {self.url} in {timeout:.0f} s:\n{self.tail()}")
+            if self.started and self.started not in self.tail(10 ** 7):
+                time.sleep(1)
+                continue
             try:
                 with urllib.request.urlopen(self.url + self.ready_path, timeout=10) as r:
                     if r.status == 200:
                         return time.time() - t0
             except OSError:
                 pass
-            if time.time() - t0 > timeout:
-                raise RuntimeError(f"{self.name} did not answer on {self.url} in {timeout:.0f} s:\n{self.tail()}")
             time.sleep(1)
 
     def tail(self, n: int = 4000) -> str:
@@ -395,7 +402,7 @@ def start_webui(name: str, port: int, threads: int, log: Path, extra_args: tuple
     else:
         args = ["--always-cpu", "--all-in-fp32", "--skip-install"]
     cmd = [str(python), "launch.py", *common, *args, *extra_args]
-    return Server(name, cmd, app, env, log, f"http://127.0.0.1:{port}", "/sdapi/v1/sd-models")
+    return Server(name, cmd, app, env, log, f"http://127.0.0.1:{port}", "/sdapi/v1/sd-models", "Startup time:")
 
 
 def start_comfyui(port: int, threads: int, log: Path) -> Server:

@@ -80,7 +80,7 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
         prog("encoding the concepts (stage 1)", 0, 1)
         anchors: dict[tuple[str, ...], TextBatch] = {}  # encoded once per run for concepts sharing one
         for c in mine:
-            _stats(backend, project, c, anchors)
+            _stats(backend, project, c, anchors, stop)
         if rank == 0:
             _priors(backend, project, spec, prior_dir, prog, stop)
         barrier()
@@ -220,7 +220,8 @@ def refuse(project: Project, original: Mapping[str, torch.Tensor], only=None, ex
 # ---------------------------------------------------------------------------------------------
 
 
-def _stats(backend: Backend, project: Project, c: Concept, anchors: dict[tuple[str, ...], TextBatch]) -> ConceptStats:
+def _stats(backend: Backend, project: Project, c: Concept, anchors: dict[tuple[str, ...], TextBatch],
+           stop: Callable[[], bool] | None = None) -> ConceptStats:
     """The concept's stage-1 sums, onto the mean of its stage-1 anchors (`ConceptType.stage1_anchors`):
     sum_k ||W e - W0 e*_k||^2 / K has the same minimiser as ||W e - W0 mean_k e*_k||^2, so the sums of
     the K pairings, each divided by K, are the mean's."""
@@ -230,6 +231,8 @@ def _stats(backend: Backend, project: Project, c: Concept, anchors: dict[tuple[s
         text = backend.encode(prompts)
         parts = []
         for anchor in get_type(c.type).stage1_anchors(c):
+            if stop is not None and stop():  # 60 prompts an anchor: seconds each on a CPU
+                raise InterruptedRun(f"stopped while encoding {c.phrase!r} (stage 1); rerun to resume")
             anchor_prompts = tuple(concept_prompts(c, anchor))
             if anchor_prompts not in anchors:
                 anchors[anchor_prompts] = backend.encode(list(anchor_prompts))
