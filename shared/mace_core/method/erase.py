@@ -255,6 +255,13 @@ def retain_key(spec: ErasureSpec) -> str:
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
+def retain_missing(spec: ErasureSpec, meta: Mapping[str, str]) -> bool:
+    """Whether the run must encode its kept phrases: it keeps some, with a retain prior, and the project's
+    priors (``meta``, their metadata) hold none for them."""
+    kept, _ = spec.protected()
+    return bool(kept) and bool(spec.settings_for().domain) and meta.get("retain") != retain_key(spec)
+
+
 def _priors(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Path | None = None,
             prog: Progress | None = None, stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
     """Per-token general and retain-list Grams ("general", "domain", and their "_pooled" twins for
@@ -268,7 +275,7 @@ def _priors(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Pa
             priors["general" if name == "context" else "general_pooled"] = g
         changed = True
     kept, _ = spec.protected()
-    if kept and run.domain and meta.get("retain") != retain_key(spec):
+    if retain_missing(spec, meta):
         # the sum of each kept phrase's own mean Gram: `domain` weighs per kept concept, so a long
         # retain list keeps each of its concepts as strongly as a short one instead of diluting them
         sums: dict[str, torch.Tensor] = {}

@@ -17,7 +17,7 @@ import torch
 from ..model.backend import Backend
 from ..method.concepts import Concept, ErasureSpec, Settings, concept_prompts, get_type, settings_hash
 from ..errors import MaceError
-from ..method.erase import retain_key
+from ..method.erase import retain_missing
 from ..method.masks import draw_batch
 from ..method.objectives import grad_rows, unet_passes
 from ..method.prior import float32_text, prior_missing
@@ -125,10 +125,8 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     captions, prior_s = _prior_cost(backend, spec, project, prior_dir)
     prompts = sum((1 + len(get_type(c.type).stage1_anchors(c))) * len(concept_prompts(c))
                   for c, _, encode, _, _ in left if encode)
-    kept, _ = spec.protected()
-    if kept and spec.settings_for().domain and (project is None or
-                                                project.load_priors()[1].get("retain") != retain_key(spec)):
-        prompts += len(kept) * len(concept_prompts(spec.concepts[0]))  # the retain list in the templates
+    if retain_missing(spec, project.load_priors()[1] if project is not None else {}):
+        prompts += len(spec.protected()[0]) * len(concept_prompts(spec.concepts[0]))  # kept, in the templates
     peak = None
     if cuda:
         resident = torch.cuda.memory_allocated()
