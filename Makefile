@@ -20,8 +20,8 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/mace demo
 
-# MACE_REAL_HOSTS=1 make test adds the real hosts (tests/test_hosts.py: A1111, Forge, ComfyUI), one test
-# after another: not beside other jobs, a host and its CLI reference hold ~16 GB.
+# make test includes the real hosts (tests/test_hosts.py: A1111, Forge, ComfyUI; MACE_REAL_HOSTS=0 leaves
+# them out), one test after another: a host and its CLI reference hold ~16 GB, so not beside other jobs.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -rs tests
 

@@ -116,6 +116,7 @@ def test_each_phase_is_announced_when_it_starts(backend, tmp_path, monkeypatch):
 
     spy("general_prior", erase_mod.general_prior, "prior")
     spy("mean_grams", erase_mod.mean_grams, "kept")  # the type's default protection: 79 objects
+    spy("concept_stats", erase_mod.concept_stats, "stats")
     spy("refine_weights", erase_mod.refine_weights, "refine")
     spy("draw_concept", erase_mod.draw_concept, "draw")
     spy("train_lora", erase_mod.train_lora, "train")
@@ -123,8 +124,11 @@ def test_each_phase_is_announced_when_it_starts(backend, tmp_path, monkeypatch):
     spec = ErasureSpec((make_concept("cat"),), (), {"steps": 2, "images": 1, "sample_steps": 2, "prior": 1.0})
     erase_mod.erase(backend, spec, Project(tmp_path / "p"), "0" * 64, progress=lambda l, d, n: labels.append(l),
                     prior_dir=tmp_path / "prior")
-    assert at_start["prior"] == "encoding the concepts (stage 1)"
+    # the priors come first: a first use names the general prior from its start, not after every concept
+    assert at_start["prior"] == ""
+    assert labels[0] == prior.PRIOR_LABEL
     assert at_start["kept"] == erase_mod.KEPT_LABEL
+    assert at_start["stats"] == "encoding the concepts (stage 1)"
     assert labels.count(erase_mod.KEPT_LABEL) == len(get_type("object").protect) - 1  # one per phrase, "cat" not kept
     assert at_start["refine"] == "refining (stage 1)"
     assert at_start["draw"] == "drawing cat"

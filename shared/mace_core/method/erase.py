@@ -77,12 +77,14 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
     stage = StageLog(backend.device)
 
     with stage("refine"):
+        # the priors first: a text encoder's first use computes the general prior (minutes on a CPU), and
+        # the progress must name it from the start rather than after every concept's prompts
+        if rank == 0:
+            _priors(backend, project, spec, prior_dir, prog, stop)
         prog("encoding the concepts (stage 1)", 0, 1)
         anchors: dict[tuple[str, ...], TextBatch] = {}  # encoded once per run for concepts sharing one
         for c in mine:
             _stats(backend, project, c, anchors, stop)
-        if rank == 0:
-            _priors(backend, project, spec, prior_dir, prog, stop)
         barrier()
         stats = {c.phrase: _stats(backend, project, c, anchors) for c in spec.concepts}
         priors = _priors(backend, project, spec, prior_dir, prog, stop)
