@@ -16,6 +16,12 @@ if _TESTS not in sys.path:  # `import comfyui_harness` also if tests/ becomes a 
     sys.path.insert(0, _TESTS)
 
 
+def pytest_collection_modifyitems(items):
+    """The real hosts first: each holds ~8 GB beside its CLI reference, and by the end of the suite this
+    process holds GBs more (in-process ComfyUI keeps the full-size models it loaded): 24 GB was not enough."""
+    items.sort(key=lambda item: item.path.name != "test_hosts.py")  # stable: file order otherwise
+
+
 # ---------------------------------------------------------------------------------------------
 # A real ComfyUI (see tests/comfyui_harness.py)
 

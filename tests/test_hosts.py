@@ -228,14 +228,14 @@ def _start_webui(name: str):
         raise
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def a1111():
     ui = _start_webui("a1111")
     yield ui
     ui.server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def forge():
     ui = _start_webui("forge")
     yield ui
@@ -327,36 +327,6 @@ def _check_load(page, ui: WebUI, erased: Path) -> None:
     assert ui.txt2img()["sd_model_name"] == before["sd_model_name"]
 
 
-def test_a1111_fresh_install_tab_matches_the_cli_and_load_switches_the_model(a1111, browser):
-    app = a1111.app
-    # install.py ran through A1111's launch.run_pip: diffusers is there, and no shell redirection
-    # left a file such as '=0.27' in the web UI's root
-    py = hosts.host_venv("a1111")
-    r = subprocess.run([str(py), "-c", "import diffusers; print(diffusers.__version__)"], capture_output=True,
-                       text=True)
-    assert r.returncode == 0, r.stderr[-1000:]
-    assert "Installing mace requirements" in a1111.server.tail(200_000)
-    stray = [p.name for p in app.iterdir() if re.match(r"^[=<>]", p.name)]
-    assert not stray, stray
-
-    # A1111 erases its loaded copy of the file, in fp32 (--no-half): the CLI's result, bit for bit
-    page, trained = _check_tab_and_erase(browser, a1111, trained=True)
-    try:
-        _check_load(page, a1111, trained)
-    finally:
-        page.close()
-
-
-def test_forge_tab_matches_the_cli_and_load_switches_the_model(forge, browser):
-    # Forge is served from the file (see sd_webui_extension/a1111.py), read in fp32 on the CPU: the CLI's
-    # arithmetic, bit for bit (the training path is A1111's test: the same code, minutes of CPU each)
-    page, closed = _check_tab_and_erase(browser, forge, trained=False)
-    try:
-        _check_load(page, forge, closed)
-    finally:
-        page.close()
-
-
 def _first_use(browser, ui: WebUI) -> None:
     """Closed-form only, a type whose defaults use the general prior, on a text encoder the host has
     no prior for: the progress names the prior from the start, the estimate counts it, and the
@@ -398,12 +368,46 @@ def _first_use(browser, ui: WebUI) -> None:
         page.close()
 
 
-def test_a1111_first_use_prior_shows_progress_and_stops_on_interrupt(a1111, browser):
-    _first_use(browser, a1111)
+class TestA1111:
+    """A1111's tests, with its server for this class only: one host runs at a time (each holds ~8 GB)."""
+
+    def test_a1111_fresh_install_tab_matches_the_cli_and_load_switches_the_model(self, a1111, browser):
+        app = a1111.app
+        # install.py ran through A1111's launch.run_pip: diffusers is there, and no shell redirection
+        # left a file such as '=0.27' in the web UI's root
+        py = hosts.host_venv("a1111")
+        r = subprocess.run([str(py), "-c", "import diffusers; print(diffusers.__version__)"], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr[-1000:]
+        assert "Installing mace requirements" in a1111.server.tail(200_000)
+        stray = [p.name for p in app.iterdir() if re.match(r"^[=<>]", p.name)]
+        assert not stray, stray
+
+        # A1111 erases its loaded copy of the file, in fp32 (--no-half): the CLI's result, bit for bit
+        page, trained = _check_tab_and_erase(browser, a1111, trained=True)
+        try:
+            _check_load(page, a1111, trained)
+        finally:
+            page.close()
+
+    def test_a1111_first_use_prior_shows_progress_and_stops_on_interrupt(self, a1111, browser):
+        _first_use(browser, a1111)
 
 
-def test_forge_first_use_prior_shows_progress_and_stops_on_interrupt(forge, browser):
-    _first_use(browser, forge)
+class TestForge:
+    """Forge's tests, with its server for this class only."""
+
+    def test_forge_tab_matches_the_cli_and_load_switches_the_model(self, forge, browser):
+        # Forge is served from the file (see sd_webui_extension/a1111.py), read in fp32 on the CPU: the CLI's
+        # arithmetic, bit for bit (the training path is A1111's test: the same code, minutes of CPU each)
+        page, closed = _check_tab_and_erase(browser, forge, trained=False)
+        try:
+            _check_load(page, forge, closed)
+        finally:
+            page.close()
+
+    def test_forge_first_use_prior_shows_progress_and_stops_on_interrupt(self, forge, browser):
+        _first_use(browser, forge)
 
 
 # --- ComfyUI ------------------------------------------------------------------------------------------
@@ -411,7 +415,7 @@ def test_forge_first_use_prior_shows_progress_and_stops_on_interrupt(forge, brow
 TEMPLATE = "MACE - erase celebrities"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def comfy():
     _need("comfyui")
     sd15 = hosts.sd15_checkpoint()
@@ -491,145 +495,145 @@ def _finished(msgs: list[dict]) -> str:
     return last["type"] + ("" if last["type"] == "execution_success" else f": {json.dumps(last['data'])[:2000]}")
 
 
-def test_comfyui_template_loads_with_no_missing_node_and_no_covered_widget(comfy, browser):
-    import urllib.parse
+class TestComfyUI:
+    """ComfyUI's tests, with its server for this class only."""
 
-    info = hosts.http_json(comfy.url + "/object_info")
-    assert {"MACELoadConcepts", "MACEEraseConcepts", "MACESaveCheckpoint"} <= set(info)
-    # the templates browser lists it under EXTENSIONS -> mace, titled by its file name, with a thumbnail
-    listed = hosts.http_json(comfy.url + "/api/workflow_templates")
-    assert TEMPLATE in listed.get("mace", []), listed
-    base = f"{comfy.url}/api/workflow_templates/mace/{urllib.parse.quote(TEMPLATE)}"
-    workflow = hosts.http_json(base + ".json")
-    import urllib.request
+    def test_comfyui_template_loads_with_no_missing_node_and_no_covered_widget(self, comfy, browser):
+        import urllib.parse
 
-    with urllib.request.urlopen(base + ".jpg", timeout=30) as r:
-        assert r.status == 200 and r.read(3) == b"\xff\xd8\xff"  # a JPEG
-    page = _page(browser, comfy.url + "/")
-    try:
-        page.wait_for_function("() => window.app && window.app.graph", timeout=180_000)
-        page.keyboard.press("Escape")  # the templates dialog a first visit opens
-        nodes = page.evaluate("""async (wf) => {
-            await window.app.loadGraphData(wf);
-            const th = window.LiteGraph.NODE_TITLE_HEIGHT;
-            return window.app.graph._nodes.map(n => ({id: n.id, type: n.type, title: n.title,
-                registered: !!window.LiteGraph.registered_node_types[n.type],
-                box: [n.pos[0], n.pos[1] - th, n.size[0], n.size[1] + th],
-                widgets: (n.widgets || []).length}));
-        }""", workflow)
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(ARTIFACTS / "comfyui-template.png"))
-    finally:
-        page.close()
-    missing = [n["type"] for n in nodes if not n["registered"]]
-    assert not missing, missing
-    covered = []
-    for i, a in enumerate(nodes):
-        for b in nodes[i + 1:]:
-            (ax, ay, aw, ah), (bx, by, bw, bh) = a["box"], b["box"]
-            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
-                covered.append(f"{a['title']} / {b['title']}")
-    assert not covered, covered  # e.g. Train LoRAs' widgets under the Prompt node
+        info = hosts.http_json(comfy.url + "/object_info")
+        assert {"MACELoadConcepts", "MACEEraseConcepts", "MACESaveCheckpoint"} <= set(info)
+        # the templates browser lists it under EXTENSIONS -> mace, titled by its file name, with a thumbnail
+        listed = hosts.http_json(comfy.url + "/api/workflow_templates")
+        assert TEMPLATE in listed.get("mace", []), listed
+        base = f"{comfy.url}/api/workflow_templates/mace/{urllib.parse.quote(TEMPLATE)}"
+        workflow = hosts.http_json(base + ".json")
+        import urllib.request
 
+        with urllib.request.urlopen(base + ".jpg", timeout=30) as r:
+            assert r.status == 200 and r.read(3) == b"\xff\xd8\xff"  # a JPEG
+        page = _page(browser, comfy.url + "/")
+        try:
+            page.wait_for_function("() => window.app && window.app.graph", timeout=180_000)
+            page.keyboard.press("Escape")  # the templates dialog a first visit opens
+            nodes = page.evaluate("""async (wf) => {
+                await window.app.loadGraphData(wf);
+                const th = window.LiteGraph.NODE_TITLE_HEIGHT;
+                return window.app.graph._nodes.map(n => ({id: n.id, type: n.type, title: n.title,
+                    registered: !!window.LiteGraph.registered_node_types[n.type],
+                    box: [n.pos[0], n.pos[1] - th, n.size[0], n.size[1] + th],
+                    widgets: (n.widgets || []).length}));
+            }""", workflow)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(ARTIFACTS / "comfyui-template.png"))
+        finally:
+            page.close()
+        missing = [n["type"] for n in nodes if not n["registered"]]
+        assert not missing, missing
+        covered = []
+        for i, a in enumerate(nodes):
+            for b in nodes[i + 1:]:
+                (ax, ay, aw, ah), (bx, by, bw, bh) = a["box"], b["box"]
+                if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                    covered.append(f"{a['title']} / {b['title']}")
+        assert not covered, covered  # e.g. Train LoRAs' widgets under the Prompt node
 
-def test_comfyui_closed_form_and_staged_graphs_run_with_progress(comfy, browser):
-    info = hosts.http_json(comfy.url + "/object_info")
-    ckpt = hosts.sd15_checkpoint().name
-    load = _api_node(info, "CheckpointLoaderSimple", ckpt_name=ckpt)
-    closed = {
-        "1": load,
-        "2": _api_node(info, "MACELoadConcepts", concepts=CONCEPT, default_type="object", preset="none",
-                       retain="", project="closed"),
-        "3": _api_node(info, "MACEEraseConcepts", model=["1", 0], clip=["1", 1], vae=["1", 2], concepts=["2", 0],
-                       closed_form_only=True, protection="none"),
-        "4": _api_node(info, "MACESaveCheckpoint", model=["3", 0], clip=["1", 1], vae=["1", 2],
-                       filename_prefix="checkpoints/comfyui-closed"),
-    }
-    t0 = time.time()
-    _, msgs = _queue(comfy, closed, 1800)
-    _timed("comfyui_closed_form_graph_s", t0)
-    assert msgs[-1]["type"] == "execution_success", _finished(msgs)
-    ran = {m["data"].get("node") for m in msgs if m["type"] == "executing"}
-    assert {"1", "2", "3", "4"} <= ran
+    def test_comfyui_closed_form_and_staged_graphs_run_with_progress(self, comfy, browser):
+        info = hosts.http_json(comfy.url + "/object_info")
+        ckpt = hosts.sd15_checkpoint().name
+        load = _api_node(info, "CheckpointLoaderSimple", ckpt_name=ckpt)
+        closed = {
+            "1": load,
+            "2": _api_node(info, "MACELoadConcepts", concepts=CONCEPT, default_type="object", preset="none",
+                           retain="", project="closed"),
+            "3": _api_node(info, "MACEEraseConcepts", model=["1", 0], clip=["1", 1], vae=["1", 2], concepts=["2", 0],
+                           closed_form_only=True, protection="none"),
+            "4": _api_node(info, "MACESaveCheckpoint", model=["3", 0], clip=["1", 1], vae=["1", 2],
+                           filename_prefix="checkpoints/comfyui-closed"),
+        }
+        t0 = time.time()
+        _, msgs = _queue(comfy, closed, 1800)
+        _timed("comfyui_closed_form_graph_s", t0)
+        assert msgs[-1]["type"] == "execution_success", _finished(msgs)
+        ran = {m["data"].get("node") for m in msgs if m["type"] == "executing"}
+        assert {"1", "2", "3", "4"} <= ran
 
-    # the staged graph: the template itself as the frontend queues it, made tiny (one concept, one
-    # 64 px image of 2 steps, 2 LoRA steps, 1 sampling step)
-    workflow = hosts.http_json(f"{comfy.url}/api/workflow_templates/mace/{TEMPLATE.replace(' ', '%20')}.json")
-    page = _page(browser, comfy.url + "/")
-    try:
-        page.wait_for_function("() => window.app && window.app.graph", timeout=180_000)
-        staged = page.evaluate("""async ([wf, ckpt, concept]) => {
-            await window.app.loadGraphData(wf);
-            const set = {ckpt_name: ckpt, concepts: concept, default_type: "object", retain: "", project: "staged",
-                         steps: 2, images: 1, sample_steps: 2, resolution: 64, width: 64, height: 64, preset: "none",
-                         protection: "none"};
-            for (const n of window.app.graph._nodes) {
-                for (const w of (n.widgets || [])) {
-                    if (n.type === "KSampler" && w.name === "steps") { w.value = 1; continue; }
-                    if (w.name in set) w.value = set[w.name];
+        # the staged graph: the template itself as the frontend queues it, made tiny (one concept, one
+        # 64 px image of 2 steps, 2 LoRA steps, 1 sampling step)
+        workflow = hosts.http_json(f"{comfy.url}/api/workflow_templates/mace/{TEMPLATE.replace(' ', '%20')}.json")
+        page = _page(browser, comfy.url + "/")
+        try:
+            page.wait_for_function("() => window.app && window.app.graph", timeout=180_000)
+            staged = page.evaluate("""async ([wf, ckpt, concept]) => {
+                await window.app.loadGraphData(wf);
+                const set = {ckpt_name: ckpt, concepts: concept, default_type: "object", retain: "", project: "staged",
+                             steps: 2, images: 1, sample_steps: 2, resolution: 64, width: 64, height: 64, preset: "none",
+                             protection: "none"};
+                for (const n of window.app.graph._nodes) {
+                    for (const w of (n.widgets || [])) {
+                        if (n.type === "KSampler" && w.name === "steps") { w.value = 1; continue; }
+                        if (w.name in set) w.value = set[w.name];
+                    }
                 }
-            }
-            return (await window.app.graphToPrompt()).output;
-        }""", [workflow, ckpt, CONCEPT])
-    finally:
-        page.close()
-    t0 = time.time()
-    _, msgs = _queue(comfy, staged, 2400)
-    _timed("comfyui_staged_graph_s", t0)
-    assert msgs[-1]["type"] == "execution_success", _finished(msgs)
-    progress = [m["data"] for m in msgs if m["type"] == "progress"]
-    trained = [p for p in progress if staged.get(str(p.get("node")), {}).get("class_type") == "MACETrainLoRAs"]
-    assert trained and trained[-1]["value"] == trained[-1]["max"], progress  # the bar reached its end
-    saved = list((hosts.webui_app("comfyui") / "output" / "checkpoints").glob("comfyui-closed*.safetensors"))
-    assert saved, "the closed-form graph wrote no checkpoint"
+                return (await window.app.graphToPrompt()).output;
+            }""", [workflow, ckpt, CONCEPT])
+        finally:
+            page.close()
+        t0 = time.time()
+        _, msgs = _queue(comfy, staged, 2400)
+        _timed("comfyui_staged_graph_s", t0)
+        assert msgs[-1]["type"] == "execution_success", _finished(msgs)
+        progress = [m["data"] for m in msgs if m["type"] == "progress"]
+        trained = [p for p in progress if staged.get(str(p.get("node")), {}).get("class_type") == "MACETrainLoRAs"]
+        assert trained and trained[-1]["value"] == trained[-1]["max"], progress  # the bar reached its end
+        saved = list((hosts.webui_app("comfyui") / "output" / "checkpoints").glob("comfyui-closed*.safetensors"))
+        assert saved, "the closed-form graph wrote no checkpoint"
 
+    def test_comfyui_first_use_prior_shows_progress_and_stops_on_interrupt(self, comfy):
+        """Closed-form only on a celebrity (the type's defaults use the general prior) with no prior kept
+        yet: the one-shot node's progress is on /ws from its start, and ComfyUI's Interrupt (POST
+        /interrupt, the frontend's cancel button) ends the prompt within a minute, writing nothing."""
+        info = hosts.http_json(comfy.url + "/object_info")
+        prior_dir = hosts.webui_app("comfyui") / "models" / "mace" / "prior"
+        shutil.rmtree(prior_dir, ignore_errors=True)
+        graph = {
+            "1": _api_node(info, "CheckpointLoaderSimple", ckpt_name=hosts.sd15_checkpoint().name),
+            "2": _api_node(info, "MACELoadConcepts", concepts="Tom Cruise", default_type="celebrity", preset="none",
+                           retain="", project="first-use"),
+            "3": _api_node(info, "MACEEraseConcepts", model=["1", 0], clip=["1", 1], vae=["1", 2], concepts=["2", 0],
+                           closed_form_only=True),
+            "4": _api_node(info, "MACESaveCheckpoint", model=["3", 0], clip=["1", 1], vae=["1", 2],
+                           filename_prefix="checkpoints/comfyui-first-use"),
+        }
+        seen: dict[str, float] = {}
 
-def test_comfyui_first_use_prior_shows_progress_and_stops_on_interrupt(comfy):
-    """Closed-form only on a celebrity (the type's defaults use the general prior) with no prior kept
-    yet: the one-shot node's progress is on /ws from its start, and ComfyUI's Interrupt (POST
-    /interrupt, the frontend's cancel button) ends the prompt within a minute, writing nothing."""
-    info = hosts.http_json(comfy.url + "/object_info")
-    prior_dir = hosts.webui_app("comfyui") / "models" / "mace" / "prior"
-    shutil.rmtree(prior_dir, ignore_errors=True)
-    graph = {
-        "1": _api_node(info, "CheckpointLoaderSimple", ckpt_name=hosts.sd15_checkpoint().name),
-        "2": _api_node(info, "MACELoadConcepts", concepts="Tom Cruise", default_type="celebrity", preset="none",
-                       retain="", project="first-use"),
-        "3": _api_node(info, "MACEEraseConcepts", model=["1", 0], clip=["1", 1], vae=["1", 2], concepts=["2", 0],
-                       closed_form_only=True),
-        "4": _api_node(info, "MACESaveCheckpoint", model=["3", 0], clip=["1", 1], vae=["1", 2],
-                       filename_prefix="checkpoints/comfyui-first-use"),
-    }
-    seen: dict[str, float] = {}
+        def on_message(d: dict) -> None:
+            data = d.get("data", {})
+            if d["type"] == "executing" and data.get("node") == "3":
+                seen.setdefault("started", time.time())
+            if d["type"] == "progress" and data.get("node") == "3":
+                seen.setdefault("progress", time.time())
+                if time.time() - seen["progress"] > 3 and "interrupt" not in seen:  # a few batches in
+                    seen["interrupt"] = time.time()
+                    hosts.http_json(comfy.url + "/interrupt", {})
+            if d["type"] == "execution_interrupted":
+                seen["stopped"] = time.time()
 
-    def on_message(d: dict) -> None:
-        data = d.get("data", {})
-        if d["type"] == "executing" and data.get("node") == "3":
-            seen.setdefault("started", time.time())
-        if d["type"] == "progress" and data.get("node") == "3":
-            seen.setdefault("progress", time.time())
-            if time.time() - seen["progress"] > 3 and "interrupt" not in seen:  # a few batches in
-                seen["interrupt"] = time.time()
-                hosts.http_json(comfy.url + "/interrupt", {})
-        if d["type"] == "execution_interrupted":
-            seen["stopped"] = time.time()
+        _queue(comfy, graph, 1800, on_message)
+        assert {"started", "progress", "interrupt", "stopped"} <= set(seen), seen
+        assert _record("comfyui_first_use_progress_after_s", seen["progress"] - seen["started"]) < 60, seen
+        # one batch of captions, not the whole prior
+        assert _record("comfyui_interrupt_s", seen["stopped"] - seen["interrupt"]) < 60, seen
+        assert not list(prior_dir.rglob("*.safetensors")) if prior_dir.is_dir() else True
+        assert not list((hosts.webui_app("comfyui") / "output" / "checkpoints").glob("comfyui-first-use*"))
 
-    _queue(comfy, graph, 1800, on_message)
-    assert {"started", "progress", "interrupt", "stopped"} <= set(seen), seen
-    assert _record("comfyui_first_use_progress_after_s", seen["progress"] - seen["started"]) < 60, seen
-    # one batch of captions, not the whole prior
-    assert _record("comfyui_interrupt_s", seen["stopped"] - seen["interrupt"]) < 60, seen
-    assert not list(prior_dir.rglob("*.safetensors")) if prior_dir.is_dir() else True
-    assert not list((hosts.webui_app("comfyui") / "output" / "checkpoints").glob("comfyui-first-use*"))
+    def test_comfyui_fp16_checkpoint_comes_back_fp16(self, comfy):
+        """The erased file keeps the input's dtype (it came back fp32, twice the size)."""
+        from safetensors import safe_open
 
-
-def test_comfyui_fp16_checkpoint_comes_back_fp16(comfy):
-    """The erased file keeps the input's dtype (it came back fp32, twice the size)."""
-    from safetensors import safe_open
-
-    saved = sorted((hosts.webui_app("comfyui") / "output" / "checkpoints").glob("comfyui-closed*.safetensors"))
-    if not saved:
-        pytest.skip("needs test_comfyui_closed_form_and_staged_graphs_run_with_progress's output")
-    with safe_open(str(saved[-1]), "pt") as f, safe_open(str(hosts.sd15_checkpoint()), "pt") as g:
-        key = next(k for k in g.keys() if k.endswith("attn2.to_k.weight"))
-        assert f.get_slice(key).get_dtype() == g.get_slice(key).get_dtype() == "F16"
+        saved = sorted((hosts.webui_app("comfyui") / "output" / "checkpoints").glob("comfyui-closed*.safetensors"))
+        if not saved:
+            pytest.skip("needs test_comfyui_closed_form_and_staged_graphs_run_with_progress's output")
+        with safe_open(str(saved[-1]), "pt") as f, safe_open(str(hosts.sd15_checkpoint()), "pt") as g:
+            key = next(k for k in g.keys() if k.endswith("attn2.to_k.weight"))
+            assert f.get_slice(key).get_dtype() == g.get_slice(key).get_dtype() == "F16"

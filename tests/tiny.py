@@ -3,8 +3,10 @@ session in both layouts. Import from tests: `from tiny import tiny_file, tiny_fo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from mace_core.model.checkpoint import save_new_checkpoint, save_new_diffusers
 from synthetic import random_modules, tiny_family
 
 _ROOT = Path(tempfile.mkdtemp(prefix="mace-tiny-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)  # 150 MB a session: left behind, they filled /tmp
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
