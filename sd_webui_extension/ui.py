@@ -225,12 +225,10 @@ def build_ui(host: Host) -> gr.Blocks:
                              alternative=alternative_v or "", low_vram=bool(low_vram_v), delete_images=bool(delete_v),
                              numbers=dict(zip(num_keys, numbers_v)))
 
-        def on_erase(checkpoint_v, concepts_v, ctype_v, preset_v, retain_v, out_name_v, overwrite_v, project_v,
-                     closed_v, previews_v, blur_v, mask_v, sam_v, objective_v, alternative_v, low_vram_v, delete_v,
-                     *numbers_v, progress=gr.Progress()):
-            form = form_of(checkpoint_v, concepts_v, ctype_v, preset_v, retain_v, out_name_v, overwrite_v, project_v,
-                           closed_v, previews_v, blur_v, mask_v, sam_v, objective_v, alternative_v, low_vram_v,
-                           delete_v, *numbers_v)
+        # progress first: gradio looks for a gr.Progress among positional parameters only, and one after
+        # the *values was never handed over (the tab showed no progress in A1111 or the standalone app)
+        def on_erase(progress=gr.Progress(), *values):
+            form = form_of(*values)
             try:
                 res = actions.run_erase(host, form, progress=_progress_callback(progress))
             except Exception as e:  # noqa: BLE001 - shown to the user

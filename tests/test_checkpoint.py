@@ -4,6 +4,8 @@ giving the file's checkpoint (and saved from the file)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -79,6 +81,24 @@ def test_round_trip_modules_exact(name, layout):
         assert sa.keys() == sb.keys()
         for k in sa:
             assert torch.equal(sa[k], sb[k]), k
+
+
+def test_modules_build_while_a1111_has_replaced_load_state_dict(monkeypatch):
+    """A1111 replaces ``torch.nn.Module.load_state_dict`` process-wide while it loads a model
+    (``LoadStateDictOnMeta``: ``load_state_dict(module, state_dict, strict=True)``, no ``assign``); a tab
+    job started meanwhile failed with "unexpected keyword argument 'assign'". The build must not go
+    through it, and still refuse a tensor of the wrong shape."""
+    original = torch.nn.Module.load_state_dict
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict",
+                        lambda module, state_dict, strict=True: original(module, state_dict, strict=strict))
+    ck = load_checkpoint(tiny_file("sd1"))
+    comp = build_components(ck)
+    unet = tiny_modules("sd1")[0]
+    assert all(torch.equal(v, comp.unet.state_dict()[k]) for k, v in unet.state_dict().items())
+    key = next(k for k in ck.tensors if k.endswith("attn2.to_k.weight"))
+    bad = dataclasses.replace(ck, tensors={**ck.tensors, key: ck.tensors[key][:, :-1]})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        build_components(bad)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

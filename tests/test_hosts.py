@@ -354,7 +354,9 @@ def _first_use(browser, ui: WebUI) -> None:
                 break
             time.sleep(0.5)
         _timed(f"{ui.name}_first_use_progress_after_s", t0)
-        assert PRIOR_LABEL in label, ui.server.tail()
+        if PRIOR_LABEL not in label:
+            page.screenshot(path=str(ARTIFACTS / f"{ui.name}-first-use.png"), full_page=True)
+        assert PRIOR_LABEL in label, f"the page shows: {label[-1500:]}\n{ui.server.tail()}"
         time.sleep(3)  # a few batches in
         t1 = time.time()
         before = page.locator("#mace_status").first.inner_text()

@@ -292,6 +292,18 @@ import gradio as gr
 from sd_webui_extension.host import StandaloneHost
 from sd_webui_extension.ui import build_ui
 
+def progress_handlers(blocks):
+    # {handler name: whether this gradio hands it its gr.Progress} for every handler declaring one (gradio
+    # 3.41 looks for it among positional parameters only: after *args it never showed, A1111 showed nothing)
+    import inspect
+    from gradio.helpers import special_args
+    out = {}
+    for bf in (blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns):
+        if bf.fn is not None and any(isinstance(p.default, gr.Progress)
+                                     for p in inspect.signature(bf.fn).parameters.values()):
+            out[bf.fn.__name__] = special_args(bf.fn, [None] * len(bf.inputs))[1] is not None
+    return out
+
 def elem_ids(blocks):
     cfg = blocks.get_config_file() if hasattr(blocks, "get_config_file") else blocks.config
     return sorted({c.get("props", {}).get("elem_id") for c in cfg["components"]} - {None})
@@ -305,6 +317,7 @@ with warnings.catch_warnings(record=True) as caught:
 ours = [f"{w.category.__name__}: {w.message}" for w in caught
         if "sd_webui_extension" in str(w.filename) or "mace_tab" in str(w.filename) or "kwarg" in str(w.message)]
 print(json.dumps({"gradio": gr.__version__, "standalone": elem_ids(standalone),
+                  "progress": progress_handlers(standalone),
                   "tabs": [[type(b).__name__, title, elem] for b, title, elem in tabs],
                   "a1111": elem_ids(tabs[0][0]), "warnings": ours}))
 """
@@ -314,6 +327,7 @@ def _check_build(out: dict) -> None:
     assert not out["warnings"], out["warnings"]
     assert UI_ELEM_IDS <= set(out["standalone"]), UI_ELEM_IDS - set(out["standalone"])
     assert out["tabs"] == [["Blocks", "MACE", "mace_tab"]]
+    assert {"on_erase", "on_refuse"} <= set(out["progress"]) and all(out["progress"].values()), out["progress"]
     assert UI_ELEM_IDS <= set(out["a1111"])
 
 

@@ -317,11 +317,31 @@ def build_components(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
         for k, buf in module.state_dict().items():
             if k.endswith("position_ids") and k not in sd:  # persistent in transformers < 4.31, never in files we need
                 sd[k] = torch.arange(buf.shape[-1], device=device).expand(buf.shape)
-        module.load_state_dict(sd, strict=True, assign=True)
+        _assign(module, sd)
         _materialize_buffers(module, device)
         module.requires_grad_(False).eval()
     unet, vae, tes = modules
     return Components(fam, unet, vae, list(tes), [make_tokenizer(te) for te in fam.text_encoders])
+
+
+def _assign(module: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(sd, strict=True, assign=True)`` without torch's method: A1111 replaces
+    ``torch.nn.Module.load_state_dict`` process-wide while it loads a model (its ``LoadStateDictOnMeta``,
+    with no ``assign``), and a tab job started meanwhile called its version and failed."""
+    want = module.state_dict(keep_vars=True)
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or unexpected:
+        raise RuntimeError(f"{type(module).__name__}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    for key, value in sd.items():
+        if value.shape != want[key].shape:
+            raise RuntimeError(f"{type(module).__name__}: size mismatch for {key}: {tuple(value.shape)} in the "
+                               f"checkpoint, {tuple(want[key].shape)} in the model")
+        owner, _, name = key.rpartition(".")
+        sub = module.get_submodule(owner)
+        if name in sub._parameters:
+            sub._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            sub._buffers[name] = value
 
 
 def _materialize_buffers(module: torch.nn.Module, device) -> None:
