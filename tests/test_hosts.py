@@ -327,6 +327,15 @@ def _check_load(page, ui: WebUI, erased: Path) -> None:
     assert ui.txt2img()["sd_model_name"] == before["sd_model_name"]
 
 
+def _check_tab_erase_and_load(browser, ui: WebUI, trained: bool) -> None:
+    """`_check_tab_and_erase`, then "Load" of its last output (`_check_load`)."""
+    page, out = _check_tab_and_erase(browser, ui, trained)
+    try:
+        _check_load(page, ui, out)
+    finally:
+        page.close()
+
+
 def _first_use(browser, ui: WebUI) -> None:
     """Closed-form only, a type whose defaults use the general prior, on a text encoder the host has
     no prior for: the progress names the prior from the start, the estimate counts it, and the
@@ -386,11 +395,7 @@ class TestA1111:
         assert not stray, stray
 
         # A1111 erases its loaded copy of the file, in fp32 (--no-half): the CLI's result, bit for bit
-        page, trained = _check_tab_and_erase(browser, a1111, trained=True)
-        try:
-            _check_load(page, a1111, trained)
-        finally:
-            page.close()
+        _check_tab_erase_and_load(browser, a1111, trained=True)
 
     def test_a1111_first_use_prior_shows_progress_and_stops_on_interrupt(self, a1111, browser):
         _first_use(browser, a1111)
@@ -402,11 +407,7 @@ class TestForge:
     def test_forge_tab_matches_the_cli_and_load_switches_the_model(self, forge, browser):
         # Forge is served from the file (see sd_webui_extension/a1111.py), read in fp32 on the CPU: the CLI's
         # arithmetic, bit for bit (the training path is A1111's test: the same code, minutes of CPU each)
-        page, closed = _check_tab_and_erase(browser, forge, trained=False)
-        try:
-            _check_load(page, forge, closed)
-        finally:
-            page.close()
+        _check_tab_erase_and_load(browser, forge, trained=False)
 
     def test_forge_first_use_prior_shows_progress_and_stops_on_interrupt(self, forge, browser):
         _first_use(browser, forge)
