@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,19 @@ def pytest_collection_modifyitems(items):
     """The real hosts first: each holds ~8 GB beside its CLI reference, and by the end of the suite this
     process holds GBs more (in-process ComfyUI keeps the full-size models it loaded): 24 GB was not enough."""
     items.sort(key=lambda item: item.path.name != "test_hosts.py")  # stable: file order otherwise
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_mace_cache(tmp_path_factory):
+    """The suite's own ``MACE_CACHE`` (the CLI's prior cache): shared with ``~/.cache/mace``, a test read
+    priors left by other runs on the machine, concurrent suites and earlier sessions included."""
+    saved = os.environ.get("MACE_CACHE")
+    os.environ["MACE_CACHE"] = str(tmp_path_factory.mktemp("mace-cache"))  # children inherit it
+    yield
+    if saved is None:
+        del os.environ["MACE_CACHE"]
+    else:
+        os.environ["MACE_CACHE"] = saved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,3 +134,19 @@ def test_each_phase_is_announced_when_it_starts(backend, tmp_path, monkeypatch):
     assert at_start["draw"] == "drawing cat"
     assert at_start["train"] == "training cat"
     assert at_start["fuse"] == "fusing"
+
+
+def test_estimate_counts_the_prompts_stage_1_encodes(backend, tmp_path, monkeypatch):
+    """Three celebrities share one set of ordinary-name anchors, encoded once (the estimate counted it once
+    per name); the retain list's prompts too. Counted against the encodings a closed-form erase makes."""
+    prior.general_prior(backend, backend.text_encoder_key(), folder=tmp_path)  # kept: no prior encoding
+    names = ("Tom Cruise", "Bill Murray", "Keanu Reeves")
+    spec = ErasureSpec(tuple(make_concept(n, ctype="celebrity") for n in names), ("Emma Stone",), {})
+    assert len({get_type("celebrity").stage1_anchors(c) for c in spec.concepts}) == 1  # what the case is about
+    est = estimate(backend, spec, closed_form_only=True, prior_dir=tmp_path)
+    encoded: list[int] = []
+    real = backend.encode
+    monkeypatch.setattr(backend, "encode", lambda prompts, *a, **kw: encoded.append(len(prompts)) or
+                        real(prompts, *a, **kw))
+    erase_mod.erase(backend, spec, Project(tmp_path / "p"), "0" * 64, closed_form_only=True, prior_dir=tmp_path)
+    assert est.text_encodings == sum(encoded) > 0

@@ -36,6 +36,7 @@ class Estimate:
     low_vram: bool = False  # whether the run already uses low-VRAM mode (its peak is the low one)
     prior_captions: int = 0  # captions the general prior still has to encode (first use of the encoder)
     prior_seconds: float = 0.0  # their share of ``seconds``
+    text_encodings: int = 0  # prompts stage 1 encodes (concepts, their anchors, what is kept), prior not included
 
     def describe(self) -> str:
         mem = f", peak GPU memory ~{self.peak_gb:.1f} GB" if self.peak_gb is not None else ""
@@ -123,8 +124,7 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     backend.encode(["a photo of a cat"] * 8)
     enc = (time.perf_counter() - t0) / 8
     captions, prior_s = _prior_cost(backend, spec, project, prior_dir)
-    prompts = sum((1 + len(get_type(c.type).stage1_anchors(c))) * len(concept_prompts(c))
-                  for c, _, encode, _, _ in left if encode)
+    prompts = _stage1_encodings([c for c, _, encode, _, _ in left if encode])
     if retain_missing(spec, project.load_priors()[1] if project is not None else {}):
         prompts += len(spec.protected()[0]) * len(concept_prompts(spec.concepts[0]))  # kept, in the templates
     peak = None
@@ -133,7 +133,14 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
         act = torch.cuda.max_memory_allocated() - resident  # one no-grad pass's activations, batch 1
         grad_act = _backward_activations(backend, x, t, text, low_vram) if train_rows(spec, closed_form_only) else 0
         peak = peak_gb(spec, resident, act, grad_act, closed_form_only, size)
-    return Estimate(calls * step + prompts * enc + prior_s, peak, calls, step, low_vram, captions, prior_s)
+    return Estimate(calls * step + prompts * enc + prior_s, peak, calls, step, low_vram, captions, prior_s, prompts)
+
+
+def _stage1_encodings(concepts: list[Concept]) -> int:
+    """Prompts stage 1 encodes for ``concepts``: each one's own, and each distinct anchor prompt set once
+    (`erase._stats` encodes the 8 ordinary names shared by ten celebrities once, not ten times)."""
+    anchors = {tuple(concept_prompts(c, a)) for c in concepts for a in get_type(c.type).stage1_anchors(c)}
+    return sum(len(concept_prompts(c)) for c in concepts) + sum(map(len, anchors))
 
 
 def _prior_cost(backend: Backend, spec: ErasureSpec, project: Project | None, prior_dir) -> tuple[int, float]:
