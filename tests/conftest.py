@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +26,9 @@ def pytest_collection_modifyitems(items):
 def _own_mace_cache(tmp_path_factory):
     """The suite's own ``MACE_CACHE`` (the CLI's prior cache): shared with ``~/.cache/mace``, a test read
     priors left by other runs on the machine, concurrent suites and earlier sessions included."""
-    saved = os.environ.get("MACE_CACHE")
-    os.environ["MACE_CACHE"] = str(tmp_path_factory.mktemp("mace-cache"))  # children inherit it
-    yield
-    if saved is None:
-        del os.environ["MACE_CACHE"]
-    else:
-        os.environ["MACE_CACHE"] = saved
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MACE_CACHE", str(tmp_path_factory.mktemp("mace-cache")))  # children inherit it
+        yield
 
 
 # ---------------------------------------------------------------------------------------------

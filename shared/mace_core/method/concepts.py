@@ -360,6 +360,12 @@ def concept_prompts(concept: Concept, phrase: str | None = None) -> list[str]:
     return prompts
 
 
+def anchor_prompt_sets(concept: Concept) -> list[tuple[str, ...]]:
+    """The prompts of each of ``concept``'s stage-1 anchors (`ConceptType.stage1_anchors`): concepts with
+    the same set share its encodings (`erase._stats`), and the estimate counts each set once."""
+    return [tuple(concept_prompts(concept, a)) for a in get_type(concept.type).stage1_anchors(concept)]
+
+
 def stage1_key(concept: Concept) -> str:
     """Identity of what stage 1 encodes for ``concept``: its type's templates and what it maps onto;
     stage-1 sums and LoRAs made from other ones are recomputed."""

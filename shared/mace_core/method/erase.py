@@ -20,7 +20,8 @@ import torch
 
 from .. import __version__
 from ..model.backend import Backend, TextBatch
-from .concepts import Concept, ErasureSpec, concept_prompts, get_type, settings_hash, train_prompt, validate
+from .concepts import (Concept, ErasureSpec, anchor_prompt_sets, concept_prompts, get_type, settings_hash, train_prompt,
+                       validate)
 from ..errors import InterruptedRun, MaceError
 from .fuse import fuse, naive_sum, separate
 from .harden import adversarial_stats
@@ -232,10 +233,9 @@ def _stats(backend: Backend, project: Project, c: Concept, anchors: dict[tuple[s
         prompts = concept_prompts(c)
         text = backend.encode(prompts)
         parts = []
-        for anchor in get_type(c.type).stage1_anchors(c):
+        for anchor_prompts in anchor_prompt_sets(c):
             if stop is not None and stop():  # 60 prompts an anchor: seconds each on a CPU
                 raise InterruptedRun(f"stopped while encoding {c.phrase!r} (stage 1); rerun to resume")
-            anchor_prompts = tuple(concept_prompts(c, anchor))
             if anchor_prompts not in anchors:
                 anchors[anchor_prompts] = backend.encode(list(anchor_prompts))
             parts.append(concept_stats(backend, prompts, anchor_prompts, concept_text=text,

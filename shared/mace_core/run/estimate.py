@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.backend import Backend
-from ..method.concepts import Concept, ErasureSpec, Settings, concept_prompts, get_type, settings_hash
+from ..method.concepts import Concept, ErasureSpec, Settings, anchor_prompt_sets, concept_prompts, settings_hash
 from ..errors import MaceError
 from ..method.erase import retain_missing
 from ..method.masks import draw_batch
@@ -139,7 +139,7 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
 def _stage1_encodings(concepts: list[Concept]) -> int:
     """Prompts stage 1 encodes for ``concepts``: each one's own, and each distinct anchor prompt set once
     (`erase._stats` encodes the 8 ordinary names shared by ten celebrities once, not ten times)."""
-    anchors = {tuple(concept_prompts(c, a)) for c in concepts for a in get_type(c.type).stage1_anchors(c)}
+    anchors = {prompts for c in concepts for prompts in anchor_prompt_sets(c)}
     return sum(len(concept_prompts(c)) for c in concepts) + sum(map(len, anchors))
 
 
