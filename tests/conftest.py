@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,17 @@ def comfyui(tmp_path_factory):
         return comfyui_harness.start_comfyui(tmp_path_factory.mktemp("comfyui"))
     except comfyui_harness.ComfyUIUnavailable as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(autouse=True)
+def _comfyui_outputs_removed(request):
+    """What a test saved through the in-process ComfyUI (~340 MB per checkpoint) is gone after it: the
+    session's outputs, kept to the end, helped fill CI's disk. No test reads another's output."""
+    yield
+    if "comfyui" in request.fixturenames:
+        out = request.getfixturevalue("comfyui").output_dir
+        for p in out.iterdir() if out.is_dir() else ():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 @dataclass

@@ -93,43 +93,70 @@ def reference(ui: "WebUI", name: str, settings: dict[str, str], closed_form_only
     """``mace erase`` of the host's model, run by the host's own Python (its torch, transformers and
     diffusers: A1111's transformers 4.30.2 computes CLIP's attention with other kernels than the dev
     venv's 5.23.0, which moves some fp32 results by an ulp, one fp16 ulp after rounding), one thread
-    like the host; cached per core version beside the model."""
+    like the host; cached per core version beside the model as a delta (`_delta`): a few MB, where
+    whole 2 GB references and the hosts' outputs filled CI's disk."""
     model = hosts.sd15_checkpoint()
     how = json.dumps([model.name, settings, closed_form_only], sort_keys=True)  # and what it was run on
     out = model.parent / "reference" / f"{ui.name}-{name}-{_code_key(how)}.safetensors"
     if out.is_file():
         return out
     out.parent.mkdir(exist_ok=True)
+    full = out.with_name(".full-" + out.name)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     cmd = [str(hosts.host_venv(ui.name)), "-m", "mace_core", "erase", str(model), "--concept", CONCEPT, "--out",
-           str(out), "--device", "cpu", *flags] + (["--closed-form-only"] if closed_form_only else [])
+           str(full), "--force", "--device", "cpu", *flags] + (["--closed-form-only"] if closed_form_only else [])
     env = {**hosts.base_env(THREADS), "PYTHONPATH": str(REPO / "shared")}
     t0 = time.time()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     _timed(f"{ui.name}_cli_{name}_s", t0)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    try:
+        _delta(full, model, out)
+    finally:
+        for f in full.parent.glob(full.name + "*"):  # the checkpoint and the CLI's project folder
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
     return out
 
 
-def differences(a: Path, b: Path) -> list[str]:
-    """What differs between two checkpoints' tensors (names, dtypes, values); empty when bit-identical."""
+def _delta(full: Path, model: Path, out: Path) -> None:
+    """Writes to ``out`` the tensors of checkpoint ``full`` that differ from ``model``'s (in dtype or
+    any bit), with ``full``'s key list in its metadata: ``model`` plus the delta is ``full``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(full), "pt") as ff, safe_open(str(model), "pt") as fm:
+        base = set(fm.keys())
+        changed = {}
+        for k in ff.keys():
+            x = ff.get_tensor(k)
+            if k not in base or x.dtype != (y := fm.get_tensor(k)).dtype or not x.equal(y):
+                changed[k] = x
+        keys = sorted(ff.keys())
+    tmp = out.with_name(".partial-" + out.name)
+    save_file(changed, str(tmp), metadata={"keys": json.dumps(keys)})
+    os.replace(tmp, out)
+
+
+def differences(out: Path, ref: Path) -> list[str]:
+    """What differs between checkpoint ``out``'s tensors and the reference's (the host's model with
+    delta ``ref``, `reference`): names, dtypes, values; empty when bit-identical."""
     from safetensors import safe_open
 
-    out = []
-    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
-        ka, kb = set(fa.keys()), set(fb.keys())
-        if ka != kb:
-            out.append(f"keys: {len(ka - kb)} only in {a.name}, {len(kb - ka)} only in {b.name}")
-        for k in sorted(ka & kb):
-            x, y = fa.get_tensor(k), fb.get_tensor(k)
+    found = []
+    with safe_open(str(out), "pt") as fo, safe_open(str(ref), "pt") as fr, \
+            safe_open(str(hosts.sd15_checkpoint()), "pt") as fm:
+        ko, kr = set(fo.keys()), set(json.loads(fr.metadata()["keys"]))
+        if ko != kr:
+            found.append(f"keys: {len(ko - kr)} only in {out.name}, {len(kr - ko)} only in the reference")
+        changed = set(fr.keys())
+        for k in sorted(ko & kr):
+            x, y = fo.get_tensor(k), (fr if k in changed else fm).get_tensor(k)
             if x.dtype != y.dtype:
-                out.append(f"{k}: {x.dtype} vs {y.dtype}")
+                found.append(f"{k}: {x.dtype} vs {y.dtype}")
             elif not x.equal(y):
-                out.append(f"{k}: max |diff| {(x.double() - y.double()).abs().max().item():.3g}")
-    return out
+                found.append(f"{k}: max |diff| {(x.double() - y.double()).abs().max().item():.3g}")
+    return found
 
-
-# --- the browser ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def browser():
@@ -228,18 +255,25 @@ def _start_webui(name: str):
         raise
 
 
+def _stop_webui(ui: WebUI) -> None:
+    """Stops the server and removes what it wrote into its models folders: 2 GB per erased checkpoint."""
+    ui.server.stop()
+    shutil.rmtree(ui.ckpt_dir, ignore_errors=True)  # the base model in it is a hard link
+    shutil.rmtree(ui.app / "models" / "mace", ignore_errors=True)
+
+
 @pytest.fixture(scope="class")
 def a1111():
     ui = _start_webui("a1111")
     yield ui
-    ui.server.stop()
+    _stop_webui(ui)
 
 
 @pytest.fixture(scope="class")
 def forge():
     ui = _start_webui("forge")
     yield ui
-    ui.server.stop()
+    _stop_webui(ui)
 
 
 def _open_tab(browser, ui: WebUI):
@@ -302,6 +336,7 @@ def _check_tab_and_erase(browser, ui: WebUI, trained: bool):
     page.screenshot(path=str(ARTIFACTS / f"{ui.name}-tab.png"), full_page=True)
     assert differences(out, reference(ui, "closed", CLOSED, True)) == []
     if trained:
+        out.unlink()  # 2 GB that nothing uses any more
         out = _erase(page, ui, f"{ui.name}-trained", TRAINED, False, 3600)
         assert differences(out, reference(ui, "trained", TRAINED, False)) == []
     return page, out
@@ -438,6 +473,8 @@ def comfy():
         yield server
     finally:
         server.stop()
+        shutil.rmtree(app / "output", ignore_errors=True)  # 2 GB per erased checkpoint
+        shutil.rmtree(app / "models" / "mace", ignore_errors=True)
 
 
 def _api_node(info: dict, cls: str, **given) -> dict:
