@@ -25,13 +25,14 @@ from mace_core.model.diffusers_backend import DiffusersBackend
 from mace_core.errors import InterruptedRun
 from mace_core.run.estimate import estimate
 from mace_core.method.project import Project
-from tiny import tiny_file
+from tiny import one_thread, tiny_file
 
 
 @pytest.fixture(scope="module")
 def backend():
-    torch.set_num_threads(1)
-    return DiffusersBackend.from_checkpoint(load_checkpoint(tiny_file("sd1")), device="cpu")
+    # one thread for this module only (it was left set for every later test): the same bits each time
+    with one_thread():
+        yield DiffusersBackend.from_checkpoint(load_checkpoint(tiny_file("sd1")), device="cpu")
 
 
 def test_prior_is_the_token_gram_of_its_captions_kept_in_the_given_folder(backend, tmp_path):
