@@ -122,7 +122,8 @@ def _delta(full: Path, model: Path, out: Path) -> None:
     """Writes to ``out`` the tensors of checkpoint ``full`` that differ from ``model``'s (in dtype or
     any bit), with ``full``'s key list in its metadata: ``model`` plus the delta is ``full``."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
+
+    from mace_core.files import save_tensors
 
     with safe_open(str(full), "pt") as ff, safe_open(str(model), "pt") as fm:
         base = set(fm.keys())
@@ -132,9 +133,7 @@ def _delta(full: Path, model: Path, out: Path) -> None:
             if k not in base or x.dtype != (y := fm.get_tensor(k)).dtype or not x.equal(y):
                 changed[k] = x
         keys = sorted(ff.keys())
-    tmp = out.with_name(".partial-" + out.name)
-    save_file(changed, str(tmp), metadata={"keys": json.dumps(keys)})
-    os.replace(tmp, out)
+    save_tensors(out, changed, metadata={"keys": json.dumps(keys)})
 
 
 def differences(out: Path, ref: Path) -> list[str]:
@@ -157,6 +156,8 @@ def differences(out: Path, ref: Path) -> list[str]:
                 found.append(f"{k}: max |diff| {(x.double() - y.double()).abs().max().item():.3g}")
     return found
 
+
+# --- the browser ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def browser():
