@@ -50,12 +50,14 @@ DEFAULT = "type default"
 # every other setting the core declares as optional widgets (`_optional_inputs`), so a new setting shows up
 # here without a change. The seed is 'training_seed', the mask a widget of its own (SAM checkpoints),
 # the CLIP skip read from the CLIP.
-REFINE_SETTINGS = ("lam", "prior", "domain", "protection", "balance")  # stage 1's, the Refine node's widgets
+REFINE_SETTINGS = ("lam", "prior", "domain", "protection", "balance", "prior_captions")  # stage 1's: Refine's widgets
 # protection and balance came to Refine later: Train LoRAs keeps them (saved graphs store its widgets by
-# position); left at "type default" there, the project's values (Refine's) hold
-NOT_ON_TRAIN = REFINE_SETTINGS[:3]
+# position); left at "type default" there, the project's values (Refine's) hold. prior_captions came later
+# still, and only to Refine (and the one-shot Erase node, which refines too)
+NOT_ON_TRAIN = REFINE_SETTINGS[:3] + ("prior_captions",)
 TRAIN_SETTINGS = ("steps", "rank", "lr", "images", "sample_steps", "guidance")
 OWN_WIDGETS = ("seed", "mask", "sam_checkpoint", "clip_skip")
+AFTER_DELETE = ("prior_captions",)  # settings added after delete_images: saved graphs keep its position
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +436,7 @@ def _train_overrides(mask: str, training_seed: int, settings: dict) -> dict:
 def _optional_inputs(*, refine: bool) -> list[io.Input]:
     """Optional inputs of the training nodes: the preview, every other core setting (`_setting_inputs`;
     with ``refine`` also stage 1's, which the one-shot node runs too) and deleting the training images."""
-    others = [i.name for i in setting_infos() if i.name not in TRAIN_SETTINGS + OWN_WIDGETS
+    others = [i.name for i in setting_infos() if i.name not in TRAIN_SETTINGS + OWN_WIDGETS + AFTER_DELETE
               and (refine or i.name not in NOT_ON_TRAIN)]
     return [io.Combo.Input("preview", options=["auto", "show", "blur", "hide"], default="auto", optional=True,
                            tooltip="the training_images output: each image beside its mask; auto blurs explicit "
@@ -442,7 +444,8 @@ def _optional_inputs(*, refine: bool) -> list[io.Input]:
             *_setting_inputs(others, optional=True),
             io.Boolean.Input("delete_images", default=False, optional=True,
                              tooltip="when done, delete the training images drawn into the project (they may show "
-                                     "what was erased); re-fusing still works")]
+                                     "what was erased); re-fusing still works"),
+            *_setting_inputs([n for n in AFTER_DELETE if refine], optional=True)]
 
 
 def _run(be: ComfyBackend, req: Request, preview: str = "hide"):

@@ -51,12 +51,18 @@ def comfyui(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _comfyui_outputs_removed(request):
     """What a test saved through the in-process ComfyUI (~340 MB per checkpoint) is gone after it: the
-    session's outputs, kept to the end, helped fill CI's disk. No test reads another's output."""
+    session's outputs, kept to the end, helped fill CI's disk. No test reads another's output. Folders
+    stay, emptied: ComfyUI lists output/checkpoints as a model folder and its file-list cache fails on a
+    folder that vanished (the next test's Load Checkpoint was refused)."""
     yield
     if "comfyui" in request.fixturenames:
         out = request.getfixturevalue("comfyui").output_dir
         for p in out.iterdir() if out.is_dir() else ():
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+                p.mkdir()
+            else:
+                p.unlink()
 
 
 @dataclass

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from mace_core.model.checkpoint import read_metadata
 from mace_core.cli.main import main
 from mace_core.method.concepts import make_concept
-from tiny import tiny_file
+from tiny import FEW_CAPTIONS, NOT_TEXT, tiny_file
 
 FAST = ["--images", "2", "--sample-steps", "3", "--steps", "4", "--device", "cpu"]
 
@@ -215,6 +215,14 @@ case("erase-unknown-type", lambda w, d: (_erase(w, "--concept", "cat", "--type",
 case("erase-unknown-preset", lambda w, d: (_erase(w, "--preset", "nope"), ["unknown preset", "nope"]))
 case("erase-mask-sam-without-checkpoint", lambda w, d: (_erase(w, "--concept", "cat", "--mask", "sam"),
                                                         ["--sam-checkpoint"]))
+case("erase-prior-captions-missing", lambda w, d: (_erase(w, "--concept", "cat", "--prior", "1", "--prior-captions",
+                                                           str(d / "captions.txt")), ["captions.txt", "not a file"]))
+case("erase-prior-captions-too-few", lambda w, d: (_erase(w, "--concept", "cat", "--prior", "1", "--prior-captions",
+                                                           FEW_CAPTIONS), ["requirements.txt", "at least 50"]))
+case("erase-prior-captions-not-text", lambda w, d: (_erase(w, "--concept", "cat", "--prior", "1", "--prior-captions",
+                                                            NOT_TEXT), ["toy-sd1.safetensors", "UTF-8"]))
+case("erase-prior-captions-without-prior", lambda w, d: (_erase(w, "--concept", "cat", "--prior-captions", FEW_CAPTIONS),
+                                                         ["no effect", "--prior"]))
 case("erase-unknown-mask", lambda w, d: (_erase(w, "--concept", "cat", "--mask", "blur"), ["--mask", "blur"]))
 case("erase-unknown-flag", lambda w, d: (_erase(w, "--concept", "cat", "--stepz", "3"), ["--stepz"]))
 

@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import comfyui_harness as h  # noqa: E402
+from tiny import FEW_CAPTIONS, NOT_TEXT  # noqa: E402
 
 FAST = {"steps": 4, "rank": 0, "lr": 0.0, "images": 1, "sample_steps": 2, "guidance": 0.0, "mask": "type default",
         "training_seed": 7, "resolution": 64}
@@ -86,6 +87,11 @@ CASES: dict[str, tuple[dict, str, str]] = {
     "resolution-not-a-number": (_erase(_concepts(), resolution="big"), VALIDATION, "resolution"),
     "mask-unknown": (_erase(_concepts(), mask="lasso"), NODE, "lasso"),
     "sam-without-checkpoint": (_erase(_concepts(), mask="sam", closed_form_only=False), NODE, "sam"),
+    "prior-captions-missing": (_erase(_concepts(), prior=2000.0, prior_captions="no-such-captions.txt"), NODE,
+                               "no-such-captions.txt"),
+    "prior-captions-too-few": (_erase(_concepts(), prior=2000.0, prior_captions=FEW_CAPTIONS), NODE, "at least 50"),
+    "prior-captions-not-text": (_erase(_concepts(), prior=2000.0, prior_captions=NOT_TEXT), NODE, "UTF-8"),
+    "prior-captions-without-prior": (_erase(_concepts(), prior_captions=FEW_CAPTIONS), NODE, "no effect"),
     "unknown-checkpoint": (_erase(_concepts(), ckpt="nope.safetensors"), VALIDATION, "ckpt_name"),
     "project-of-another-model": (_erase(_concepts(project="made-from-tiny64"), ckpt="other"), NODE,
                                  "not the model project 'made-from-tiny64' was made from"),

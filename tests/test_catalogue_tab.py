@@ -21,7 +21,7 @@ from mace_core.errors import MaceError
 from mace_core.model.checkpoint import read_metadata
 from sd_webui_extension import actions
 from sd_webui_extension.host import StandaloneHost
-from tiny import tiny_file
+from tiny import FEW_CAPTIONS, NOT_TEXT, tiny_file
 
 ERASE, ESTIMATE = "erase", "estimate"
 
@@ -98,6 +98,10 @@ FORMS: dict[str, tuple[actions.EraseForm, str]] = {
     "balance-unknown": (_numbers(balance="maybe"), "maybe"),
     "timesteps-unknown": (_numbers(timesteps="random"), "random"),
     "fusion-unknown": (_numbers(fusion="average"), "average"),
+    "prior-captions-missing": (_numbers(prior=2000, prior_captions="no-such-captions.txt"), "no-such-captions.txt"),
+    "prior-captions-too-few": (_numbers(prior=2000, prior_captions=FEW_CAPTIONS), "at least 50"),
+    "prior-captions-not-text": (_numbers(prior=2000, prior_captions=NOT_TEXT), "UTF-8"),
+    "prior-captions-without-prior": (_numbers(prior_captions=FEW_CAPTIONS), "no effect"),
     "separable-words": (_numbers(separable="perhaps"), "perhaps"),
     "robust-rounds-negative": (_numbers(robust_rounds=-1), "robust"),
     "fuse-lam-nan": (_numbers(fuse_lam="nan"), "fusion ridge"),

@@ -151,3 +151,52 @@ def test_estimate_counts_the_prompts_stage_1_encodes(backend, tmp_path, monkeypa
                         real(prompts, *a, **kw))
     erase_mod.erase(backend, spec, Project(tmp_path / "p"), "0" * 64, closed_form_only=True, prior_dir=tmp_path)
     assert est.text_encodings == sum(encoded) > 0
+
+
+def test_prior_from_a_caption_file_is_the_gram_of_its_captions_keyed_by_their_content(backend, tmp_path):
+    """`Settings.prior_captions`: the prior is the mean token Gram of the file's captions (blank lines and
+    repeats dropped; a file longer than the prior's count is sampled evenly, not cut), cached apart from
+    the corpus's prior and from any other file's."""
+    lines = [f"a drawing number {i} of a small house" for i in range(120)]
+    f = tmp_path / "captions.txt"
+    f.write_text("\n".join(lines[:60] + ["", "   ", lines[3]] + lines[60:]) + "\n", encoding="utf-8")
+    folder = tmp_path / "cache"
+    g = prior.general_prior(backend, "k", 60, folder=folder, captions_file=str(f))["context"]
+    rows = torch.cat([backend.encode([c]).context[0].double() for c in lines[::2]])  # 60 of 120, evenly spread
+    want = rows.T @ rows / rows.shape[0]
+    assert (g - want).abs().max() <= 1e-5 * want.abs().max()
+    corpus = prior.general_prior(backend, "k", 60, folder=folder)["context"]
+    assert not torch.allclose(corpus, g)
+    assert len(list(folder.iterdir())) == 2  # the corpus's and the file's
+    f.write_text("\n".join(lines[::-1]) + "\n", encoding="utf-8")  # other content, same name
+    assert prior.prior_missing(backend, 1.0, 0.0, folder, 60, captions_file=str(f)) == 60
+    prior.general_prior(backend, "k", 60, folder=folder, captions_file=str(f))
+    assert len(list(folder.iterdir())) == 3
+
+
+def test_a_project_recomputes_its_prior_and_retrains_when_the_caption_file_changes(backend, tmp_path, monkeypatch):
+    """The project keeps the prior it was refined with; a run with another caption file (or none) must not
+    reuse it, nor LoRAs trained on weights refined with it."""
+    from mace_core.method.concepts import settings_hash
+
+    f = tmp_path / "captions.txt"
+    f.write_text("\n".join(f"a photo of a red car number {i}" for i in range(60)), encoding="utf-8")
+    computed: list[str | None] = []
+    real = erase_mod.general_prior
+    monkeypatch.setattr(erase_mod, "general_prior",
+                        lambda *a, **kw: computed.append(kw.get("captions_file")) or real(*a, **kw))
+    project = Project(tmp_path / "p")
+
+    def run(captions):
+        spec = ErasureSpec((make_concept("cat"),), (), {"prior": 1.0, "prior_captions": captions})
+        erase_mod.erase(backend, spec, project, "0" * 64, closed_form_only=True, prior_dir=tmp_path / "prior")
+        return settings_hash(project.spec(), project.spec().concepts[0])
+
+    first = run(str(f))
+    assert computed == [str(f)]
+    assert run(str(f)) == first and computed == [str(f)]  # kept in the project
+    f.write_text("\n".join(f"a photo of a blue boat number {i}" for i in range(60)), encoding="utf-8")
+    changed = run(str(f))
+    assert computed == [str(f), str(f)] and changed != first
+    run("")  # back to the built-in corpus
+    assert computed == [str(f), str(f), ""]

@@ -15,6 +15,11 @@ import torch
 from mace_core.model.checkpoint import save_new_checkpoint, save_new_diffusers
 from synthetic import random_modules, tiny_family
 
+# files that are not usable caption files (`Settings.prior_captions`) for the hostile-input catalogues
+REPO = Path(__file__).resolve().parents[1]
+FEW_CAPTIONS = str(REPO / "requirements.txt")  # text, fewer than 50 lines
+NOT_TEXT = str(REPO / "shared" / "toyworld" / "data" / "toy-sd1.safetensors")  # binary
+
 _ROOT = Path(tempfile.mkdtemp(prefix="mace-tiny-"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)  # 150 MB a session: left behind, they filled /tmp
 FAMILIES = ("sd1", "sd2", "sdxl")

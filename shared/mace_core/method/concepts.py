@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from ..errors import MaceError
-from .corpus import subject_captions
+from .corpus import captions_id, read_captions, subject_captions
 
 DATA = Path(__file__).parents[1] / "data"
 
@@ -108,6 +108,12 @@ class Settings:
     # training images one at a time; slower, the same LoRAs, so not part of `settings_hash`
     low_vram: bool = _knob(False, "fit a smaller GPU: draw training images one at a time and recompute UNet "
                                   "activations in backward passes; slower, the same result", "low VRAM", lora="no")
+    # stage 1 again, last so that the nodes' optional widgets of saved workflows keep their positions
+    prior_captions: str = _knob("", "a text file of captions in your model's own style, one per line (e.g. its "
+                                    "training captions): the general prior is computed from them instead of the "
+                                    "built-in corpus, for fine-tunes whose prompts the corpus does not speak "
+                                    "(booru tags, a house vocabulary); needs a general prior strength > 0",
+                                "general prior captions file", lora="run")
 
     def __post_init__(self) -> None:
         for info in setting_infos(hidden=True):
@@ -597,6 +603,11 @@ def validate(spec: ErasureSpec, tokenize=None, max_tokens: int = 77) -> ErasureS
     spec.settings_for()
     for c in spec.concepts:
         s = spec.settings_for(c)
+        if s.prior_captions and not (s.prior or s.fuse_prior):
+            raise MaceError(f"the prior captions file {s.prior_captions!r} has no effect with a general prior strength of "
+                            "0 (this concept type's default): set the general prior strength too (--prior), e.g. 2000")
+        if s.prior_captions:
+            read_captions(s.prior_captions)  # a missing or unusable file is found now, not after minutes of work
         if s.mask == "sam" and not Path(s.sam_checkpoint).is_file():  # found now, not after the images are drawn
             raise MaceError(f"the SAM checkpoint {s.sam_checkpoint!r} (mask 'sam') is not a file; give the path of a "
                             "segment-anything ViT checkpoint")
@@ -628,5 +639,7 @@ def settings_hash(spec: ErasureSpec, concept: Concept) -> str:
     # what stage 1 keeps: the retain list, else the concept's own type's whole default list (not less
     # the erased phrases, which would make the other concepts part of the identity)
     default = get_type(concept.type).protection_of(concept.phrase) if run["protection"] == "type" else ()
+    if trained["prior_captions"]:  # the file's captions, not its name, shape stage 1
+        trained["prior_captions"] = captions_id(read_captions(trained["prior_captions"]))
     data = [concept.to_dict(), trained, sorted(spec.retain or default), stage1_key(concept)]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

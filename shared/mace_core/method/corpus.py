@@ -22,13 +22,15 @@ Plain Python and PyYAML; no torch.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["general_captions", "subject_captions", "load_corpus_spec", "CORPUS_FILE"]
+__all__ = ["general_captions", "subject_captions", "load_corpus_spec", "read_captions", "captions_id", "CORPUS_FILE",
+           "MIN_CAPTIONS"]
 
 CORPUS_FILE = Path(__file__).resolve().parents[1] / "data" / "corpus.yaml"
 
@@ -147,3 +149,36 @@ def subject_captions(slot: str, n: int, seed: int = 0, path: str | Path | None =
         if caption.count("{}") == 1 and len(caption.split()) <= _MAX_WORDS and caption not in out:
             out.append(caption)
     raise ValueError(f"could only make {len(out)} distinct {{{slot}}} captions of the {n} requested")
+
+
+#: fewest captions a user's caption file may hold: the prior is a mean Gram over every token position, so 50
+#: captions already give thousands of embeddings, while a handful would describe a few prompts, not a model
+MIN_CAPTIONS = 50
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """The captions of a user's text file for the general prior (`Settings.prior_captions`): one per line,
+    blank lines and repeats dropped, in file order. Raises `errors.MaceError` with a one-line fix when the
+    file is missing, not UTF-8 text, or holds fewer than `MIN_CAPTIONS` captions."""
+    from ..errors import MaceError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise MaceError(f"the prior captions file {str(path)!r} is not a file; give a text file with one caption "
+                        "per line (e.g. your fine-tune's training captions)")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MaceError(f"the prior captions file {str(path)!r} cannot be read as UTF-8 text ({exc.__class__.__name__});"
+                        " save it as plain UTF-8 text, one caption per line") from None
+    captions = list(dict.fromkeys(c for c in (line.strip() for line in lines) if c))
+    if len(captions) < MIN_CAPTIONS:
+        raise MaceError(f"the prior captions file {str(path)!r} holds {len(captions)} distinct captions; it needs at "
+                        f"least {MIN_CAPTIONS} (one per line) to stand for what the model draws")
+    return captions
+
+
+
+def captions_id(captions: list[str]) -> str:
+    """sha256 of a caption list (what a prior made from it is keyed and recorded by)."""
+    return hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()

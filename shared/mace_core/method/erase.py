@@ -26,7 +26,7 @@ from ..errors import InterruptedRun, MaceError
 from .fuse import fuse, naive_sum, separate
 from .harden import adversarial_stats
 from .masks import draw_batch, draw_concept, phrase_token_mask, save_data
-from .prior import general_prior, mean_grams
+from .prior import general_prior, mean_grams, prior_captions
 from .project import Project
 from .refine import ConceptStats, apply_map, apply_pooled, concept_stats, context_map, overlap, pooled_map
 from .train import LoRA, train_lora
@@ -257,6 +257,16 @@ def retain_key(spec: ErasureSpec) -> str:
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
+def general_missing(spec: ErasureSpec, priors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> bool:
+    """Whether the run needs a general prior that its project's priors (``priors``, ``meta``: their
+    metadata) do not hold: none stored, or one made from other captions (the built-in corpus, id "", or
+    another caption file)."""
+    run = spec.settings_for()
+    if not (run.prior or run.fuse_prior):
+        return False
+    return "general" not in priors or meta.get("general", "") != prior_captions(run.prior_captions)[1]
+
+
 def retain_missing(spec: ErasureSpec, meta: Mapping[str, str]) -> bool:
     """Whether the run must encode its kept phrases: it keeps some, with a retain prior, and the project's
     priors (``meta``, their metadata) hold none for them."""
@@ -271,10 +281,11 @@ def _priors(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Pa
     run = spec.settings_for()
     priors, meta = project.load_priors()
     changed = False
-    if (run.prior or run.fuse_prior) and "general" not in priors:
+    if general_missing(spec, priors, meta):
         for name, g in general_prior(backend, backend.text_encoder_key(), folder=prior_dir, progress=prog,
-                                     should_stop=stop).items():
+                                     should_stop=stop, captions_file=run.prior_captions).items():
             priors["general" if name == "context" else "general_pooled"] = g
+        meta["general"] = prior_captions(run.prior_captions)[1]
         changed = True
     kept, _ = spec.protected()
     if retain_missing(spec, meta):

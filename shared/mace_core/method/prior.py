@@ -2,7 +2,10 @@
 
 The general prior stands for "everything else the model draws": the Gram matrix sum_p p p^T over
 every token position of a generated caption corpus (`corpus.general_captions`), divided by the
-number of embeddings so that its strength means the same for any corpus size. It depends only on
+number of embeddings so that its strength means the same for any corpus size. A fine-tune whose
+prompts that everyday-English corpus does not speak gets its prior from the user's own captions
+(`Settings.prior_captions`, `prior_captions`): the edit is held where the prior's captions put
+embeddings, so what the prior does not cover is not protected (benchmarks/RESULTS.md). It depends only on
 the text encoder, so it is computed once per text encoder and kept in a folder, keyed by a hash of
 the encoder's weights and of how its output is taken (layer, final norm) — d x d, e.g. 768 x 768
 for SD 1.x, not a file per UNet.
@@ -91,9 +94,25 @@ def mean_grams(backend: Backend, prompts: Sequence[str], batch_size: int = BATCH
     return accumulate_grams(backend, prompts, batch_size, report, should_stop)
 
 
-def prior_path(folder: str | Path, text_key: str, n_captions: int = PRIOR_CAPTIONS) -> Path:
-    key = hashlib.sha256(f"{text_key}|{CORPUS_VERSION}|{n_captions}".encode()).hexdigest()[:24]
-    return Path(folder) / f"{key}.safetensors"
+def prior_captions(captions_file: str | None, n_captions: int = PRIOR_CAPTIONS) -> tuple[list[str] | None, str]:
+    """The general prior's source: (None, "") for the built-in corpus, else the captions of the user's
+    file (`Settings.prior_captions`; at most ``n_captions``, evenly spread over a longer file so that a
+    file sorted by topic is still covered) and the id of the file's captions (`corpus.captions_id`)."""
+    from .corpus import captions_id, read_captions
+
+    if not captions_file:
+        return None, ""
+    captions = read_captions(captions_file)
+    n = len(captions)
+    chosen = captions if n <= n_captions else [captions[i * n // n_captions] for i in range(n_captions)]
+    return chosen, captions_id(captions)
+
+
+def prior_path(folder: str | Path, text_key: str, n_captions: int = PRIOR_CAPTIONS, source: str = "") -> Path:
+    """The cache file of a general prior: ``source`` is "" for the built-in corpus (whose keys predate
+    user caption files), else the id of the captions (`prior_captions`)."""
+    key = hashlib.sha256(f"{text_key}|{CORPUS_VERSION}|{n_captions}{'|' + source if source else ''}".encode())
+    return Path(folder) / f"{key.hexdigest()[:24]}.safetensors"
 
 
 @contextlib.contextmanager
@@ -112,37 +131,44 @@ def float32_text(backend: Backend) -> Iterator[None]:
 
 def general_prior(backend: Backend, text_key: str, n_captions: int = PRIOR_CAPTIONS, *,
                   folder: str | Path | None = None, progress: Progress | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
+                  should_stop: Callable[[], bool] | None = None, captions_file: str | None = None
+                  ) -> dict[str, torch.Tensor]:
     """The per-token general prior ("context" [D, D], SDXL also "pooled" [P, P]) for the text encoder
     identified by ``text_key``: read from ``folder`` (default `default_prior_dir`), else computed from
-    ``n_captions`` captions, reporting ``progress(PRIOR_LABEL, done, total)`` from its start, and
-    stopping (`errors.InterruptedRun`, nothing written) when ``should_stop()`` turns True."""
+    ``n_captions`` captions of the built-in corpus or of ``captions_file`` (`prior_captions`), reporting
+    ``progress(PRIOR_LABEL, done, total)`` from its start, and stopping (`errors.InterruptedRun`, nothing
+    written) when ``should_stop()`` turns True."""
     from safetensors.torch import load_file
 
     from .corpus import general_captions
     from ..files import save_tensors
 
-    path = prior_path(folder if folder is not None else default_prior_dir(), text_key, n_captions)
+    chosen, source = prior_captions(captions_file, n_captions)
+    n = len(chosen) if chosen is not None else n_captions
+    path = prior_path(folder if folder is not None else default_prior_dir(), text_key, n, source)
     if path.is_file():
         try:
             return load_file(str(path))
         except Exception:  # a damaged cache entry is recomputed, never trusted
             path.unlink(missing_ok=True)
-    captions = general_captions(n_captions)
+    captions = chosen if chosen is not None else general_captions(n_captions)
     report = (lambda done, total: progress(PRIOR_LABEL, done, total)) if progress else None
     if report:
         report(0, len(captions))
     batch = PRIOR_BATCH.get(backend.device.type, BATCH)
     with float32_text(backend):
         grams = mean_grams(backend, captions, batch, on_batch=report, should_stop=should_stop)
-    save_tensors(path, grams, {"captions": str(n_captions)}, checked=True, what="the prior cache")
+    save_tensors(path, grams, {"captions": str(n), "source": source or f"corpus v{CORPUS_VERSION}"}, checked=True,
+                 what="the prior cache")
     return grams
 
 
 def prior_missing(backend: Backend, spec_prior: float, spec_fuse_prior: float, folder: str | Path | None,
-                  n_captions: int = PRIOR_CAPTIONS) -> int:
+                  n_captions: int = PRIOR_CAPTIONS, captions_file: str | None = None) -> int:
     """Captions a run still has to encode for the general prior (0 when off or already computed)."""
     if not (spec_prior or spec_fuse_prior):
         return 0
-    path = prior_path(folder if folder is not None else default_prior_dir(), backend.text_encoder_key(), n_captions)
-    return 0 if path.is_file() else n_captions
+    chosen, source = prior_captions(captions_file, n_captions)
+    n = len(chosen) if chosen is not None else n_captions
+    path = prior_path(folder if folder is not None else default_prior_dir(), backend.text_encoder_key(), n, source)
+    return 0 if path.is_file() else n

@@ -17,7 +17,7 @@ import torch
 from ..model.backend import Backend
 from ..method.concepts import Concept, ErasureSpec, Settings, anchor_prompt_sets, concept_prompts, settings_hash
 from ..errors import MaceError
-from ..method.erase import retain_missing
+from ..method.erase import general_missing, retain_missing
 from ..method.masks import draw_batch
 from ..method.objectives import grad_rows, unet_passes
 from ..method.prior import float32_text, prior_missing
@@ -148,9 +148,9 @@ def _prior_cost(backend: Backend, spec: ErasureSpec, project: Project | None, pr
     not in the project, not in ``prior_dir``; timed on one batch encoded as the prior encodes (fp32 on
     the CPU)."""
     run = spec.settings_for()
-    if project is not None and "general" in project.load_priors()[0]:
+    if project is not None and not general_missing(spec, *project.load_priors()):
         return 0, 0.0
-    n = prior_missing(backend, run.prior, run.fuse_prior, prior_dir)
+    n = prior_missing(backend, run.prior, run.fuse_prior, prior_dir, captions_file=run.prior_captions)
     if not n:
         return 0, 0.0
     with float32_text(backend):
