@@ -92,8 +92,12 @@ def test_a_distilled_sdxl_single_file_gets_its_config_from_its_tensors(tmp_path)
         want = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample
         got = comp.unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample
         ids = torch.tensor([[49406, 320, 2368, 49407] + [49407] * 73])
-        assert torch.equal(tes[1](ids).text_embeds, comp.text_encoders[1](ids).text_embeds)
-    assert torch.equal(want, got)
+        te_want, te_got = tes[1](ids).text_embeds, comp.text_encoders[1](ids).text_embeds
+    # the same weights in another module instance: CPU kernels may take another vectorised path for
+    # differently aligned buffers (CI saw 1e-4 on outputs of 7: 1.4e-5 relative, once in four runs), while
+    # a wrongly inferred config (layers per block, embedding sizes) changes the output at its own scale
+    assert (te_want - te_got).abs().max() <= 1e-4 * te_want.abs().max()
+    assert (want - got).abs().max() <= 1e-4 * want.abs().max()
     # erase and sample at the resolution given
     out = tmp_path / "e.safetensors"
     assert main(["erase", str(plain), "--concept", "cat", "--resolution", "16", "--out", str(out), *FAST]) == 0
