@@ -178,7 +178,6 @@ def read_captions(path: str | Path) -> list[str]:
     return captions
 
 
-
 def captions_id(captions: list[str]) -> str:
     """sha256 of a caption list (what a prior made from it is keyed and recorded by)."""
     return hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()
