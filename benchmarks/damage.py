@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shared"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ablation import SINGLE, TYPE, context_prompts  # noqa: E402
+from ablation import SINGLE, TYPE, context_prompts, shares_a_name  # noqa: E402
 from idworld import ID_MODEL, world  # noqa: E402
 from mace_core.model.checkpoint import load_checkpoint  # noqa: E402
 from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
@@ -66,10 +66,9 @@ def main(argv=None) -> None:
         er = names[i]
         be = erased_backend(ck, [er], over, True, ctype=TYPE)
         edits[er] = w1 = {k: v.float() for k, v in be.original_weights().items()}
-        first, last = er.split()
         groups = {"the erased name": [er],
-                  "names sharing a word": [n for n in names if n != er and (n.split()[0] == first or n.split()[1] == last)],
-                  "the other names": [n for n in names if n.split()[0] != first and n.split()[1] != last]}
+                  "names sharing a word": [n for n in names if n != er and shares_a_name(n, [er])],
+                  "the other names": [n for n in names if not shares_a_name(n, [er])]}
         for label, group in groups.items():
             prompts = [p for n in group for p in context_prompts(n, world.NAME_INDEX[n])] + [f"a portrait of {n}" for n in group]
             words, end, pad = by_position(base, w0, w1, prompts)

@@ -53,8 +53,8 @@ DEFAULT = "type default"
 REFINE_SETTINGS = ("lam", "prior", "domain", "protection", "balance", "prior_captions")  # stage 1's: Refine's widgets
 # protection and balance came to Refine later: Train LoRAs keeps them (saved graphs store its widgets by
 # position); left at "type default" there, the project's values (Refine's) hold. prior_captions came later
-# still, and only to Refine (and the one-shot Erase node, which refines too)
-NOT_ON_TRAIN = REFINE_SETTINGS[:3] + ("prior_captions",)
+# still, and only to Refine and, after delete_images (AFTER_DELETE), the one-shot Erase node, which refines too
+NOT_ON_TRAIN = REFINE_SETTINGS[:3]
 TRAIN_SETTINGS = ("steps", "rank", "lr", "images", "sample_steps", "guidance")
 OWN_WIDGETS = ("seed", "mask", "sam_checkpoint", "clip_skip")
 AFTER_DELETE = ("prior_captions",)  # settings added after delete_images: saved graphs keep its position

@@ -115,6 +115,15 @@ def prior_path(folder: str | Path, text_key: str, n_captions: int = PRIOR_CAPTIO
     return Path(folder) / f"{key.hexdigest()[:24]}.safetensors"
 
 
+def _cache_entry(folder: str | Path | None, text_key: str, n_captions: int, captions_file: str | None
+                 ) -> tuple[Path, list[str] | None, int, str]:
+    """(cache file, the file's chosen captions or None for the corpus, how many captions, source id) of a
+    general prior (`prior_captions`, `prior_path`; ``folder`` None: `default_prior_dir`)."""
+    chosen, source = prior_captions(captions_file, n_captions)
+    n = len(chosen) if chosen is not None else n_captions
+    return prior_path(folder if folder is not None else default_prior_dir(), text_key, n, source), chosen, n, source
+
+
 @contextlib.contextmanager
 def float32_text(backend: Backend) -> Iterator[None]:
     """The backend's text encoders in fp32 for the block when it runs on the CPU in half precision,
@@ -143,9 +152,7 @@ def general_prior(backend: Backend, text_key: str, n_captions: int = PRIOR_CAPTI
     from .corpus import general_captions
     from ..files import save_tensors
 
-    chosen, source = prior_captions(captions_file, n_captions)
-    n = len(chosen) if chosen is not None else n_captions
-    path = prior_path(folder if folder is not None else default_prior_dir(), text_key, n, source)
+    path, chosen, n, source = _cache_entry(folder, text_key, n_captions, captions_file)
     if path.is_file():
         try:
             return load_file(str(path))
@@ -168,7 +175,5 @@ def prior_missing(backend: Backend, spec_prior: float, spec_fuse_prior: float, f
     """Captions a run still has to encode for the general prior (0 when off or already computed)."""
     if not (spec_prior or spec_fuse_prior):
         return 0
-    chosen, source = prior_captions(captions_file, n_captions)
-    n = len(chosen) if chosen is not None else n_captions
-    path = prior_path(folder if folder is not None else default_prior_dir(), backend.text_encoder_key(), n, source)
+    path, _, n, _ = _cache_entry(folder, backend.text_encoder_key(), n_captions, captions_file)
     return 0 if path.is_file() else n
