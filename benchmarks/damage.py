@@ -9,7 +9,11 @@ edit of layer l, averaged over the prompt's words, its end token and its padding
 identity's two scored context prompts (benchmarks/ablation.py) and its plain portrait. Then, for one
 erased name and three prompts, the end token's change split into the part every other name shares
 there (their mean embedding's change) and each name's own part (the change of its difference from that
-mean). Stage 1 of the `celebrity` preset as shipped (CFR only), images not drawn: seconds per name.
+mean). Last, whether the erased name is mapped onto its anchor or only moved: the residual
+||W1 e - W0 a|| / ||W0 e - W0 a|| over the end token and the 19 padding positions after it (positions
+stage 1 remaps past the name) of its own stage-1 prompts and of its held-out context prompts, a the mean
+of its stage-1 anchors in the same prompt (0: mapped onto the anchor; 1: as far from it as before).
+Stage 1 of the `celebrity` preset as shipped (CFR only), images not drawn: seconds per name.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation import SINGLE, TYPE, context_prompts, shares_a_name  # noqa: E402
 from idworld import ID_MODEL, world  # noqa: E402
+from mace_core.method.concepts import concept_prompts, get_type, make_concept  # noqa: E402
 from mace_core.model.checkpoint import load_checkpoint  # noqa: E402
 from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
 from toy import erased_backend  # noqa: E402
@@ -51,6 +56,28 @@ def by_position(base, w0, w1, prompts: list[str]) -> list[float]:
     return (out / len(prompts)).tolist()
 
 
+PAST = 20  # the end token and the padding after it compared, in every prompt whatever its length
+
+
+def past_name(base, prompts: list[str]) -> torch.Tensor:
+    """Context embeddings [N * PAST, D] of ``prompts`` at their end token and the padding after it."""
+    ctx = base.encode(prompts).context.float()
+    return torch.cat([ctx[b, len(base.tokenize(p)) - 1:][:PAST] for b, p in enumerate(prompts)])
+
+
+def anchor_residual(base, w0, w1, name: str, prompts: list[str]) -> float:
+    """||W1 e - W0 a|| / ||W0 e - W0 a|| over the end token and padding of ``prompts`` (which hold
+    ``name``), a the mean embedding of the celebrity type's stage-1 anchors put in the name's place."""
+    anchors = get_type(TYPE).stage1_anchors(make_concept(name, "", TYPE))
+    e = past_name(base, prompts)
+    a = sum(past_name(base, [p.replace(name, x) for p in prompts]) for x in anchors) / len(anchors)
+
+    def out(w, x):
+        return torch.cat([x @ w[k].T for k in w0], 1)
+
+    return float((out(w1, e) - out(w0, a)).norm() / (out(w0, e) - out(w0, a)).norm())
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prior-captions", default="", help="general prior from this caption file (default: corpus)")
@@ -70,7 +97,8 @@ def main(argv=None) -> None:
                   "names sharing a word": [n for n in names if n != er and shares_a_name(n, [er])],
                   "the other names": [n for n in names if not shares_a_name(n, [er])]}
         for label, group in groups.items():
-            prompts = [p for n in group for p in context_prompts(n, world.NAME_INDEX[n])] + [f"a portrait of {n}" for n in group]
+            prompts = [p for n in group for p in context_prompts(n, world.NAME_INDEX[n])]
+            prompts += [f"a portrait of {n}" for n in group]
             words, end, pad = by_position(base, w0, w1, prompts)
             print(f"| {er} | {label} | {words:.3f} | {end:.3f} | {pad:.3f} |", flush=True)
     er = names[SINGLE[1]]
@@ -87,6 +115,13 @@ def main(argv=None) -> None:
         own = kv_change(w0, edits[er], e - mean)[0]
         print(f"| {tmpl.format('{name}')!r} | {float((full / den).mean()):.3f} | {float(shared / den.mean()):.3f} | "
               f"{float((own / den).mean()):.3f} |", flush=True)
+    print("\nThe erased name onto its anchor, end token and padding (0: mapped onto it; 1: as far as before):\n"
+          "| erased | its stage-1 prompts | its held-out context prompts |\n|---|---:|---:|")
+    for er, w1 in edits.items():
+        own = concept_prompts(make_concept(er, "", TYPE))
+        held = context_prompts(er, world.NAME_INDEX[er])
+        own_r, held_r = anchor_residual(base, w0, w1, er, own), anchor_residual(base, w0, w1, er, held)
+        print(f"| {er} | {own_r:.2f} | {held_r:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,6 @@ def normalised(sums: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[st
     return {name: g / counts[name] for name, g in sums.items()}
 
 
-
 def mean_grams(backend: Backend, prompts: Sequence[str], batch_size: int = BATCH,
                on_batch: Callable[[int, int], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
