@@ -37,11 +37,16 @@ from toy import erased_backend  # noqa: E402
 SPLIT_PROMPTS = ("a portrait of {}", "a portrait of {} next to a star", "a photo of {} in a red frame")
 
 
+def kv_outputs(weights: dict, e: torch.Tensor) -> torch.Tensor:
+    """Every to_k / to_v layer's output for the rows of e [N, D], side by side [N, sum of the widths],
+    in the order of the weights' names (so two models' outputs line up)."""
+    return torch.cat([e @ weights[k].T for k in sorted(weights)], 1)
+
+
 def kv_change(w0: dict, w1: dict, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(||dW e||, ||W0 e||) over all to_k / to_v layers together, per row of e [N, D] -> [N], [N]."""
-    num = sum(((e @ (w1[k] - w0[k]).T) ** 2).sum(1) for k in w0)
-    den = sum(((e @ w0[k].T) ** 2).sum(1) for k in w0)
-    return num.sqrt(), den.sqrt()
+    y0 = kv_outputs(w0, e)
+    return (kv_outputs(w1, e) - y0).norm(dim=1), y0.norm(dim=1)
 
 
 def by_position(base, w0, w1, prompts: list[str]) -> list[float]:
@@ -71,11 +76,8 @@ def anchor_residual(base, w0, w1, name: str, prompts: list[str]) -> float:
     anchors = get_type(TYPE).stage1_anchors(make_concept(name, "", TYPE))
     e = past_name(base, prompts)
     a = sum(past_name(base, [p.replace(name, x) for p in prompts]) for x in anchors) / len(anchors)
-
-    def out(w, x):
-        return torch.cat([x @ w[k].T for k in w0], 1)
-
-    return float((out(w1, e) - out(w0, a)).norm() / (out(w0, e) - out(w0, a)).norm())
+    target = kv_outputs(w0, a)
+    return float((kv_outputs(w1, e) - target).norm() / (kv_outputs(w0, e) - target).norm())
 
 
 def main(argv=None) -> None:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shared"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation import SINGLE  # noqa: E402
+from damage import kv_outputs  # noqa: E402
 from idworld import ID_MODEL, world  # noqa: E402
 from mace_core.model.checkpoint import load_checkpoint  # noqa: E402
 from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
@@ -49,7 +50,7 @@ def dims_for(y: torch.Tensor, fractions=(0.5, 0.8, 0.9)) -> list[int]:
 
 def main() -> None:
     base = DiffusersBackend.from_checkpoint(load_checkpoint(ID_MODEL), device="cpu")
-    weights = [w.double() for w in base.original_weights().values()]
+    weights = {k: w.double() for k, w in base.original_weights().items()}
     names = list(world.NAMES)
     ten = list(range(0, len(names), 6))[:10]  # benchmarks/ablation.py's ten-name case: names[::6][:10]
     print("| prompt | position | names' share of the K/V norm | dims for 50 / 80 / 90% | a kept name inside "
@@ -59,7 +60,7 @@ def main() -> None:
         ctx = base.encode(prompts).context.double()
         for label, off in POSITIONS.items():
             e = torch.stack([ctx[b, len(base.tokenize(p)) - 1 + off] for b, p in enumerate(prompts)])  # [64, D]
-            y = torch.cat([e @ w.T for w in weights], 1)  # [64, sum of the layers' widths]
+            y = kv_outputs(weights, e)  # [64, sum of the layers' widths]
             yc = y - y.mean(0)
             share = float((yc.norm(dim=1) / y.norm(dim=1)).mean())
             one = sum(share_in_span(yc, [i]) for i in SINGLE) / len(SINGLE)
