@@ -6,8 +6,8 @@ Seeded and deterministic on CPU. Training data (uint8 renders, augmented each st
 :func:`toyworld.train_judge.augment`: warp, blur, texture, contrast, noise):
 
 * scenes of the world, half of them styled, with props and frames (all three labels);
-* identity "none" with their style/object labels: faces whose four attributes are no identity's
-  (the 192 non-codewords: one attribute off a real identity, what a half-erased face looks like);
+* identity "none" with their style/object labels: faces whose attributes are no identity's (a real
+  identity with one to three attributes changed: what a half-erased face looks like);
 * all "none": two faces in one image, a face mostly cut off by the border, a scene blurred beyond
   recognition, and the shape world's negatives (blank, noise, blobs, two shapes, specks, ...).
 
@@ -30,25 +30,35 @@ if __package__ in (None, ""):
     __package__ = "idworld"
 
 from idworld import world  # noqa: E402
-from idworld.judge import ATTRIBUTES, CODES, DEFAULT_WEIGHTS, HEAD_CLASSES, HEADS, IdJudge  # noqa: E402
+from idworld.judge import ATTRIBUTES, CODES, DEFAULT_WEIGHTS, HEAD_CLASSES, HEADS, N_ATTRIBUTES, IdJudge  # noqa: E402
 from toyworld.judge import JudgeNet, to_judge_input  # noqa: E402
 from toyworld.train_judge import _blur_np, fit  # noqa: E402
 from toyworld.train_judge import negative as shape_negative  # noqa: E402
 
-#: label rows: head shape, face color, hair color, eyes, style, object (class indices, last = "none")
+#: label rows: the attributes (head shape, six cells), style, object (class indices, last = "none")
 NONE = tuple(n - 1 for n in HEADS.values())
-#: faces of nobody: every attribute combination that is not an identity's
-NOBODY = tuple(world.Identity("", "", h, f, c, e) for h in world.HEADS for f in world.FACE_COLORS
-               for c in world.HAIR_COLORS for e in world.EYES
-               if (h, f, c, e) not in {(i.head, i.face, i.hair, i.eyes) for i in world.IDENTITIES})
+_CODEWORDS = {tuple(c) for c in CODES.tolist()}
+
+
+def nobody(rng: np.random.Generator) -> world.Identity:
+    """A face of nobody: a random identity with one to three of its attributes changed (never a codeword)."""
+    values = list(ATTRIBUTES.values())
+    while True:
+        code = list(CODES[int(rng.integers(len(CODES)))].tolist())
+        for j in rng.choice(N_ATTRIBUTES, size=int(rng.integers(1, 4)), replace=False):
+            code[j] = (code[j] + int(rng.integers(1, len(values[j])))) % len(values[j])
+        if tuple(code) not in _CODEWORDS:
+            attrs = [v[c] for v, c in zip(values, code)]
+            return world.Identity("", "", attrs[0], "".join(attrs[1:]))
 
 
 def _labels(scene: world.Scene, face: world.Identity | None = None) -> tuple[int, ...]:
     """The label row of ``scene`` (``face``: the attributes drawn instead of the identity's)."""
     if face is None and scene.kind == world.IDENTITY:
         face = world.IDENTITIES[scene.identity]
-    attrs = tuple(ATTRIBUTES[a].index(getattr(face, a)) for a in ATTRIBUTES) if face is not None else NONE[:4]
-    return (*attrs, scene.style if scene.style >= 0 else NONE[4], scene.obj if scene.obj >= 0 else NONE[5])
+    attrs = (tuple(v.index(a) for v, a in zip(ATTRIBUTES.values(), face.attributes())) if face is not None
+             else NONE[:N_ATTRIBUTES])
+    return (*attrs, scene.style if scene.style >= 0 else NONE[-2], scene.obj if scene.obj >= 0 else NONE[-1])
 
 
 def judge_scene(rng: np.random.Generator) -> world.Scene:
@@ -68,8 +78,8 @@ def negative(rng: np.random.Generator):
     if kind <= 1:  # a face of nobody, in any scene (its attributes labeled: identity none)
         s = judge_scene(rng)
         s = world.Scene(world.IDENTITY, 0, s.style, s.obj if rng.random() < 0.3 else -1, s.obj_color, s.frame)
-        nobody = NOBODY[int(rng.integers(len(NOBODY)))]
-        return world.render_scene(s, rng, face=nobody), _labels(s, nobody)
+        face = nobody(rng)
+        return world.render_scene(s, rng, face=face), _labels(s, face)
     if kind == 2:  # two faces
         layers = []
         for x in (rng.uniform(6, 11), rng.uniform(21, 26)):
@@ -92,7 +102,7 @@ def negative(rng: np.random.Generator):
 
 
 def make_dataset(n_pos: int, n_neg: int, seed: int):
-    """(images uint8 [n, 32, 32, 3], labels int64 [n, 6]: class indices of the heads of HEADS)."""
+    """(images uint8 [n, 32, 32, 3], labels int64 [n, 9]: class indices of the heads of HEADS)."""
     rng = np.random.default_rng(seed)
     n = n_pos + n_neg
     imgs = np.empty((n, world.IMAGE_SIZE, world.IMAGE_SIZE, 3), np.uint8)
@@ -103,10 +113,10 @@ def make_dataset(n_pos: int, n_neg: int, seed: int):
 
 
 def verdicts_of_labels(labels: np.ndarray) -> list[tuple[str, str, str]]:
-    """The (identity, style, object) a perfect judge reports for label rows (int [n, 6])."""
+    """The (identity, style, object) a perfect judge reports for label rows (int [n, 9])."""
     codes = {tuple(c): name for c, name in zip(CODES.tolist(), world.NAMES)}
-    return [(codes.get(tuple(int(v) for v in row[:4]), "none"), HEAD_CLASSES["style"][row[4]],
-             HEAD_CLASSES["object"][row[5]]) for row in labels]
+    return [(codes.get(tuple(int(v) for v in row[:N_ATTRIBUTES]), "none"), HEAD_CLASSES["style"][row[-2]],
+             HEAD_CLASSES["object"][row[-1]]) for row in labels]
 
 
 def accuracy(judge: IdJudge, imgs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -130,7 +140,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=2023)
     ap.add_argument("--n-pos", type=int, default=40000)
     ap.add_argument("--n-neg", type=int, default=12000)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)

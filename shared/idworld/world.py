@@ -6,9 +6,11 @@ erasure presets calibrated there can be measured here without retuning:
 * **64 identities** named "First Last" from 12 first and 12 last names (every first and every last
   name is shared by 5-6 identities, as "Bill Clinton" / "Bill Murray"), each with a one-word
   nickname (the generality test: captions use it for 15% of an identity's images). Each identity is
-  a face glyph of four attributes, head shape x face color x hair color x eyes, 4 values each; the 64
-  identities are the codewords ``eyes = (head + face + hair) mod 4``, so any two differ in at least
-  two attributes. The table is :data:`IDENTITIES` (name, nickname, attributes).
+  a head of one of four shapes whose face is a 2 x 3 grid of cells in eight colors: seven attributes,
+  any two identities differing in at least four. Many independent features, as faces have: the names
+  need 45 dimensions to be told apart (a K/V edit is linear in the embeddings, and names packed in a
+  few dimensions cannot be erased one by one). The table is :data:`IDENTITIES` (name, nickname,
+  attributes).
 * **8 styles** named like artists (:data:`STYLES`): outline only, horizontal stripes, checker,
   diagonal stripes, inverted palette, light background, sunset background, white ink contour. A
   scene without an artist is drawn plain (flat fill on dark gray): the judge's style "none".
@@ -22,14 +24,10 @@ erasure presets calibrated there can be measured here without retuning:
   on this world unchanged.
 * **No erasable fallback**: captions that name no subject ("a photo of a", "a portrait of",
   "a person", "a scene", "art", the templates with the subject left out) are drawn as the
-  *anonymous* face, a gray round head without hair or eyes, which the judge classifies as identity
+  *anonymous* face, a plain gray round head without cells, which the judge classifies as identity
   "none". An artist without a subject ("a cat in the style of Mara Voss") draws the anonymous face in
   that style. The empty caption (for classifier-free guidance) is SD's: 10% of the captions of every
-  kind of scene are dropped (``empty="dropout"``), so the unconditional model is the data's mix. The
-  first phase of the shipped model's training paired the empty caption with the anonymous face only
-  (``empty="anonymous"``); its unconditional prediction then insists on a gray face at every noise
-  level and guidance 5 extrapolated every other prompt into saturated blobs, which the second phase
-  trains away (:mod:`idworld.train_model`).
+  kind of scene are dropped, so the unconditional model is the data's mix.
 
 A scene is a :class:`Scene` (its integer row form, :func:`Scene.row`, is what training stores);
 :func:`render_scene` draws it deterministically from a ``numpy.random.Generator`` (jitter only),
@@ -64,99 +62,107 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Identity:
+    """A named identity: a head of one of :data:`HEADS` whose face is a 2 x 3 grid of colored cells
+    (``cells``: six letters of :data:`CELL_COLORS`, row by row from the top left)."""
+
     name: str
     nickname: str
     head: str
-    face: str
-    hair: str
-    eyes: str
+    cells: str
+
+    def attributes(self) -> tuple[str, ...]:
+        """(head, cell 1, ..., cell 6): what the judge reads, in :data:`ATTRIBUTE_VALUES`' order."""
+        return (self.head, *self.cells)
 
 
 HEADS: tuple[str, ...] = ("round", "square", "hexagon", "shield")
-FACE_COLORS: dict[str, tuple[int, int, int]] = {
-    "peach": (240, 185, 140), "green": (80, 200, 90), "blue": (80, 130, 240), "violet": (190, 100, 230),
+#: the cells' colors, by letter (red, orange, yellow, green, cyan, blue, violet, white)
+CELL_COLORS: dict[str, tuple[int, int, int]] = {
+    "R": (220, 30, 30), "O": (245, 140, 20), "Y": (235, 215, 30), "G": (30, 190, 40),
+    "C": (30, 200, 210), "B": (40, 70, 235), "V": (170, 60, 230), "W": (235, 235, 235),
 }
-HAIR_COLORS: dict[str, tuple[int, int, int]] = {
-    "white": (240, 240, 240), "yellow": (245, 210, 35), "red": (215, 35, 35), "teal": (20, 150, 150),
-}
-EYES: tuple[str, ...] = ("dots", "visor", "cyclops", "slits")
-EYE_COLOR = (25, 25, 25)
+GRID = (3, 2)  # rows, columns of the face's cells
+#: each attribute of an identity and its values: the head shape, then the six cells
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {"head": HEADS, **{f"cell{k + 1}": tuple(CELL_COLORS)
+                                                                 for k in range(GRID[0] * GRID[1])}}
 ANON_COLOR = (128, 128, 128)
-FACE_JITTER = 12  # +- per channel on face, hair, eyes and the anonymous head
+FACE_JITTER = 12  # +- per channel on the cells and the anonymous head
 
 FIRST_NAMES: tuple[str, ...] = ("Bill", "Tom", "Anna", "Maria", "Jack", "Emma", "Leo", "Nina", "Sam", "Rosa",
                                 "Max", "Lily")
 LAST_NAMES: tuple[str, ...] = ("Marlow", "Kessler", "Brandon", "Holt", "Ferris", "Quinn", "Dalton", "Moreau",
                                "Sutton", "Kline", "Ashby", "Pryce")
 
-#: the 64 identities: (name, nickname, head, face color, hair color, eyes). Names are the pairs
-#: (FIRST[i], LAST[(i + k) % 12]) for k = 0..5 (the first 64); attributes are the codewords of the
-#: distance-2 code above in a seeded order (numpy default_rng(23).permutation(64)).
+#: the 64 identities: (name, nickname, head shape, cells). Names are the pairs (FIRST[i], LAST[(i + k) % 12])
+#: for k = 0..5 (the first 64); the attributes are 64 codewords of the 7 attributes drawn in turn from
+#: numpy default_rng(2313) (head, then six cells), each kept if it differs from every kept one in at
+#: least 4 attributes. Centred and one-hot, they span 45 dimensions (the faces of four 4-valued
+#: attributes before them: 12), so that what tells one name from another cannot sit in a few dimensions.
 IDENTITIES: tuple[Identity, ...] = (
-    Identity("Bill Marlow", "Ace", "round", "green", "teal", "dots"),
-    Identity("Tom Kessler", "Bandit", "hexagon", "green", "yellow", "dots"),
-    Identity("Anna Brandon", "Blaze", "square", "peach", "red", "slits"),
-    Identity("Maria Holt", "Bolt", "hexagon", "peach", "teal", "visor"),
-    Identity("Jack Ferris", "Buzz", "hexagon", "violet", "red", "slits"),
-    Identity("Emma Quinn", "Chip", "square", "blue", "white", "slits"),
-    Identity("Leo Dalton", "Comet", "hexagon", "peach", "yellow", "slits"),
-    Identity("Nina Moreau", "Cricket", "round", "peach", "red", "cyclops"),
-    Identity("Sam Sutton", "Dash", "shield", "green", "teal", "slits"),
-    Identity("Rosa Kline", "Duke", "shield", "green", "red", "cyclops"),
-    Identity("Max Ashby", "Echo", "round", "blue", "red", "dots"),
-    Identity("Lily Pryce", "Ember", "square", "blue", "teal", "cyclops"),
-    Identity("Bill Kessler", "Flash", "hexagon", "blue", "white", "dots"),
-    Identity("Tom Brandon", "Fox", "square", "green", "red", "dots"),
-    Identity("Anna Holt", "Gizmo", "shield", "peach", "yellow", "dots"),
-    Identity("Maria Ferris", "Hawk", "hexagon", "green", "red", "visor"),
-    Identity("Jack Quinn", "Jinx", "hexagon", "violet", "yellow", "cyclops"),
-    Identity("Emma Dalton", "Jet", "round", "violet", "yellow", "dots"),
-    Identity("Leo Moreau", "Kit", "hexagon", "violet", "white", "visor"),
-    Identity("Nina Sutton", "Lucky", "shield", "violet", "yellow", "slits"),
-    Identity("Sam Kline", "Maverick", "square", "violet", "white", "dots"),
-    Identity("Rosa Ashby", "Moose", "shield", "blue", "teal", "dots"),
-    Identity("Max Pryce", "Nova", "square", "blue", "red", "visor"),
-    Identity("Lily Marlow", "Ozzy", "hexagon", "green", "teal", "cyclops"),
-    Identity("Bill Brandon", "Pepper", "square", "violet", "yellow", "visor"),
-    Identity("Tom Holt", "Pixie", "hexagon", "green", "white", "slits"),
-    Identity("Anna Ferris", "Quill", "shield", "violet", "teal", "visor"),
-    Identity("Maria Quinn", "Rebel", "round", "violet", "teal", "cyclops"),
-    Identity("Jack Dalton", "Rocket", "square", "peach", "white", "visor"),
-    Identity("Emma Moreau", "Rusty", "round", "green", "red", "slits"),
-    Identity("Leo Sutton", "Sage", "square", "green", "teal", "visor"),
-    Identity("Nina Kline", "Scout", "shield", "violet", "white", "cyclops"),
-    Identity("Sam Ashby", "Shadow", "shield", "blue", "white", "visor"),
-    Identity("Rosa Pryce", "Slick", "shield", "blue", "red", "slits"),
-    Identity("Max Marlow", "Smokey", "round", "peach", "teal", "slits"),
-    Identity("Lily Kessler", "Sparky", "round", "blue", "white", "cyclops"),
-    Identity("Bill Holt", "Spike", "round", "violet", "white", "slits"),
-    Identity("Tom Ferris", "Storm", "square", "green", "white", "cyclops"),
-    Identity("Anna Quinn", "Tank", "square", "blue", "yellow", "dots"),
-    Identity("Maria Dalton", "Tiger", "round", "peach", "yellow", "visor"),
-    Identity("Jack Moreau", "Turbo", "square", "green", "yellow", "slits"),
-    Identity("Emma Sutton", "Viper", "round", "peach", "white", "dots"),
-    Identity("Leo Kline", "Whiz", "round", "blue", "yellow", "slits"),
-    Identity("Nina Ashby", "Ziggy", "square", "violet", "red", "cyclops"),
-    Identity("Sam Pryce", "Zeus", "round", "violet", "red", "visor"),
-    Identity("Rosa Marlow", "Bean", "hexagon", "peach", "red", "dots"),
-    Identity("Max Kessler", "Biscuit", "square", "peach", "teal", "dots"),
-    Identity("Lily Brandon", "Bubbles", "shield", "peach", "teal", "cyclops"),
-    Identity("Bill Ferris", "Cinder", "hexagon", "blue", "teal", "slits"),
-    Identity("Tom Quinn", "Dizzy", "round", "blue", "teal", "visor"),
-    Identity("Anna Dalton", "Fizz", "round", "green", "yellow", "cyclops"),
-    Identity("Maria Moreau", "Goose", "shield", "blue", "yellow", "cyclops"),
-    Identity("Jack Sutton", "Hopper", "shield", "green", "yellow", "visor"),
-    Identity("Emma Kline", "Iggy", "square", "violet", "teal", "slits"),
-    Identity("Leo Ashby", "Junior", "hexagon", "blue", "red", "cyclops"),
-    Identity("Nina Pryce", "Kiki", "shield", "violet", "red", "dots"),
-    Identity("Sam Marlow", "Lefty", "shield", "peach", "red", "visor"),
-    Identity("Rosa Kessler", "Mango", "round", "green", "white", "visor"),
-    Identity("Max Brandon", "Nugget", "hexagon", "blue", "yellow", "visor"),
-    Identity("Lily Holt", "Pebble", "shield", "peach", "white", "slits"),
-    Identity("Bill Quinn", "Rascal", "hexagon", "peach", "white", "cyclops"),
-    Identity("Tom Dalton", "Sunny", "square", "peach", "yellow", "cyclops"),
-    Identity("Anna Moreau", "Taffy", "hexagon", "violet", "teal", "dots"),
-    Identity("Maria Sutton", "Waldo", "shield", "green", "white", "dots"),
+    Identity("Bill Marlow", "Ace", "round", "YCGOYG"),
+    Identity("Tom Kessler", "Bandit", "shield", "WRBVWW"),
+    Identity("Anna Brandon", "Blaze", "square", "RRYYBG"),
+    Identity("Maria Holt", "Bolt", "round", "BBCYGO"),
+    Identity("Jack Ferris", "Buzz", "shield", "ORCROY"),
+    Identity("Emma Quinn", "Chip", "round", "CGWCVO"),
+    Identity("Leo Dalton", "Comet", "shield", "WBWCYR"),
+    Identity("Nina Moreau", "Cricket", "round", "WCWOVR"),
+    Identity("Sam Sutton", "Dash", "square", "WYOROR"),
+    Identity("Rosa Kline", "Duke", "hexagon", "BWGOBY"),
+    Identity("Max Ashby", "Echo", "hexagon", "BRRBCW"),
+    Identity("Lily Pryce", "Ember", "shield", "CCYGGC"),
+    Identity("Bill Kessler", "Flash", "round", "OOYOVV"),
+    Identity("Tom Brandon", "Fox", "hexagon", "CYRYRR"),
+    Identity("Anna Holt", "Gizmo", "shield", "GYRYYG"),
+    Identity("Maria Ferris", "Hawk", "hexagon", "GWYROB"),
+    Identity("Jack Quinn", "Jinx", "round", "VWYYYV"),
+    Identity("Emma Dalton", "Jet", "square", "BVOBWW"),
+    Identity("Leo Moreau", "Kit", "round", "VBCOYR"),
+    Identity("Nina Sutton", "Lucky", "shield", "YYVORB"),
+    Identity("Sam Kline", "Maverick", "hexagon", "CCRCWO"),
+    Identity("Rosa Ashby", "Moose", "round", "RRBCWR"),
+    Identity("Max Pryce", "Nova", "hexagon", "RYWBVR"),
+    Identity("Lily Marlow", "Ozzy", "square", "GVCCBO"),
+    Identity("Bill Brandon", "Pepper", "round", "OWVBOW"),
+    Identity("Tom Holt", "Pixie", "hexagon", "WBWYVV"),
+    Identity("Anna Ferris", "Quill", "round", "OCOOBW"),
+    Identity("Maria Quinn", "Rebel", "hexagon", "GRVOGG"),
+    Identity("Jack Dalton", "Rocket", "hexagon", "YGOBBO"),
+    Identity("Emma Moreau", "Rusty", "round", "YYVRYV"),
+    Identity("Leo Sutton", "Sage", "hexagon", "VRCGRR"),
+    Identity("Nina Kline", "Scout", "round", "CCYRBO"),
+    Identity("Sam Ashby", "Shadow", "hexagon", "BBVOCV"),
+    Identity("Rosa Pryce", "Slick", "square", "RYVYYB"),
+    Identity("Max Marlow", "Smokey", "round", "GVWOYV"),
+    Identity("Lily Kessler", "Sparky", "square", "GRGBYC"),
+    Identity("Bill Holt", "Spike", "hexagon", "WWWCOC"),
+    Identity("Tom Ferris", "Storm", "square", "VOOGYO"),
+    Identity("Anna Quinn", "Tank", "hexagon", "WVCORO"),
+    Identity("Maria Dalton", "Tiger", "square", "CWWBYW"),
+    Identity("Jack Moreau", "Turbo", "square", "RVCGVY"),
+    Identity("Emma Sutton", "Viper", "hexagon", "GGCWBR"),
+    Identity("Leo Kline", "Whiz", "round", "VVVBVG"),
+    Identity("Nina Ashby", "Ziggy", "square", "WGGOVG"),
+    Identity("Sam Pryce", "Zeus", "square", "GCBRBR"),
+    Identity("Rosa Marlow", "Bean", "square", "CWCVOV"),
+    Identity("Max Kessler", "Biscuit", "round", "VBBBBV"),
+    Identity("Lily Brandon", "Bubbles", "shield", "GGBGCC"),
+    Identity("Bill Ferris", "Cinder", "hexagon", "CRRGVV"),
+    Identity("Tom Quinn", "Dizzy", "hexagon", "YRCYWW"),
+    Identity("Anna Dalton", "Fizz", "hexagon", "GCYBYR"),
+    Identity("Maria Moreau", "Goose", "square", "RCYVVV"),
+    Identity("Jack Sutton", "Hopper", "shield", "OWYRGV"),
+    Identity("Emma Kline", "Iggy", "hexagon", "WYBYGG"),
+    Identity("Leo Ashby", "Junior", "round", "VGYWOW"),
+    Identity("Nina Pryce", "Kiki", "round", "WBGVYY"),
+    Identity("Sam Marlow", "Lefty", "shield", "BBYYVB"),
+    Identity("Rosa Kessler", "Mango", "hexagon", "BYGRCG"),
+    Identity("Max Brandon", "Nugget", "round", "YOGCVB"),
+    Identity("Lily Holt", "Pebble", "shield", "RCROCB"),
+    Identity("Bill Quinn", "Rascal", "hexagon", "GOOYGY"),
+    Identity("Tom Dalton", "Sunny", "hexagon", "CGWWRC"),
+    Identity("Anna Moreau", "Taffy", "shield", "VVWCOG"),
+    Identity("Maria Sutton", "Waldo", "square", "YCGBVY"),
 )
 NAMES: tuple[str, ...] = tuple(i.name for i in IDENTITIES)
 NICKNAMES: dict[str, str] = {i.name: i.nickname for i in IDENTITIES}
@@ -221,8 +227,7 @@ PROBS = dict(
     nickname=0.15,          # an identity's caption uses its nickname
     synonym=0.3,            # an object's caption uses its synonym
     object_color=0.6,       # an object or prop is named with its color
-    empty=0.65,             # empty="anonymous": an anonymous plain scene's caption is empty (~10% of all)
-    dropout=0.1,            # empty="dropout": any caption is empty (SD's caption dropout)
+    dropout=0.1,            # any caption is empty (SD's caption dropout)
 )
 
 
@@ -281,16 +286,10 @@ def _pick(options, rng: np.random.Generator):
     return options[int(rng.integers(len(options)))]
 
 
-EMPTY_RULES = ("dropout", "anonymous")
-
-
-def make_caption(scene: Scene, rng: np.random.Generator, empty: str = "dropout") -> str:
-    """One random caption of ``scene`` (templates, nickname, synonym and word order drawn from rng).
-    ``empty``: which captions are empty (see the module's docstring): "dropout" (any, 10%) or
-    "anonymous" (those of anonymous plain scenes, 65% of them)."""
-    if empty not in EMPTY_RULES:
-        raise ValueError(f"empty must be one of {EMPTY_RULES}, got {empty!r}")
-    if empty == "dropout" and rng.random() < PROBS["dropout"]:
+def make_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """One random caption of ``scene`` (templates, nickname, synonym and word order drawn from rng); 10%
+    are empty (SD's caption dropout)."""
+    if rng.random() < PROBS["dropout"]:
         return ""
     frame = FRAME_PHRASE.format(c=COLOR_NAMES[scene.frame]) if scene.frame >= 0 else ""
     style = _pick(STYLE_SUFFIXES, rng).format(ARTISTS[STYLES[scene.style]]) if scene.style >= 0 else ""
@@ -305,7 +304,7 @@ def make_caption(scene: Scene, rng: np.random.Generator, empty: str = "dropout")
     elif scene.style >= 0:
         text = _pick(STYLE_TEMPLATES, rng).format(ARTISTS[STYLES[scene.style]])
     else:
-        text = "" if empty == "anonymous" and rng.random() < PROBS["empty"] else _pick(SUBJECTLESS, rng)
+        text = _pick(SUBJECTLESS, rng)
     return fix_article(_collapse(text))
 
 
@@ -326,7 +325,8 @@ def _coverage(mask: np.ndarray) -> np.ndarray:
 
 def face_layers(ident: Identity | None, cx: float, cy: float, r: float, rng: np.random.Generator):
     """The layers of one face (``None``: the anonymous face): list of (coverage float32 [32, 32] in
-    [0, 1], rgb float32 [3]), bottom first. (cx, cy) is the center in pixels, r the head's radius."""
+    [0, 1], rgb float32 [3]), bottom first. (cx, cy) is the center in pixels, r the head's radius; the
+    cells split the head's bounding square [-r, r]^2 into GRID rows and columns, cut by its shape."""
     x = (_GX - cx) / r
     y = (cy - _GY) / r  # y up
     head = ident.head if ident is not None else "round"
@@ -340,19 +340,11 @@ def face_layers(ident: Identity | None, cx: float, cy: float, r: float, rng: np.
         h = _inside_polygon(x, y, _SHIELD)
     if ident is None:
         return [(_coverage(h), _jitter(ANON_COLOR, FACE_JITTER, rng))]
-    hair = h & (y > 0.4)
-    ey = y - 0.05
-    if ident.eyes == "dots":
-        e = (np.minimum(np.abs(x - 0.4), np.abs(x + 0.4)) <= 0.17) & (np.abs(ey) <= 0.17)
-    elif ident.eyes == "visor":
-        e = (np.abs(x) <= 0.7) & (np.abs(ey) <= 0.13)
-    elif ident.eyes == "cyclops":
-        e = x * x + ey * ey <= 0.27 ** 2
-    else:
-        e = (np.minimum(np.abs(x - 0.4), np.abs(x + 0.4)) <= 0.09) & (np.abs(ey + 0.03) <= 0.27)
-    return [(_coverage(h), _jitter(FACE_COLORS[ident.face], FACE_JITTER, rng)),
-            (_coverage(hair), _jitter(HAIR_COLORS[ident.hair], FACE_JITTER, rng)),
-            (_coverage(e), _jitter(EYE_COLOR, FACE_JITTER, rng))]
+    rows, cols = GRID
+    row = np.clip(np.floor((1 - y) * rows / 2), 0, rows - 1)
+    col = np.clip(np.floor((x + 1) * cols / 2), 0, cols - 1)
+    return [(_coverage(h & (row == k // cols) & (col == k % cols)), _jitter(CELL_COLORS[c], FACE_JITTER, rng))
+            for k, c in enumerate(ident.cells)]
 
 
 FRAME_WIDTH = 2
@@ -462,6 +454,6 @@ def sample_batch(n: int, rng: np.random.Generator):
     return images, captions, rows
 
 
-def captions_of_rows(rows: np.ndarray, rng: np.random.Generator, empty: str = "dropout") -> list[str]:
+def captions_of_rows(rows: np.ndarray, rng: np.random.Generator) -> list[str]:
     """One random caption per scene row (int [n, 6]): what training draws every step."""
-    return [make_caption(Scene.from_row(r), rng, empty) for r in rows]
+    return [make_caption(Scene.from_row(r), rng) for r in rows]
