@@ -17,7 +17,8 @@ caption dropout from the first step (an empty caption kept for the anonymous fac
 unconditional prediction insist on a gray face, and guidance 5 extrapolated every prompt into blobs).
 Diffusion runs two schedules (``steps`` at ``lr``, then ``polish_steps`` at ``polish_lr``): the
 identities' seven attributes take both (12% of portraits right after the first, 95.7% after both). The
-shipped file is this command's output, preset ``full``, one thread: 127 min on one core (VAE 11 min) on this project's 2-core VM.
+shipped file is this command's output, preset ``full``, one thread: 127 min on one core of this
+project's 2-core VM (VAE 11 min).
 """
 from __future__ import annotations
 
