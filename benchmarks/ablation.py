@@ -51,6 +51,8 @@ VARIANTS = {
     "full": ("full MACE, preset as shipped", {}),
     "mace": ("objective mace (attention loss, to_k)", {"objective": "mace"}),
     "mace-authors": ("objective mace-authors (K/V, full backprop)", {"objective": "mace-authors"}),
+    # mace-authors trains at a tenth of the type's rate (the authors' own); the type's rate itself, measured:
+    "mace-authors-x10": ("objective mace-authors at the type's lr 1e-3", {"objective": "mace-authors", "lr": 1e-3}),
     "esd": ("objective esd (negative guidance)", {"objective": "esd"}),
     "ant": ("objective ant (trajectory-aware)", {"objective": "ant"}),
     "naive": ("naive LoRA sum instead of fusion", {"fusion": "naive"}),

@@ -149,6 +149,19 @@ def test_mace_authors_lora_starts_from_the_authors_initialisation(backend):
     assert all(not lora.up[k].detach().any() for k in keys)
 
 
+def test_mace_authors_trains_at_the_authors_learning_rate_unless_the_user_sets_one():
+    """The authors' rates (MACE-method.md: 1e-5 objects and explicit content, 1e-4 celebrities and styles)
+    with the type's rate left alone; a rate the user gives is kept, and the other objectives keep the type's."""
+    authors = {"object": 1e-5, "explicit": 1e-5, "celebrity": 1e-4, "style": 1e-4}
+    for ctype, lr in authors.items():
+        c = make_concept("someone", "", ctype)
+        spec = ErasureSpec((c,), (), {"objective": "mace-authors"})
+        assert spec.settings_for(c).lr == pytest.approx(lr, rel=1e-9) and spec.settings_for().lr == spec.settings_for(c).lr
+        assert ErasureSpec((c,), (), {"objective": "mace-authors", "lr": 3e-3}).settings_for(c).lr == 3e-3
+        for other in ("mace", "esd", "ant", "abo"):
+            assert ErasureSpec((c,), (), {"objective": other}).settings_for(c).lr == pytest.approx(10 * lr, rel=1e-9)
+
+
 def test_mace_authors_loss_and_gradient_match_the_attention_maps_of_diffusers(backend):
     """sum_l ||A_l[:, M_l, S]||_F per sample, batch-averaged, through the whole UNet (queries too)."""
     lora, base = _random_lora(backend, 0)

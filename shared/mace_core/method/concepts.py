@@ -60,7 +60,8 @@ class Settings:
     # stage 2: one LoRA per concept
     rank: int = _knob(1, "LoRA rank", min=1, max=256)
     steps: int = _knob(50, "LoRA training steps per concept", "LoRA steps", min=1)
-    lr: float = _knob(1e-4, "LoRA learning rate", "learning rate", above=0)
+    lr: float = _knob(1e-4, "LoRA learning rate (left to the type: a tenth of it for objective mace-authors, "
+                            "the authors' own rate)", "learning rate", above=0)
     batch_size: int = _knob(1, "LoRA batch size", min=1)
     images: int = _knob(8, "training images per concept, drawn by the original model", "images per concept", min=1)
     sample_steps: int = _knob(30, "DDIM steps for the training images", "sampling steps", min=1)
@@ -158,6 +159,14 @@ class SettingInfo:
         own = [f"{t.name} {t.settings[self.name]}" for t in concept_types().values()
                if self.name in t.settings and t.settings[self.name] != self.default]
         return f"{self.default}" + (f"; {', '.join(own)}" if own else "")
+
+
+#: Learning-rate factor of an objective whose loss has another scale than `mace`'s, applied to the type's
+#: rate when the user sets none. The types' rates are set for `mace`'s normalised attention loss; the
+#: authors' unnormalised sum trains at a tenth of them for every type (their 1e-5 for objects and explicit
+#: content, 1e-4 for celebrities and styles), and at ten times that it wiped every identity of the
+#: identity world (benchmarks/RESULTS.md, "The ablation on it").
+OBJECTIVE_LR_SCALE = {"mace-authors": 0.1}
 
 
 _KINDS = {"int": int, "float": float, "str": str, "bool": bool}
@@ -291,7 +300,10 @@ class ErasureSpec:
         """Settings of one concept (its type's defaults + overrides); None: the run's, from the first
         concept's type (stage 1 and 3 solve all concepts together)."""
         ctype = get_type((concept or self.concepts[0]).type)
-        return Settings().overlay(ctype.settings).overlay(self.overrides)
+        s = Settings().overlay(ctype.settings).overlay(self.overrides)
+        if self.overrides.get("lr") is None:  # the type's rate, set for `mace`: scaled to the objective's loss
+            s = replace(s, lr=float(f"{s.lr * OBJECTIVE_LR_SCALE.get(s.objective, 1.0):.6g}"))
+        return s
 
     def protected(self) -> tuple[tuple[str, ...], str]:
         """What stage 1 keeps and where that comes from: the retain list ("retain list"), else, with

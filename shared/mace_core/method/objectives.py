@@ -18,8 +18,9 @@ models work unchanged, since every target below is linear in the model's output.
   unnormalised, summed over layers. Per sample of a batch, then averaged over the batch (the
   authors train at batch 1, where the two agree). A layer where the mask is empty contributes 0
   (as theirs; our `mace` loss falls back to the whole map there). Their LoRA initialisation too
-  (`lora_down_std`). Their learning rate, steps, rank and masks (GroundingDINO + SAM) are the
-  concept type's settings, as for every objective.
+  (`lora_down_std`) and their learning rate: a tenth of the type's unless the user sets one
+  (`concepts.OBJECTIVE_LR_SCALE`); steps, rank and masks (theirs: GroundingDINO + SAM) are the concept
+  type's settings, as for every objective.
 - ``esd``: ESD (Gandikota et al. 2023) negative guidance on the LoRA, ESD-x style (K/V of the
   cross-attention):  || eps(x_t, c) - [eps0(x_t, "") - eta (eps0(x_t, c) - eps0(x_t, ""))] ||^2.
 - ``ant``: see `ant_loss`.
