@@ -165,7 +165,7 @@ class SettingInfo:
 #: rate when the user sets none. The types' rates are set for `mace`'s normalised attention loss; the
 #: authors' unnormalised sum trains at a tenth of them for every type (their 1e-5 for objects and explicit
 #: content, 1e-4 for celebrities and styles), and at ten times that it wiped every identity of the
-#: identity world (benchmarks/RESULTS.md, "The ablation on it").
+#: identity world (benchmarks/RESULTS.md, "The rest of the table on it").
 OBJECTIVE_LR_SCALE = {"mace-authors": 0.1}
 
 
