@@ -23,6 +23,7 @@ project's 2-core VM (VAE 11 min).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -154,16 +155,14 @@ def main(argv=None) -> None:
     save_reconstructions(vae, x, workdir / "vae_reconstructions.png")
 
     samples = lambda step: save_samples(tokenizer, te, unet, vae, workdir / f"samples_{step}.png")
-    base.train_diffusion(te, unet, lat_mean, lat_std, rows, tokenizer, steps=cfg["steps"], batch=cfg["batch"],
-                         lr=cfg["lr"], ema_decay=cfg["ema"], seed=args.seed + 3, scaling_factor=scaling,
-                         caption_fn=world.captions_of_rows, sparse_embedding=True,
-                         eval_fn=samples if args.samples_every else None, eval_every=args.samples_every)
+    schedule = functools.partial(base.train_diffusion, te, unet, lat_mean, lat_std, rows, tokenizer, batch=cfg["batch"],
+                                 scaling_factor=scaling, caption_fn=world.captions_of_rows, sparse_embedding=True)
+    schedule(steps=cfg["steps"], lr=cfg["lr"], ema_decay=cfg["ema"], seed=args.seed + 3,
+             eval_fn=samples if args.samples_every else None, eval_every=args.samples_every)
     if cfg["polish_steps"]:
         # a second schedule at half the rate: after the first the model drew the asked identity in 12%
         # of portraits (session 13), after both in 95.7%
-        base.train_diffusion(te, unet, lat_mean, lat_std, rows, tokenizer, steps=cfg["polish_steps"],
-                             batch=cfg["batch"], lr=cfg["polish_lr"], ema_decay=cfg["polish_ema"], seed=args.seed + 5,
-                             scaling_factor=scaling, caption_fn=world.captions_of_rows, sparse_embedding=True)
+        schedule(steps=cfg["polish_steps"], lr=cfg["polish_lr"], ema_decay=cfg["polish_ema"], seed=args.seed + 5)
     base.harden_decoder(vae, x, cfg["decoder_steps"], args.seed + 4)
     t_total, cpu_total = time.time() - t_start, time.process_time() - cpu_start
     load = os.getloadavg()[1] if hasattr(os, "getloadavg") else float("nan")
