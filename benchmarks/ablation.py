@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from idworld import ID_MODEL, world  # noqa: E402
 from idworld.judge import IdJudge  # noqa: E402
+from mace_core.method.concepts import get_type  # noqa: E402
 from mace_core.model.checkpoint import load_checkpoint  # noqa: E402
 from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
 from mace_core.eval.metrics import harmonic_celebrity, harmonic_object  # noqa: E402
@@ -52,7 +53,8 @@ VARIANTS = {
     "mace": ("objective mace (attention loss, to_k)", {"objective": "mace"}),
     "mace-authors": ("objective mace-authors (K/V, full backprop)", {"objective": "mace-authors"}),
     # mace-authors trains at a tenth of the type's rate (the authors' own); the type's rate itself, measured:
-    "mace-authors-x10": ("objective mace-authors at the type's lr 1e-3", {"objective": "mace-authors", "lr": 1e-3}),
+    "mace-authors-x10": ("objective mace-authors at the type's lr",
+                         {"objective": "mace-authors", "lr": lambda: get_type(TYPE).settings["lr"]}),
     "esd": ("objective esd (negative guidance)", {"objective": "esd"}),
     "ant": ("objective ant (trajectory-aware)", {"objective": "ant"}),
     "naive": ("naive LoRA sum instead of fusion", {"fusion": "naive"}),
