@@ -50,14 +50,16 @@ DEFAULT = "type default"
 # every other setting the core declares as optional widgets (`_optional_inputs`), so a new setting shows up
 # here without a change. The seed is 'training_seed', the mask a widget of its own (SAM checkpoints),
 # the CLIP skip read from the CLIP.
-REFINE_SETTINGS = ("lam", "prior", "domain", "protection", "balance", "prior_captions")  # stage 1's: Refine's widgets
+# stage 1's: Refine's widgets
+REFINE_SETTINGS = ("lam", "prior", "domain", "protection", "balance", "prior_captions", "synonyms")
 # protection and balance came to Refine later: Train LoRAs keeps them (saved graphs store its widgets by
-# position); left at "type default" there, the project's values (Refine's) hold. prior_captions came later
-# still, and only to Refine and, after delete_images (AFTER_DELETE), the one-shot Erase node, which refines too
+# position); left at "type default" there, the project's values (Refine's) hold. prior_captions and synonyms
+# came later still, and only to Refine and, after delete_images (AFTER_DELETE), the one-shot Erase node,
+# which refines too
 NOT_ON_TRAIN = REFINE_SETTINGS[:3]
 TRAIN_SETTINGS = ("steps", "rank", "lr", "images", "sample_steps", "guidance")
 OWN_WIDGETS = ("seed", "mask", "sam_checkpoint", "clip_skip")
-AFTER_DELETE = ("prior_captions",)  # settings added after delete_images: saved graphs keep its position
+AFTER_DELETE = ("prior_captions", "synonyms")  # settings added after delete_images: saved graphs keep its position
 
 
 # ---------------------------------------------------------------------------------------------
@@ -707,7 +709,7 @@ class MACEEraseConcepts(io.ComfyNode):
         req = _request(concepts, base, be.family_name, spec, cls.hidden.prompt, cls.hidden.unique_id,
                        closed_form_only=closed_form_only, delete_images=delete_images)
         rep, shown = _run(be, req, preview)
-        report = (f"erased: {', '.join(rep.erased)}\nproject: {rep.project}\nstages: {rep.metadata['mace.stages']}\n"
+        report = (f"erased: {rep.erased_words}\nproject: {rep.project}\nstages: {rep.metadata['mace.stages']}\n"
                   f"estimate: {rep.estimate}\ntimings: {rep.stages}\nreused LoRAs: {', '.join(rep.reused) or 'none'}\n"
                   f"kept: {', '.join(rep.retained) if rep.retained else rep.protection}")
         if rep.deleted is not None:

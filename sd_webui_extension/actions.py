@@ -169,7 +169,7 @@ def run_erase(host: Host, form: EraseForm, progress: Progress | None = None) -> 
                     gallery = _previews(host, holder, ck, rep, p.planned.settings_for(), form.blur_explicit, prog)
             holder.clear()
     lines = [f"Wrote **{out.name}** in `{out.parent}`.",
-             f"Erased: {', '.join(rep.erased)}. Kept: {', '.join(rep.retained) if rep.retained else rep.protection}.",
+             f"Erased: {rep.erased_words}. Kept: {', '.join(rep.retained) if rep.retained else rep.protection}.",
              f"Project `{project.name}` (in `{project.parent}`): erase again with the same project name to resume "
              f"or to add concepts; re-fuse subsets below.",
              f"Stages: {rep.stages}; total {time.perf_counter() - t0:.0f}s." if rep.stages else ""]

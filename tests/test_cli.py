@@ -155,12 +155,14 @@ def test_restore_is_exact_for_stage_one(tmp_path):
 def test_estimate_counts_unet_calls_and_prints_before_running(tmp_path, capsys):
     from mace_core.run.estimate import unet_calls
 
+    search = (24 + 2) * 4  # the synonym search: 24 candidates, the phrase and "", at 4 timesteps
     spec = ErasureSpec((make_concept("cat"), make_concept("dog")), (),
                        {"images": 3, "sample_steps": 10, "steps": 20, "batch_size": 2})
-    assert unet_calls(spec) == 2 * (3 * 10 * 2 + 20 * 2)
-    assert unet_calls(spec, closed_form_only=True) == 0
+    assert unet_calls(spec) == 2 * (search + 3 * 10 * 2 + 20 * 2)
+    assert unet_calls(spec, closed_form_only=True) == 2 * search
+    assert unet_calls(ErasureSpec(spec.concepts, (), {"synonyms": "none"}), closed_form_only=True) == 0
     abo = ErasureSpec((make_concept("cat"),), (), {"images": 1, "sample_steps": 5, "steps": 4, "objective": "abo",
-                                                   "robust_rounds": 2, "attack_steps": 7})
+                                                   "robust_rounds": 2, "attack_steps": 7, "synonyms": "none"})
     assert unet_calls(abo) == 1 * 5 * 2 + 4 * 3 + 2 * 7
     out = tmp_path / "o.safetensors"
     assert main(["erase", str(tiny_file("sd1")), "--concept", "cat", "--estimate", "--out", str(out), *FAST]) == 0
@@ -196,7 +198,8 @@ def test_estimate_of_a_resumed_or_extended_project_counts_only_what_is_left(tmp_
     be = DiffusersBackend.from_checkpoint(ck, device="cpu")
     over = {"images": 2, "sample_steps": 3, "steps": 4}
     cat, dog = make_concept("cat"), make_concept("dog")
-    one = 2 * 3 * 2 + 4  # a concept's drawing (CFG doubles) and training
+    train = 2 * 3 * 2 + 4  # a concept's drawing (CFG doubles) and training
+    one = (24 + 2) * 4 + train  # and, before stage 1, the search for its synonyms (a new concept only)
     proj = Project(tmp_path / "p")
     assert unet_calls(ErasureSpec((cat,), (), over), project=proj) == one  # nothing there yet
     rep = erase(be, ErasureSpec((cat,), (), over), proj, ck.sha256).report
@@ -206,7 +209,7 @@ def test_estimate_of_a_resumed_or_extended_project_counts_only_what_is_left(tmp_
     assert describe_stages(rep).startswith("refine ") and describe_stages(rep).count("GB)") == 3
     assert unet_calls(ErasureSpec((cat,), (), over), project=proj) == 0  # a rerun reuses everything
     assert unet_calls(ErasureSpec((dog,), (), over), project=proj) == one  # add: cat's LoRA is reused
-    assert unet_calls(ErasureSpec((dog,), (), {**over, "steps": 5}), project=proj) == 2 * (one + 1)  # both retrain
+    assert unet_calls(ErasureSpec((dog,), (), {**over, "steps": 5}), project=proj) == one + 1 + train + 1  # both retrain
     est = estimate(be, ErasureSpec((dog,), (), over), project=proj)
     assert est.unet_calls == one and est.seconds > 0 and est.peak_gb is None
     assert estimate(be, ErasureSpec((cat,), (), over), project=proj).unet_calls == 0

@@ -340,7 +340,8 @@ def test_one_shot_node_estimates_runs_low_vram_and_deletes_its_training_images(c
     with caplog.at_level(logging.INFO, logger="mace.comfyui"):
         out = comfyui.run(g)
     model, images, report = out["3"]
-    calls = 2 * (FAST["images"] * FAST["sample_steps"] * 2 + FAST["steps"])  # per concept: drawing (CFG), training
+    # per concept: the synonym search (26 prompts at 4 timesteps), drawing (CFG doubles), training
+    calls = 2 * (26 * 4 + FAST["images"] * FAST["sample_steps"] * 2 + FAST["steps"])
     # seconds, or minutes on a loaded machine (it read "2.1 min" beside another job)
     assert re.search(rf"estimate: estimated [\d.]+ (s|min) \({calls} UNet calls at \d+ ms\)", report), report
     assert any(f"({calls} UNet calls at" in r.getMessage() for r in caplog.records)  # in the log, before the run
@@ -399,7 +400,6 @@ def test_robust_rounds_run_in_comfyui_like_the_cli(comfyui, tiny64, tmp_path):
     (inference tensors); its round ends up in the project's statistics as with `mace erase --robust-rounds`."""
     from mace_core.model.checkpoint import load_checkpoint
     from mace_core.cli.main import main
-    from mace_core.method.concepts import make_concept
     from mace_core.method.project import Project
 
     train = {k: v for k, v in _train(None)["inputs"].items() if k not in ("model", "clip", "vae")}
@@ -411,13 +411,14 @@ def test_robust_rounds_run_in_comfyui_like_the_cli(comfyui, tiny64, tmp_path):
     model, _, report = comfyui.run(g)["3"]
     assert "harden " in report, report
     assert all(p.is_inference() for p in comfyui.run({"1": g["1"]})["1"][0].model.diffusion_model.parameters())
-    ours = Project(comfyui.models_dir / "mace" / "robust").load_stats(make_concept("cat"))
+    mine = Project(comfyui.models_dir / "mace" / "robust")
+    ours = mine.load_stats(mine.spec().concepts[0])  # "cat" as recorded, with the synonyms found
     work = tmp_path / "cli"
     assert main(["erase", str(tiny64.path), "--concept", "cat", "--type", "object", "--robust-rounds", "1",
                  "--steps", str(FAST["steps"]), "--images", str(FAST["images"]),
                  "--sample-steps", str(FAST["sample_steps"]), "--seed", str(FAST["seed"]), "--device", "cpu",
                  "--out", str(tmp_path / "robust.safetensors"), "--work-dir", str(work)]) == 0
-    cli = Project(work).load_stats(make_concept("cat"))
+    cli = Project(work).load_stats(Project(work).spec().concepts[0])
     assert ours.hardened == cli.hardened == 1 and ours.pairs == cli.pairs
     base, out = load_checkpoint(tiny64.path), load_checkpoint(tmp_path / "robust.safetensors")
     worst = 0.0

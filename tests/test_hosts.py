@@ -43,8 +43,8 @@ CONCEPT = "cat"
 # a tiny training run on the full-size model: 1 image of 2 sampling steps, 2 LoRA steps; the general
 # prior off (its first computation is what test_*_first_use_* covers) and the default protection off
 # (80 common objects x 30 templates: 2,400 encodings, 7-15 min of one CPU thread per run, the same
-# code in every host)
-CLOSED = {"prior": "0", "fuse_prior": "0", "protection": "none"}
+# code in every host), and so is the synonym search (104 full-size UNet passes, minutes on one thread)
+CLOSED = {"prior": "0", "fuse_prior": "0", "protection": "none", "synonyms": "none"}
 TRAINED = {**CLOSED, "steps": "2", "images": "1", "sample_steps": "2"}
 TIMINGS: dict[str, float] = {}
 
@@ -293,7 +293,7 @@ def _fill(page, concept: str, out_name: str, settings: dict[str, str], closed_fo
     page.locator("#mace_previews input").uncheck()  # previews are sampled at 512 px: minutes on a CPU
     if not _box(page, "mace_prior").is_visible():
         page.get_by_text("Advanced settings").first.click()
-    for key in ("steps", "images", "sample_steps", "prior", "fuse_prior", "protection"):
+    for key in ("steps", "images", "sample_steps", "prior", "fuse_prior", "protection", "synonyms"):
         _box(page, f"mace_{key}").fill(settings.get(key, ""))
 
 
@@ -380,7 +380,7 @@ def _first_use(browser, ui: WebUI) -> None:
     try:
         prior_dir = ui.app / "models" / "mace" / "prior"
         shutil.rmtree(prior_dir, ignore_errors=True)
-        _fill(page, "Tom Cruise", f"{ui.name}-first-use", {}, True)
+        _fill(page, "Tom Cruise", f"{ui.name}-first-use", {"synonyms": "none"}, True)  # the prior first
         page.locator("#mace_type input").first.fill("celebrity")
         page.keyboard.press("Enter")
         page.locator("#mace_estimate").click()
@@ -588,7 +588,7 @@ class TestComfyUI:
             "2": _api_node(info, "MACELoadConcepts", concepts=CONCEPT, default_type="object", preset="none",
                            retain="", project="closed"),
             "3": _api_node(info, "MACEEraseConcepts", model=["1", 0], clip=["1", 1], vae=["1", 2], concepts=["2", 0],
-                           closed_form_only=True, protection="none"),
+                           closed_form_only=True, protection="none", synonyms="none"),
             "4": _api_node(info, "MACESaveCheckpoint", model=["3", 0], clip=["1", 1], vae=["1", 2],
                            filename_prefix="checkpoints/comfyui-closed"),
         }
@@ -609,7 +609,7 @@ class TestComfyUI:
                 await window.app.loadGraphData(wf);
                 const set = {ckpt_name: ckpt, concepts: concept, default_type: "object", retain: "", project: "staged",
                              steps: 2, images: 1, sample_steps: 2, resolution: 64, width: 64, height: 64, preset: "none",
-                             protection: "none"};
+                             protection: "none", synonyms: "none"};
                 for (const n of window.app.graph._nodes) {
                     for (const w of (n.widgets || [])) {
                         if (n.type === "KSampler" && w.name === "steps") { w.value = 1; continue; }
@@ -642,7 +642,7 @@ class TestComfyUI:
             "2": _api_node(info, "MACELoadConcepts", concepts="Tom Cruise", default_type="celebrity", preset="none",
                            retain="", project="first-use"),
             "3": _api_node(info, "MACEEraseConcepts", model=["1", 0], clip=["1", 1], vae=["1", 2], concepts=["2", 0],
-                           closed_form_only=True),
+                           closed_form_only=True, synonyms="none"),  # the prior first
             "4": _api_node(info, "MACESaveCheckpoint", model=["3", 0], clip=["1", 1], vae=["1", 2],
                            filename_prefix="checkpoints/comfyui-first-use"),
         }

@@ -352,7 +352,7 @@ def test_estimate_counts_each_objectives_passes_and_differentiated_rows():
     from mace_core.run.estimate import train_rows, unet_calls
 
     cat = make_concept("cat")
-    base = {"images": 1, "sample_steps": 5, "steps": 4, "batch_size": 2}
+    base = {"images": 1, "sample_steps": 5, "steps": 4, "batch_size": 2, "synonyms": "none"}
     drawing = 1 * 5 * 2
     expect = {"mace": (1, 0), "abo": (3, 4), "mace-authors": (1, 2), "esd": (3, 2), "ant": (8, 4)}
     for objective, (passes, rows) in expect.items():

@@ -454,7 +454,7 @@ def _run(args, req, ck, rank: int = 0) -> int:
     rep = run(p, be, progress=_Bars())
     if rank != 0:
         return 0
-    print(f"wrote {rep.output} (erased: {', '.join(rep.erased) or 'nothing'})")
+    print(f"wrote {rep.output} (erased: {rep.erased_words})")
     if rep.deleted is not None:
         print(f"deleted {rep.deleted[0]} training image files ({rep.deleted[1] / 2 ** 20:.1f} MiB) from {rep.project}")
     log.info("stages: %s", rep.stages)

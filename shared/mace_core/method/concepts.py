@@ -115,6 +115,11 @@ class Settings:
                                     "built-in corpus, for fine-tunes whose prompts the corpus does not speak "
                                     "(booru tags, a house vocabulary); needs a general prior strength > 0",
                                 "general prior captions file", lora="run")
+    # before stage 1, last for the same reason
+    synonyms: str = _knob("model", "also erase the words the model draws as each concept ('model': found in its "
+                                   "vocabulary before stage 1, named in the log and the metadata, e.g. a "
+                                   "celebrity's nickname); 'none': only the phrase", "model's own synonyms",
+                          choices=("model", "none"), lora="no")
 
     def __post_init__(self) -> None:
         for info in setting_infos(hidden=True):
@@ -269,13 +274,16 @@ class ConceptType:
 
 @dataclass(frozen=True)
 class Concept:
-    """One phrase to erase, mapped to ``anchor``; ``prompts`` add to the type's templates."""
+    """One phrase to erase, mapped to ``anchor``; ``prompts`` add to the type's templates. ``synonyms``: words
+    for it that evaluation tests (a preset's held-out synonyms); ``found_synonyms``: the words the model
+    draws as it, found before stage 1 (`synonyms.find_synonyms`), which stage 1 erases with it."""
 
     phrase: str
     type: str = "object"
     anchor: str = ""
     prompts: tuple[str, ...] = ()
     synonyms: tuple[str, ...] = ()
+    found_synonyms: tuple[str, ...] = ()
 
     @property
     def slug(self) -> str:
@@ -285,7 +293,7 @@ class Concept:
 
     def to_dict(self) -> dict:
         return {"phrase": self.phrase, "type": self.type, "anchor": self.anchor, "prompts": list(self.prompts),
-                "synonyms": list(self.synonyms)}
+                "synonyms": list(self.synonyms), "found_synonyms": list(self.found_synonyms)}
 
 
 @dataclass(frozen=True)
@@ -313,7 +321,7 @@ class ErasureSpec:
             return self.retain, "retain list"
         if not self.concepts or self.settings_for().protection != "type":
             return (), ""
-        erased = {c.phrase.casefold() for c in self.concepts}
+        erased = {p.casefold() for c in self.concepts for p in (c.phrase, *c.found_synonyms)}
         kinds = list(dict.fromkeys(c.type for c in self.concepts))
         kept = tuple(dict.fromkeys(x for c in self.concepts for x in get_type(c.type).protection_of(c.phrase)
                                    if x.casefold() not in erased))
@@ -388,7 +396,8 @@ def stage1_key(concept: Concept) -> str:
     """Identity of what stage 1 encodes for ``concept``: its type's templates and what it maps onto;
     stage-1 sums and LoRAs made from other ones are recomputed."""
     t = get_type(concept.type)
-    return hashlib.sha256(json.dumps([t.templates_key, t.stage1_anchors(concept)]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([t.templates_key, t.stage1_anchors(concept), concept.found_synonyms]
+                                     ).encode()).hexdigest()[:16]
 
 
 def train_prompt(concept: Concept) -> str:
@@ -525,7 +534,7 @@ def _spec_from_mapping(data: Mapping, where: str = "") -> ErasureSpec:
 
 
 def make_concept(phrase: str, anchor: str = "", ctype: str = "object", prompts: Iterable[str] = (),
-                 synonyms: Iterable[str] = ()) -> Concept:
+                 synonyms: Iterable[str] = (), found_synonyms: Iterable[str] = ()) -> Concept:
     phrase = " ".join(str(phrase).split())
     if not phrase:
         raise MaceError("a concept phrase is empty")
@@ -534,7 +543,7 @@ def make_concept(phrase: str, anchor: str = "", ctype: str = "object", prompts: 
     if anchor.casefold() == phrase.casefold():  # mapped onto itself: the edit would change nothing
         raise MaceError(f"concept {phrase!r} has itself as anchor, so nothing would be erased; give another anchor "
                         "(what to draw instead) or none for the type's default")
-    return Concept(phrase, ctype, anchor, tuple(prompts), tuple(synonyms))
+    return Concept(phrase, ctype, anchor, tuple(prompts), tuple(synonyms), tuple(found_synonyms))
 
 
 def load_concept_file(path: str | Path, default_type: str = "object") -> ErasureSpec:

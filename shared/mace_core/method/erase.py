@@ -28,6 +28,7 @@ from .harden import adversarial_stats
 from .masks import draw_batch, draw_concept, phrase_token_mask, save_data
 from .prior import general_prior, mean_grams, prior_captions
 from .project import Project
+from .synonyms import with_model_synonyms
 from .refine import ConceptStats, apply_map, apply_pooled, concept_stats, context_map, overlap, pooled_map
 from .train import LoRA, train_lora
 
@@ -69,19 +70,27 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
     stop = should_stop or (lambda: False)
     rank, world, barrier = _world()
     validate(spec, backend.tokenize)
-    if rank == 0:
-        project.open(base_sha256, base_name, backend.family_name, spec)
-    barrier()
-    spec = project.spec()  # a project accumulates: earlier concepts stay erased
-    mine = [c for i, c in enumerate(spec.concepts) if i % world == rank]
-    run = spec.settings_for()
     stage = StageLog(backend.device)
 
     with stage("refine"):
-        # the priors first: a text encoder's first use computes the general prior (minutes on a CPU), and
-        # the progress must name it from the start rather than after every concept's prompts
         if rank == 0:
-            _priors(backend, project, spec, prior_dir, prog, stop)
+            # refused before any compute: a project another run holds, or one made from another model
+            project.lock()
+            project.check_base(base_sha256, base_name)
+            # the priors first: a text encoder's first use computes the general prior (minutes on a CPU),
+            # and the progress must name it from the start rather than after every concept's search
+            _priors(backend, project, project.merged(spec), prior_dir, prog, stop)
+            # the model's own synonyms of each new concept, before the project records it (a concept it
+            # already holds keeps those it was erased with)
+            known = {c.phrase for c in project.spec().concepts} if project.exists() else set()
+            spec = with_model_synonyms(backend, spec, skip=known, progress=prog, stop=stop)
+            project.open(base_sha256, base_name, backend.family_name, spec)
+            # again with the synonyms found: they are erased, so not kept (re-encoded only if the list changed)
+            _priors(backend, project, project.spec(), prior_dir, prog, stop)
+        barrier()
+        spec = project.spec()  # a project accumulates: earlier concepts stay erased
+        mine = [c for i, c in enumerate(spec.concepts) if i % world == rank]
+        run = spec.settings_for()
         prog("encoding the concepts (stage 1)", 0, 1)
         anchors: dict[tuple[str, ...], TextBatch] = {}  # encoded once per run for concepts sharing one
         for c in mine:
@@ -227,19 +236,23 @@ def _stats(backend: Backend, project: Project, c: Concept, anchors: dict[tuple[s
            stop: Callable[[], bool] | None = None) -> ConceptStats:
     """The concept's stage-1 sums, onto the mean of its stage-1 anchors (`ConceptType.stage1_anchors`):
     sum_k ||W e - W0 e*_k||^2 / K has the same minimiser as ||W e - W0 mean_k e*_k||^2, so the sums of
-    the K pairings, each divided by K, are the mean's."""
+    the K pairings, each divided by K, are the mean's. The phrase and each of its found synonyms are
+    mapped alike and weigh 1/W each (W words): the concept pulls on the weights as hard as the phrase alone
+    did, shared among the words that draw it (summed, one synonym doubled the pull, and the other
+    identities paid for it: benchmarks/RESULTS.md)."""
     st = project.load_stats(c)
     if st is None:
-        prompts = concept_prompts(c)
-        text = backend.encode(prompts)
         parts = []
-        for anchor_prompts in anchor_prompt_sets(c):
-            if stop is not None and stop():  # 60 prompts an anchor: seconds each on a CPU
-                raise InterruptedRun(f"stopped while encoding {c.phrase!r} (stage 1); rerun to resume")
-            if anchor_prompts not in anchors:
-                anchors[anchor_prompts] = backend.encode(list(anchor_prompts))
-            parts.append(concept_stats(backend, prompts, anchor_prompts, concept_text=text,
-                                       anchor_text=anchors[anchor_prompts]))
+        for word in (c.phrase, *c.found_synonyms):
+            prompts = concept_prompts(c, word)
+            text = backend.encode(prompts)
+            for anchor_prompts in anchor_prompt_sets(c):
+                if stop is not None and stop():  # 60 prompts an anchor: seconds each on a CPU
+                    raise InterruptedRun(f"stopped while encoding {c.phrase!r} (stage 1); rerun to resume")
+                if anchor_prompts not in anchors:
+                    anchors[anchor_prompts] = backend.encode(list(anchor_prompts))
+                parts.append(concept_stats(backend, prompts, anchor_prompts, concept_text=text,
+                                           anchor_text=anchors[anchor_prompts]))
         st = parts[0] if len(parts) == 1 else ConceptStats.mean(parts)
         project.save_stats(c, st)
     return st
@@ -400,7 +413,8 @@ def erasure_metadata(spec: ErasureSpec, base_sha256: str, base_name: str, closed
     return {
         "mace.version": __version__,
         "mace.concepts": json.dumps([{"phrase": c.phrase, "anchor": c.anchor, "type": c.type,
-                                      "stage1_anchors": list(get_type(c.type).stage1_anchors(c))}
+                                      "stage1_anchors": list(get_type(c.type).stage1_anchors(c)),
+                                      "found_synonyms": list(c.found_synonyms)}
                                      for c in spec.concepts]),
         "mace.retain": json.dumps(list(spec.retain)),
         # what stage 1 actually kept: the retain list, or the types' default protection (named)

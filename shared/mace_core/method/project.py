@@ -119,14 +119,20 @@ class Project:
         write_text(self.manifest_path, json.dumps(data, indent=1, sort_keys=True), checked=True,
                    what="the erasure project")
 
-    def open(self, base_sha256: str, base_path: str, family: str, spec: ErasureSpec) -> dict:
-        """Create the project, or check it belongs to this base model and merge ``spec`` into it."""
-        self.lock()
+    def check_base(self, base_sha256: str, base_path: str) -> None:
+        """Refuse (`MaceError`) a project made from another model than ``base_sha256``."""
         if self.exists():
             m = self.manifest()
             if m["base"]["sha256"] != base_sha256:
                 raise MaceError(f"{self.root} was made from another model (sha256 {m['base']['sha256'][:12]}...), "
                                 f"not {base_path}; use another --work-dir")
+
+    def open(self, base_sha256: str, base_path: str, family: str, spec: ErasureSpec) -> dict:
+        """Create the project, or check it belongs to this base model and merge ``spec`` into it."""
+        self.lock()
+        self.check_base(base_sha256, base_path)
+        if self.exists():
+            m = self.manifest()
         else:
             m = {"format": FORMAT, "tool": f"mace {__version__}",
                  "base": {"sha256": base_sha256, "path": str(base_path), "family": family},
@@ -351,6 +357,6 @@ def _check_manifest(m) -> None:
 
 
 def _spec_of(m: dict) -> ErasureSpec:
-    concepts = tuple(make_concept(c["phrase"], c["anchor"], c["type"], c.get("prompts", ()), c.get("synonyms", ()))
-                     for c in m["concepts"])
+    concepts = tuple(make_concept(c["phrase"], c["anchor"], c["type"], c.get("prompts", ()), c.get("synonyms", ()),
+                                  c.get("found_synonyms", ())) for c in m["concepts"])
     return ErasureSpec(concepts, tuple(m["retain"]), m["overrides"])

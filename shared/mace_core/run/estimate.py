@@ -22,6 +22,7 @@ from ..method.masks import draw_batch
 from ..method.objectives import grad_rows, unet_passes
 from ..method.prior import float32_text, prior_missing
 from ..method.project import Project
+from ..method.synonyms import search_calls
 from ..method.train import predict_for_backward
 
 HEADROOM = 0.95  # share of the GPU's memory a run may plan on (the allocator's fragmentation takes some)
@@ -74,16 +75,17 @@ def _left(spec: ErasureSpec, project: Project | None) -> list[tuple[Concept, Set
 
 
 def unet_calls(spec: ErasureSpec, closed_form_only: bool = False, project: Project | None = None) -> int:
-    """UNet calls of a run, counted in batch-of-one units: drawing (CFG doubles), training
+    """UNet calls of a run, counted in batch-of-one units: the synonym search, drawing (CFG doubles), training
     (per step and sample, the objective's passes: mace 1, abo 3 (+1 with an alternative), mace-authors
     1, esd 3, ant 8; a differentiated pass counts as one), hardening; with ``project``, only what is left."""
     return _calls(_left(_planned(spec, project), project), closed_form_only)
 
 
 def _calls(left: list[tuple[Concept, Settings, bool, bool, int]], closed_form_only: bool) -> int:
+    # the search for the model's own synonyms, before stage 1, of each concept not yet encoded
+    n = sum(search_calls() for _, s, encode, _, _ in left if encode and s.synonyms == "model")
     if closed_form_only:
-        return 0
-    n = 0
+        return n
     for _, s, _, train, rounds in left:
         if train:
             n += s.images * s.sample_steps * 2
@@ -125,6 +127,7 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     enc = (time.perf_counter() - t0) / 8
     captions, prior_s = _prior_cost(backend, spec, project, prior_dir)
     prompts = _stage1_encodings([c for c, _, encode, _, _ in left if encode])
+    prompts += sum(search_calls() for _, s, encode, _, _ in left if encode and s.synonyms == "model")  # one each
     if retain_missing(spec, project.load_priors()[1] if project is not None else {}):
         prompts += len(spec.protected()[0]) * len(concept_prompts(spec.concepts[0]))  # kept, in the templates
     peak = None
@@ -137,10 +140,11 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
 
 
 def _stage1_encodings(concepts: list[Concept]) -> int:
-    """Prompts stage 1 encodes for ``concepts``: each one's own, and each distinct anchor prompt set once
+    """Prompts stage 1 encodes for ``concepts``: each one's own (once a word: the phrase and each synonym
+    found), and each distinct anchor prompt set once
     (`erase._stats` encodes the 8 ordinary names shared by ten celebrities once, not ten times)."""
     anchors = {prompts for c in concepts for prompts in anchor_prompt_sets(c)}
-    return sum(len(concept_prompts(c)) for c in concepts) + sum(map(len, anchors))
+    return sum(len(concept_prompts(c)) * (1 + len(c.found_synonyms)) for c in concepts) + sum(map(len, anchors))
 
 
 def _prior_cost(backend: Backend, spec: ErasureSpec, project: Project | None, prior_dir) -> tuple[int, float]:

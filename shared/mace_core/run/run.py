@@ -77,6 +77,14 @@ class Report:
     details: dict = field(default_factory=dict)  # `erase.ErasureResult.report`
     protection: str = ""  # what stage 1 kept, in words (`Plan.protection`)
 
+    @property
+    def erased_words(self) -> str:
+        """The erased phrases, each with the model's own synonyms erased with it: "Bill Marlow (and the
+        model's own synonyms: ace), Leo Kline"."""
+        return ", ".join(c["phrase"] + (f" (and the model's own synonyms: {', '.join(c['found_synonyms'])})"
+                                        if c.get("found_synonyms") else "")
+                         for c in json.loads(self.metadata["mace.concepts"])) or "nothing"
+
 
 def plan(request: Request, backend: Backend, checkpoint: Any = None) -> Plan:
     """Resolve ``request`` on ``backend`` (the base model; ``checkpoint``: its file, needed when the request

@@ -1,0 +1,135 @@
+"""The model's own synonyms (method/synonyms.py): candidates against a brute-force ranking, guidance
+directions against the diffusers UNet run by hand, what the toy world's model draws for the words found
+(its judge), stage 1's sums with found synonyms against the sums of each word's pairs, and a run's
+metadata, protection and setting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mace_core.model.checkpoint import load_checkpoint
+from mace_core.model.diffusers_backend import DiffusersBackend
+from mace_core.method import synonyms as syn
+from mace_core.method.concepts import ErasureSpec, concept_prompts, make_concept, stage1_key
+from mace_core.method.erase import _stats, erase
+from mace_core.method.project import Project
+from mace_core.method.refine import concept_stats
+from toyworld import TOY_MODEL
+from toyworld.evaluate import judge_word
+from toyworld.judge import Judge
+from toyworld.world import SHAPES, SYNONYMS
+
+TEMPLATE = "a photo of a {}"  # the toy type's training prompt
+
+
+@pytest.fixture(scope="module")
+def toy():
+    ck = load_checkpoint(TOY_MODEL)
+    return ck, DiffusersBackend.from_checkpoint(ck, device="cpu")
+
+
+def test_candidates_are_the_nearest_whole_words_that_read_back_as_their_token(toy):
+    _, be = toy
+    table = be.text_token_embeddings()[0].weight.detach().float()
+    ids = be.tokenize("square")[1:-1]
+    got = syn.candidate_words(table, ids, be.tokenize, n=10, exclude=["Box"])
+    # brute force: every vocabulary entry by its cosine with the phrase's token, best first
+    vocab = json.loads((syn.DATA / "clip_tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+    unit = table / table.norm(dim=1, keepdim=True)
+    ranked = sorted(vocab.items(), key=lambda kv: -float(unit[kv[1]] @ unit[ids[0]]))
+    want = [t[:-4] for t, i in ranked if i not in ids and t.endswith("</w>") and t[:-4].isascii()
+            and t[:-4].isalpha() and t[:-4] != "box" and be.tokenize(t[:-4])[1:-1] == [i]][:10]
+    assert got == want
+    assert "box" not in got and "square" not in got
+
+
+def test_guidance_directions_match_the_unet_run_by_hand(toy):
+    _, be = toy
+    got = syn.guidance_directions(be, ["a photo of a box", "a photo of a star"], seed=3)
+    unet = be.components.unet
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD's schedule
+    abar = torch.cumprod(1 - betas, 0)
+    side = be.resolution // be.vae_scale  # 8: under the search's MAX_SIDE
+    assert side <= syn.MAX_SIDE
+    noise = torch.randn(4, be.latent_channels, side, side, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor(syn.TIMESTEPS)
+    x = ((1 - abar[t]).sqrt().view(-1, 1, 1, 1) * noise).float()  # a blank latent at t
+
+    def eps(prompt):
+        ids = be.components.tokenizers[0]([prompt] * 4, padding="max_length", max_length=77,
+                                          return_tensors="pt").input_ids
+        with torch.no_grad():
+            ctx = be.components.text_encoders[0](ids).last_hidden_state
+            return unet(x, t, encoder_hidden_states=ctx).sample.flatten()
+
+    want = torch.stack([eps(p) - eps("") for p in ["a photo of a box", "a photo of a star"]])
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_words_found_are_the_world_synonym_and_draw_the_shape(toy):
+    """On the toy world: each shape's synonym is found for it ("box" for square), no other shape's name is,
+    and the judge sees the shape in most images of the words found (measured: 236 of 260 images, 91%; its
+    untrained words draw some shape, and those the search takes mostly draw this one)."""
+    _, be = toy
+    judge = Judge.load()
+    hits = []
+    for shape in ("square", "heart"):
+        found = syn.find_synonyms(be, shape, TEMPLATE)
+        assert SYNONYMS[shape] in found
+        assert not set(found) & (set(SHAPES) | set(SYNONYMS.values())) - {SYNONYMS[shape]}
+        for word in found:
+            pred, _ = judge_word(be, judge, word, 1)  # five images, one a color
+            hits += [p == shape for p in pred]
+            if word == SYNONYMS[shape]:
+                assert all(p == shape for p in pred), (word, pred)
+    assert sum(hits) >= 0.8 * len(hits), f"{sum(hits)} of {len(hits)}"
+
+
+def test_stage1_maps_each_found_synonym_onto_the_anchor_like_the_phrase(toy, tmp_path):
+    """The sums are the mean of each word's pairing with the anchor (the phrase's weight shared by its words)."""
+    _, be = toy
+    c = make_concept("square", "a thing", "toy", found_synonyms=["box", "clowns"])
+    got = _stats(be, Project(tmp_path / "p"), c, {})
+    anchor = concept_prompts(c, "a thing")
+    parts = [concept_stats(be, concept_prompts(c, w), anchor) for w in ("square", "box", "clowns")]
+    assert concept_prompts(c, "box") == [p.replace("square", "box") for p in concept_prompts(c)]
+    torch.testing.assert_close(got.cross, sum(p.cross for p in parts) / 3)
+    torch.testing.assert_close(got.gram, sum(p.gram for p in parts) / 3)
+    torch.testing.assert_close(got.fusion_gram, sum(p.fusion_gram for p in parts) / 3)
+    assert stage1_key(c) != stage1_key(make_concept("square", "a thing", "toy"))
+
+
+def test_found_synonyms_are_not_protected():
+    spec = ErasureSpec((make_concept("Bill Marlow", "", "celebrity", found_synonyms=["Bill Smith"]),))
+    kept, _ = spec.protected()
+    assert "Bill Smith" not in kept
+    assert "Bill Johnson" in kept  # the rest of the shared-name protection stays
+    assert "Bill Smith" in ErasureSpec((make_concept("Bill Marlow", "", "celebrity"),)).protected()[0]
+
+
+@pytest.mark.parametrize("setting", ["model", "none"])
+def test_a_run_records_the_synonyms_it_erased(toy, tmp_path, setting):
+    ck, be = toy
+    spec = ErasureSpec((make_concept("square", "", "toy"),), ("star",), {"synonyms": setting})
+    res = erase(be, spec, Project(tmp_path / "p"), ck.sha256, closed_form_only=True)
+    meta = json.loads(res.metadata["mace.concepts"])[0]
+    if setting == "none":
+        assert meta["found_synonyms"] == []
+    else:
+        assert "box" in meta["found_synonyms"] and "star" not in meta["found_synonyms"]
+    assert Project(tmp_path / "p").spec().concepts[0].found_synonyms == tuple(meta["found_synonyms"])
+
+
+def test_the_search_draws_latents_no_wider_than_its_cap():
+    """A model drawn at 1024 px (a 128-wide latent) is compared on a MAX_SIDE-wide one: a full-size
+    SDXL latent would cost 16 times more, and quadratic self-attention at 128 x 128 on small models."""
+    from tiny import tiny_file
+
+    be = DiffusersBackend.from_checkpoint(load_checkpoint(tiny_file("sd1")), device="cpu")
+    be.resolution = 128 * be.vae_scale
+    d = syn.guidance_directions(be, ["a photo of a cat"])
+    assert d.shape == (1, len(syn.TIMESTEPS) * be.latent_channels * syn.MAX_SIDE ** 2)
