@@ -15,8 +15,10 @@ same to it:
   points the same way: cosine >= ``THRESHOLD``.
 
 ``THRESHOLD`` was set on the shape world (benchmarks/RESULTS.md, "The model's own synonyms"), never on
-the identity world: there, distinct shapes' directions reach at most 0.93 (heart / diamond), and every
-word checked at 0.94 or more draws the shape (its judge, ten images of ten), the world's synonyms at 1.00.
+the identity world: there, distinct shapes' directions reach at most 0.93 (heart / diamond), the world's
+synonyms score 1.00, and the toy model's untrained words scoring 0.94-0.98 with a shape drew it (its
+judge, ten images of ten for those checked; of all the words the search takes for square and heart, 91%
+of the images). ``CANDIDATES`` and ``TIMESTEPS`` were chosen before any measurement.
 
 The words found are erased with the phrase by stage 1 (`Concept.found_synonyms`: the same templates,
 the same anchor) and named in the log and the output's metadata; the setting ``synonyms`` "none" turns
@@ -81,7 +83,9 @@ def candidate_words(table: torch.Tensor, phrase_ids: Collection[int], tokenize, 
 
 
 def search_calls() -> int:
-    """UNet calls of one concept's search, in batch-of-one units (its candidates, the phrase, the empty prompt)."""
+    """UNet calls of one concept's search, in batch-of-one units (its candidates, the phrase, the empty prompt;
+    each also one text encoding). Counted at the model's resolution, they overstate a search that draws
+    smaller latents (`MAX_SIDE`): the estimate errs long, by seconds on a GPU."""
     return (CANDIDATES + 2) * len(TIMESTEPS)
 
 
