@@ -37,7 +37,7 @@ def test_candidates_are_the_nearest_whole_words_that_read_back_as_their_token(to
     ids = be.tokenize("square")[1:-1]
     got = syn.candidate_words(table, ids, be.tokenize, n=10, exclude=["Box"])
     # brute force: every vocabulary entry by its cosine with the phrase's token, best first
-    vocab = json.loads((syn.DATA / "clip_tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+    vocab = be.components.tokenizers[0].get_vocab()  # the loaded tokenizer's own map, token -> id
     unit = table / table.norm(dim=1, keepdim=True)
     ranked = sorted(vocab.items(), key=lambda kv: -float(unit[kv[1]] @ unit[ids[0]]))
     want = [t[:-4] for t, i in ranked if i not in ids and t.endswith("</w>") and t[:-4].isascii()

@@ -37,7 +37,7 @@ import torch
 
 from ..errors import InterruptedRun
 from ..model.backend import Backend
-from .concepts import DATA, ErasureSpec, get_type
+from .concepts import ErasureSpec, get_type
 
 THRESHOLD = 0.95
 CANDIDATES = 24
@@ -50,7 +50,9 @@ log = logging.getLogger("mace.synonyms")
 @lru_cache(maxsize=None)
 def vocabulary() -> tuple[str, ...]:
     """CLIP's BPE vocabulary by token id (every SD family's tokenizers share it); whole words end in ``</w>``."""
-    vocab = json.loads((DATA / "clip_tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+    from ..model.checkpoint import TOKENIZER_DIR  # the tokenizer files the backends load
+
+    vocab = json.loads((TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8"))
     out = [""] * (max(vocab.values()) + 1)
     for token, i in vocab.items():
         out[i] = token

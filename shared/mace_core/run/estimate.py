@@ -81,9 +81,13 @@ def unet_calls(spec: ErasureSpec, closed_form_only: bool = False, project: Proje
     return _calls(_left(_planned(spec, project), project), closed_form_only)
 
 
+def _searches(left: list[tuple[Concept, Settings, bool, bool, int]]) -> int:
+    """Concepts whose own synonyms `erase` looks for before stage 1: those not yet encoded, searching on."""
+    return sum(1 for _, s, encode, _, _ in left if encode and s.synonyms == "model")
+
+
 def _calls(left: list[tuple[Concept, Settings, bool, bool, int]], closed_form_only: bool) -> int:
-    # the search for the model's own synonyms, before stage 1, of each concept not yet encoded
-    n = sum(search_calls() for _, s, encode, _, _ in left if encode and s.synonyms == "model")
+    n = search_calls() * _searches(left)
     if closed_form_only:
         return n
     for _, s, _, train, rounds in left:
@@ -127,7 +131,7 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     enc = (time.perf_counter() - t0) / 8
     captions, prior_s = _prior_cost(backend, spec, project, prior_dir)
     prompts = _stage1_encodings([c for c, _, encode, _, _ in left if encode])
-    prompts += sum(search_calls() for _, s, encode, _, _ in left if encode and s.synonyms == "model")  # one each
+    prompts += search_calls() * _searches(left)  # the search encodes its prompt once a UNet call
     if retain_missing(spec, project.load_priors()[1] if project is not None else {}):
         prompts += len(spec.protected()[0]) * len(concept_prompts(spec.concepts[0]))  # kept, in the templates
     peak = None
