@@ -191,6 +191,29 @@ def test_estimate_peak_follows_low_vram_and_a_too_small_gpu_is_refused_with_advi
     check_fits(est, torch.device("cpu"))  # a CPU run is never refused
 
 
+def test_estimate_counts_the_nearby_words_the_search_adds_to_what_is_kept():
+    """Before the search its nearby words are unknown, so the estimate counts NEARBY of them a new concept
+    (encoded in every template) on top of the fixed list, with the search's own encodings; a retain list,
+    or a type without a fixed list, adds none."""
+    from mace_core.method.concepts import concept_prompts, get_type
+    from mace_core.method.synonyms import NEARBY, search_calls
+    from mace_core.run.estimate import estimate
+
+    be = DiffusersBackend.from_checkpoint(load_checkpoint(tiny_file("sd1")), device="cpu")
+    star = make_concept("Tom Cruise", "", "celebrity")
+
+    def prompts(c, retain=(), **over) -> int:
+        return estimate(be, ErasureSpec((c,), retain, over), closed_form_only=True, repeats=1).text_encodings
+
+    templates = len(concept_prompts(star))
+    assert prompts(star, synonyms="none") == prompts(star, protection="none", synonyms="none") + len(
+        get_type("celebrity").protect) * templates
+    assert prompts(star) - prompts(star, synonyms="none") == search_calls() + NEARBY * templates
+    assert prompts(star, ("Bill Murray",)) - prompts(star, ("Bill Murray",), synonyms="none") == search_calls()
+    toy = make_concept("circle", "", "toy")
+    assert prompts(toy) - prompts(toy, synonyms="none") == search_calls()
+
+
 def test_estimate_of_a_resumed_or_extended_project_counts_only_what_is_left(tmp_path):
     from mace_core.run.estimate import estimate, unet_calls
 

@@ -116,7 +116,7 @@ def test_each_phase_is_announced_when_it_starts(backend, tmp_path, monkeypatch):
         monkeypatch.setattr(erase_mod, name, wrapped)
 
     spy("general_prior", erase_mod.general_prior, "prior")
-    spy("mean_grams", erase_mod.mean_grams, "kept")  # the type's default protection: 79 objects
+    spy("mean_grams", erase_mod.mean_grams, "kept")  # the type's default protection: 79 objects, the nearby words
     spy("concept_stats", erase_mod.concept_stats, "stats")
     spy("refine_weights", erase_mod.refine_weights, "refine")
     spy("draw_concept", erase_mod.draw_concept, "draw")
@@ -130,7 +130,10 @@ def test_each_phase_is_announced_when_it_starts(backend, tmp_path, monkeypatch):
     assert labels[0] == prior.PRIOR_LABEL
     assert at_start["kept"] == erase_mod.KEPT_LABEL
     assert at_start["stats"] == "encoding the concepts (stage 1)"
-    assert labels.count(erase_mod.KEPT_LABEL) == len(get_type("object").protect) - 1  # one per phrase, "cat" not kept
+    nearby = Project(tmp_path / "p").spec().concepts[0].found_neighbours  # kept too, found by the search
+    assert 0 < len(nearby) and "cat" not in nearby
+    # one per phrase, "cat" not kept
+    assert labels.count(erase_mod.KEPT_LABEL) == len(get_type("object").protect) - 1 + len(nearby)
     assert at_start["refine"] == "refining (stage 1)"
     assert at_start["draw"] == "drawing cat"
     assert at_start["train"] == "training cat"

@@ -1,7 +1,7 @@
-"""The model's own synonyms (method/synonyms.py): candidates against a brute-force ranking, guidance
-directions against the diffusers UNet run by hand, what the toy world's model draws for the words found
-(its judge), stage 1's sums with found synonyms against the sums of each word's pairs, and a run's
-metadata, protection and setting."""
+"""The model's own words (method/synonyms.py): candidates against a brute-force ranking, guidance
+directions against the diffusers UNet run by hand, what the toy world's model draws for the synonyms
+found (its judge), the nearby words as the candidates not taken, stage 1's sums with found synonyms
+against the sums of each word's pairs, and a run's metadata, protection and setting."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from mace_core.model.checkpoint import load_checkpoint
 from mace_core.model.diffusers_backend import DiffusersBackend
 from mace_core.method import synonyms as syn
-from mace_core.method.concepts import ErasureSpec, concept_prompts, make_concept, stage1_key
+from mace_core.method.concepts import ErasureSpec, concept_prompts, get_type, make_concept, stage1_key
 from mace_core.method.erase import _stats, erase
 from mace_core.method.project import Project
 from mace_core.method.refine import concept_stats
@@ -78,7 +78,7 @@ def test_the_words_found_are_the_world_synonym_and_draw_the_shape(toy):
     judge = Judge.load()
     hits = []
     for shape in ("square", "heart"):
-        found = syn.find_synonyms(be, shape, TEMPLATE)
+        found = syn.find_words(be, shape, TEMPLATE).synonyms
         assert SYNONYMS[shape] in found
         assert not set(found) & (set(SHAPES) | set(SYNONYMS.values())) - {SYNONYMS[shape]}
         for word in found:
@@ -103,25 +103,45 @@ def test_stage1_maps_each_found_synonym_onto_the_anchor_like_the_phrase(toy, tmp
     assert stage1_key(c) != stage1_key(make_concept("square", "a thing", "toy"))
 
 
-def test_found_synonyms_are_not_protected():
-    spec = ErasureSpec((make_concept("Bill Marlow", "", "celebrity", found_synonyms=["Bill Smith"]),))
-    kept, _ = spec.protected()
-    assert "Bill Smith" not in kept
-    assert "Bill Johnson" in kept  # the rest of the shared-name protection stays
-    assert "Bill Smith" in ErasureSpec((make_concept("Bill Marlow", "", "celebrity"),)).protected()[0]
+def test_the_nearby_words_are_the_nearest_candidates_not_taken(toy):
+    """Every candidate is either taken (cosine >= THRESHOLD with the phrase's direction, checked here from the
+    directions) or, among the NEARBY nearest of the rest, kept; the two never share a word."""
+    _, be = toy
+    found = syn.find_words(be, "heart", TEMPLATE, exclude=["valentine"])
+    words = syn.candidate_words(be.text_token_embeddings()[0].weight, be.tokenize("heart")[1:-1], be.tokenize,
+                                exclude=["valentine"])
+    dirs = syn.guidance_directions(be, [TEMPLATE.format(w) for w in ["heart", *words]])
+    cos = dict(zip(words, torch.nn.functional.cosine_similarity(dirs[1:], dirs[:1]).tolist()))
+    assert "valentine" not in found.synonyms + found.neighbours
+    assert found.synonyms == tuple(w for w in words if cos[w] >= syn.THRESHOLD)
+    assert found.neighbours == tuple(w for w in words if cos[w] < syn.THRESHOLD)[:syn.NEARBY]
+    assert len(found.neighbours) == syn.NEARBY  # this phrase has enough of both
+    assert found.synonyms and not set(found.synonyms) & set(found.neighbours)
 
 
 @pytest.mark.parametrize("setting", ["model", "none"])
-def test_a_run_records_the_synonyms_it_erased(toy, tmp_path, setting):
+def test_a_run_records_the_words_it_found_and_keeps_the_nearby_ones(toy, tmp_path, setting):
+    """The synonyms erased and the nearby words are in the output's metadata and the project; with no retain
+    list the nearby words join the type's fixed list in what stage 1 keeps (a type without one, `toy`,
+    keeps neither); a retain list replaces both; with the search off neither is found."""
     ck, be = toy
-    spec = ErasureSpec((make_concept("square", "", "toy"),), ("star",), {"synonyms": setting})
-    res = erase(be, spec, Project(tmp_path / "p"), ck.sha256, closed_form_only=True)
-    meta = json.loads(res.metadata["mace.concepts"])[0]
-    if setting == "none":
-        assert meta["found_synonyms"] == []
-    else:
-        assert "box" in meta["found_synonyms"] and "star" not in meta["found_synonyms"]
-    assert Project(tmp_path / "p").spec().concepts[0].found_synonyms == tuple(meta["found_synonyms"])
+    for ctype, retain in (("toy", ("star",)), ("toy", ()), ("object", ())):
+        spec = ErasureSpec((make_concept("square", "", ctype),), retain, {"synonyms": setting})
+        proj = Project(tmp_path / f"{ctype}{len(retain)}")
+        res = erase(be, spec, proj, ck.sha256, closed_form_only=True)
+        meta = json.loads(res.metadata["mace.concepts"])[0]
+        kept = json.loads(res.metadata["mace.protected"])
+        if setting == "none":
+            assert meta["found_synonyms"] == meta["found_neighbours"] == []
+        else:
+            assert "box" in meta["found_synonyms"] and "star" not in meta["found_synonyms"]
+            assert (0 < len(meta["found_neighbours"]) <= syn.NEARBY) == (ctype == "object")
+            assert not set(meta["found_synonyms"]) & set(meta["found_neighbours"])
+        fixed = [p for p in get_type(ctype).protect if p not in meta["found_synonyms"] + ["square"]]
+        assert kept.get("phrases", []) == (list(retain) or fixed + meta["found_neighbours"])
+        stored = proj.spec().concepts[0]
+        assert stored.found_synonyms == tuple(meta["found_synonyms"])
+        assert stored.found_neighbours == tuple(meta["found_neighbours"])
 
 
 def test_the_search_draws_latents_no_wider_than_its_cap():

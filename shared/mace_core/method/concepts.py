@@ -51,7 +51,8 @@ class Settings:
                                "pairs)", "retain prior strength", min=0, lora="run")
     protection: str = _knob("type", "what stage 1 keeps when no retain list is given: 'type' = the concept type's "
                                     "own kind (types.yaml `protect`: other celebrities, other artists, common "
-                                    "objects, ...), 'none' = nothing but the general prior", "default protection",
+                                    "objects, ...) and each concept's nearby words in the model, 'none' = nothing "
+                                    "but the general prior", "default protection",
                             choices=("type", "none"), lora="run")
     balance: str = _knob("overlap", "stage 1 protection (ridge and priors) x the concepts' overlap: 1 for one "
                                     "concept, up to n for n concepts whose edits point the same way, so many "
@@ -116,9 +117,11 @@ class Settings:
                                     "(booru tags, a house vocabulary); needs a general prior strength > 0",
                                 "general prior captions file", lora="run")
     # before stage 1, last for the same reason
-    synonyms: str = _knob("model", "also erase the words the model draws as each concept ('model': found in its "
-                                   "vocabulary before stage 1, named in the log and the metadata, e.g. a "
-                                   "celebrity's nickname); 'none': only the phrase", "model's own synonyms",
+    synonyms: str = _knob("model", "'model': before stage 1, look up in the model's vocabulary the words it draws "
+                                   "as each concept (erased with it, e.g. a celebrity's nickname) and those it "
+                                   "draws near it but otherwise (kept by the default protection), named in the "
+                                   "log and the metadata; 'none': only the phrase, and the type's fixed list",
+                          "model's own synonyms",
                           choices=("model", "none"), lora="no")
 
     def __post_init__(self) -> None:
@@ -236,7 +239,6 @@ class ConceptType:
     templates: tuple[str, ...]
     settings: Mapping[str, Any]
     protect: tuple[str, ...] = ()  # kept when the user gives no retain list (types.yaml `protect`)
-    shared_names: int = 0  # and per erased name this many names sharing its first, and its last, word
     anchor_names: int = 0  # stage 1 maps onto the mean of this many ordinary names (types.yaml)
 
     def stage1_anchors(self, concept: "Concept") -> tuple[str, ...]:
@@ -256,27 +258,20 @@ class ConceptType:
         """A hash of the templates: stage-1 sums and LoRAs made with other templates are recomputed."""
         return hashlib.sha256("\n".join(self.templates).encode()).hexdigest()[:16]
 
-    def protection_of(self, phrase: str) -> tuple[str, ...]:
-        """What this type keeps, without a retain list, when ``phrase`` is erased: its fixed list and,
-        for a name of two or more words, ``shared_names`` names sharing its first word (common surnames)
-        and as many sharing its last (common first names): erasing "Bill Clinton" keeps "Bill Smith"
-        and "James Clinton", so the parts the name shares with other people's names stay theirs and the
-        erasure is left with what is this name's own."""
-        words = phrase.split()
-        if not self.shared_names or len(words) < 2:
-            return self.protect
-        first, last = words[0], words[-1]
-        surnames = [n for n in _name_list("last-names") if n.casefold() != last.casefold()]
-        firsts = [n for n in _name_list("first-names") if n.casefold() != first.casefold()]
-        return (*self.protect, *(f"{first} {n}" for n in surnames[:self.shared_names]),
-                *(f"{n} {last}" for n in firsts[:self.shared_names]))
+    def protection_of(self, concept: "Concept") -> tuple[str, ...]:
+        """What this type keeps, without a retain list, when ``concept`` is erased: its fixed list (the
+        names, artists or objects a model usually knows) and the concept's nearby words, those the model
+        draws near it but not as it (`synonyms.find_words`): on a model that never learnt the fixed list's
+        names, they are the other people it did learn."""
+        return (*self.protect, *concept.found_neighbours)
 
 
 @dataclass(frozen=True)
 class Concept:
     """One phrase to erase, mapped to ``anchor``; ``prompts`` add to the type's templates. ``synonyms``: words
     for it that evaluation tests (a preset's held-out synonyms); ``found_synonyms``: the words the model
-    draws as it, found before stage 1 (`synonyms.find_synonyms`), which stage 1 erases with it."""
+    draws as it, found before stage 1 (`synonyms.find_words`), which stage 1 erases with it;
+    ``found_neighbours``: the words it draws near it but not as it, which the default protection keeps."""
 
     phrase: str
     type: str = "object"
@@ -284,6 +279,7 @@ class Concept:
     prompts: tuple[str, ...] = ()
     synonyms: tuple[str, ...] = ()
     found_synonyms: tuple[str, ...] = ()
+    found_neighbours: tuple[str, ...] = ()
 
     @property
     def slug(self) -> str:
@@ -293,7 +289,8 @@ class Concept:
 
     def to_dict(self) -> dict:
         return {"phrase": self.phrase, "type": self.type, "anchor": self.anchor, "prompts": list(self.prompts),
-                "synonyms": list(self.synonyms), "found_synonyms": list(self.found_synonyms)}
+                "synonyms": list(self.synonyms), "found_synonyms": list(self.found_synonyms),
+                "found_neighbours": list(self.found_neighbours)}
 
 
 @dataclass(frozen=True)
@@ -323,7 +320,7 @@ class ErasureSpec:
             return (), ""
         erased = {p.casefold() for c in self.concepts for p in (c.phrase, *c.found_synonyms)}
         kinds = list(dict.fromkeys(c.type for c in self.concepts))
-        kept = tuple(dict.fromkeys(x for c in self.concepts for x in get_type(c.type).protection_of(c.phrase)
+        kept = tuple(dict.fromkeys(x for c in self.concepts for x in get_type(c.type).protection_of(c)
                                    if x.casefold() not in erased))
         return kept, (f"default protection of {', '.join(kinds)} ({len(kept)} phrases)" if kept else "")
 
@@ -350,8 +347,7 @@ def concept_types() -> dict[str, ConceptType]:
         extra = subject_captions(scenes["slot"], int(scenes["count"])) if scenes else []
         templates = tuple(s for s in lines if s.strip()) + tuple(extra)
         out[name] = ConceptType(name, t["anchor"], t["train_prompt"], templates,
-                                dict(t.get("settings", {})), _protect_list(protect),
-                                int(protect.get("shared_names", 0)), int(t.get("anchor_names", 0)))
+                                dict(t.get("settings", {})), _protect_list(protect), int(t.get("anchor_names", 0)))
     return out
 
 
@@ -534,7 +530,8 @@ def _spec_from_mapping(data: Mapping, where: str = "") -> ErasureSpec:
 
 
 def make_concept(phrase: str, anchor: str = "", ctype: str = "object", prompts: Iterable[str] = (),
-                 synonyms: Iterable[str] = (), found_synonyms: Iterable[str] = ()) -> Concept:
+                 synonyms: Iterable[str] = (), found_synonyms: Iterable[str] = (),
+                 found_neighbours: Iterable[str] = ()) -> Concept:
     phrase = " ".join(str(phrase).split())
     if not phrase:
         raise MaceError("a concept phrase is empty")
@@ -543,7 +540,8 @@ def make_concept(phrase: str, anchor: str = "", ctype: str = "object", prompts: 
     if anchor.casefold() == phrase.casefold():  # mapped onto itself: the edit would change nothing
         raise MaceError(f"concept {phrase!r} has itself as anchor, so nothing would be erased; give another anchor "
                         "(what to draw instead) or none for the type's default")
-    return Concept(phrase, ctype, anchor, tuple(prompts), tuple(synonyms), tuple(found_synonyms))
+    return Concept(phrase, ctype, anchor, tuple(prompts), tuple(synonyms), tuple(found_synonyms),
+                   tuple(found_neighbours))
 
 
 def load_concept_file(path: str | Path, default_type: str = "object") -> ErasureSpec:
@@ -659,7 +657,7 @@ def settings_hash(spec: ErasureSpec, concept: Concept) -> str:
     trained = {k: (own if kind == "concept" else run)[k] for k, kind in sorted(kinds.items()) if kind != "no"}
     # what stage 1 keeps: the retain list, else the concept's own type's whole default list (not less
     # the erased phrases, which would make the other concepts part of the identity)
-    default = get_type(concept.type).protection_of(concept.phrase) if run["protection"] == "type" else ()
+    default = get_type(concept.type).protection_of(concept) if run["protection"] == "type" else ()
     if trained["prior_captions"]:  # the file's captions, not its name, shape stage 1
         trained["prior_captions"] = captions_id(read_captions(trained["prior_captions"]))
     data = [concept.to_dict(), trained, sorted(spec.retain or default), stage1_key(concept)]

@@ -28,7 +28,7 @@ from .harden import adversarial_stats
 from .masks import draw_batch, draw_concept, phrase_token_mask, save_data
 from .prior import general_prior, mean_grams, prior_captions
 from .project import Project
-from .synonyms import with_model_synonyms
+from .synonyms import with_model_words
 from .refine import ConceptStats, apply_map, apply_pooled, concept_stats, context_map, overlap, pooled_map
 from .train import LoRA, train_lora
 
@@ -79,13 +79,14 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
             project.check_base(base_sha256, base_name)
             # the priors first: a text encoder's first use computes the general prior (minutes on a CPU),
             # and the progress must name it from the start rather than after every concept's search
-            _priors(backend, project, project.merged(spec), prior_dir, prog, stop)
-            # the model's own synonyms of each new concept, before the project records it (a concept it
-            # already holds keeps those it was erased with)
+            _general(backend, project, project.merged(spec), prior_dir, prog, stop)
+            # the model's own synonyms and nearby words of each new concept, before the project records it
+            # (a concept it already holds keeps those it was erased with)
             known = {c.phrase for c in project.spec().concepts} if project.exists() else set()
-            spec = with_model_synonyms(backend, spec, skip=known, progress=prog, stop=stop)
+            spec = with_model_words(backend, spec, skip=known, progress=prog, stop=stop)
             project.open(base_sha256, base_name, backend.family_name, spec)
-            # again with the synonyms found: they are erased, so not kept (re-encoded only if the list changed)
+            # what is kept, with the words found: the synonyms are erased, so not kept, and the nearby
+            # words kept (re-encoded only if the list changed)
             _priors(backend, project, project.spec(), prior_dir, prog, stop)
         barrier()
         spec = project.spec()  # a project accumulates: earlier concepts stay erased
@@ -287,19 +288,25 @@ def retain_missing(spec: ErasureSpec, meta: Mapping[str, str]) -> bool:
     return bool(kept) and bool(spec.settings_for().domain) and meta.get("retain") != retain_key(spec)
 
 
-def _priors(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Path | None = None,
-            prog: Progress | None = None, stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
-    """Per-token general and retain-list Grams ("general", "domain", and their "_pooled" twins for
-    SDXL), stored in the project so that re-fusion needs no model."""
-    run = spec.settings_for()
+def _general(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Path | None = None,
+             prog: Progress | None = None, stop: Callable[[], bool] | None = None) -> None:
+    """The project's general prior ("general", and "general_pooled" for SDXL), computed if `general_missing`."""
     priors, meta = project.load_priors()
-    changed = False
     if general_missing(spec, priors, meta):
+        run = spec.settings_for()
         for name, g in general_prior(backend, backend.text_encoder_key(), folder=prior_dir, progress=prog,
                                      should_stop=stop, captions_file=run.prior_captions).items():
             priors["general" if name == "context" else "general_pooled"] = g
         meta["general"] = prior_captions(run.prior_captions)[1]
-        changed = True
+        project.save_priors(priors, meta)
+
+
+def _priors(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Path | None = None,
+            prog: Progress | None = None, stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Per-token general and retain-list Grams ("general", "domain", and their "_pooled" twins for
+    SDXL), stored in the project so that re-fusion needs no model."""
+    _general(backend, project, spec, prior_dir, prog, stop)
+    priors, meta = project.load_priors()
     kept, _ = spec.protected()
     if retain_missing(spec, meta):
         # the sum of each kept phrase's own mean Gram: `domain` weighs per kept concept, so a long
@@ -314,8 +321,6 @@ def _priors(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Pa
                 sums[name] = sums[name] + g if name in sums else g
         priors.update({("domain" if name == "context" else "domain_pooled"): g for name, g in sums.items()})
         meta["retain"] = retain_key(spec)
-        changed = True
-    if changed:
         project.save_priors(priors, meta)
     return priors
 
@@ -414,7 +419,8 @@ def erasure_metadata(spec: ErasureSpec, base_sha256: str, base_name: str, closed
         "mace.version": __version__,
         "mace.concepts": json.dumps([{"phrase": c.phrase, "anchor": c.anchor, "type": c.type,
                                       "stage1_anchors": list(get_type(c.type).stage1_anchors(c)),
-                                      "found_synonyms": list(c.found_synonyms)}
+                                      "found_synonyms": list(c.found_synonyms),
+                                      "found_neighbours": list(c.found_neighbours)}
                                      for c in spec.concepts]),
         "mace.retain": json.dumps(list(spec.retain)),
         # what stage 1 actually kept: the retain list, or the types' default protection (named)

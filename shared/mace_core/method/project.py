@@ -358,5 +358,5 @@ def _check_manifest(m) -> None:
 
 def _spec_of(m: dict) -> ErasureSpec:
     concepts = tuple(make_concept(c["phrase"], c["anchor"], c["type"], c.get("prompts", ()), c.get("synonyms", ()),
-                                  c.get("found_synonyms", ())) for c in m["concepts"])
+                                  c.get("found_synonyms", ()), c.get("found_neighbours", ())) for c in m["concepts"])
     return ErasureSpec(concepts, tuple(m["retain"]), m["overrides"])

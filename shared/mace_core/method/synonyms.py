@@ -1,9 +1,12 @@
-"""The model's own synonyms of a concept: the words of its vocabulary that it draws as the concept.
+"""The model's own words around a concept: those it draws as the concept (its synonyms, erased with it)
+and those it draws otherwise (its nearby words, kept by the default protection).
 
 A user erasing "Bill Marlow" does not list the nickname the model also learnt him by, and a user
 erasing "airplane" may not think of "jet"; the erasure's templates name the phrase only, so such
-words keep drawing the concept (the generality gap). The model itself says which words mean the
-same to it:
+words keep drawing the concept (the generality gap). Nor does a user erasing one name list the other
+names the model knows, which an edit of the name's keys and values moves with it unless they are kept
+(the specificity gap); a fixed list of famous names protects them only on a model that knows those
+names. The model itself says which words are which:
 
 * candidates: the vocabulary's whole words nearest the phrase's tokens in the text encoder's own
   token-embedding table (cosine, the nearest of the phrase's tokens), ``CANDIDATES`` of them. A word
@@ -12,17 +15,26 @@ same to it:
 * the test: what each word adds to the unconditional prediction, its guidance direction
   ``eps(x_t, template(word)) - eps(x_t, "")`` on seeded noise at four timesteps (a blank image noised,
   so the direction is the prompt's alone), against the phrase's. A word the model draws as the concept
-  points the same way: cosine >= ``THRESHOLD``.
+  points the same way: cosine >= ``THRESHOLD``, a synonym; the nearest ``NEARBY`` of the others are
+  what the model draws near the concept but not as it: on the identity world mostly other people's
+  names and nicknames, on SD other people, related objects, near-miss words.
 
 ``THRESHOLD`` was set on the shape world (benchmarks/RESULTS.md, "The model's own synonyms"), never on
 the identity world: there, distinct shapes' directions reach at most 0.93 (heart / diamond), the world's
 synonyms score 1.00, and the toy model's untrained words scoring 0.94-0.98 with a shape drew it (its
 judge, ten images of ten for those checked; of all the words the search takes for square and heart, 91%
-of the images). ``CANDIDATES`` and ``TIMESTEPS`` were chosen before any measurement.
+of the images). ``CANDIDATES``, ``NEARBY`` and ``TIMESTEPS`` were chosen before any measurement; keeping
+the nearby words (instead of the celebrity type's shared-name list) was chosen from measurements on the
+identity world (benchmarks/RESULTS.md, "The model's nearby words kept"). Only types with a fixed list
+keep them: the shape world's `toy` type keeps nothing of its own kind, and there the nearby words are
+untrained ones that draw a shape all the same (its judge: "edward", cosine 0.69 with square, draws
+squares; "mps", 0.92 with circle, circles), so keeping them held circle back (CFR Acc_e 5 -> 35).
 
-The words found are erased with the phrase by stage 1 (`Concept.found_synonyms`: the same templates,
-the same anchor) and named in the log and the output's metadata; the setting ``synonyms`` "none" turns
-the search off. The synonyms a user lists (`Concept.synonyms`) stay what evaluation tests.
+The synonyms are erased with the phrase by stage 1 (`Concept.found_synonyms`: the same templates, the
+same anchor), the nearby words kept with the type's fixed list (`Concept.found_neighbours`,
+`ConceptType.protection_of`; a retain list replaces both, ``protection`` "none" drops both); both are
+logged and recorded in the output's metadata. The setting ``synonyms`` "none" turns the search off. The synonyms a user lists (`Concept.synonyms`) stay what
+evaluation tests.
 """
 
 from __future__ import annotations
@@ -31,19 +43,20 @@ import json
 import logging
 from dataclasses import replace
 from functools import lru_cache
-from typing import Callable, Collection
+from typing import Callable, Collection, NamedTuple
 
 import torch
 
 from ..errors import InterruptedRun
 from ..model.backend import Backend
-from .concepts import ErasureSpec, get_type
+from .concepts import Concept, ErasureSpec, get_type
 
 THRESHOLD = 0.95
 CANDIDATES = 24
+NEARBY = 16  # of the candidates not taken, the nearest kept by the default protection
 TIMESTEPS = (900, 700, 500, 300)
 MAX_SIDE = 32  # latent pixels: the comparison needs each prompt's direction, not a full-size image
-PROGRESS_LABEL = "finding the model's own synonyms"
+PROGRESS_LABEL = "finding the model's own words for each concept"
 log = logging.getLogger("mace.synonyms")
 
 
@@ -109,45 +122,62 @@ def guidance_directions(backend: Backend, prompts: list[str], seed: int = 0,
 
     def predict(prompt: str) -> torch.Tensor:
         if stop is not None and stop():
-            raise InterruptedRun("stopped while finding the model's own synonyms; rerun to resume")
+            raise InterruptedRun("stopped while finding the model's own words for a concept; rerun to resume")
         return backend.predict(x, t, backend.encode([prompt] * len(TIMESTEPS))).float().flatten().cpu()
 
     uncond = predict("")
     return torch.stack([predict(p) - uncond for p in prompts])
 
 
-def find_synonyms(backend: Backend, phrase: str, template: str, exclude: Collection[str] = (),
-                  seed: int = 0, stop: Callable[[], bool] | None = None) -> tuple[str, ...]:
+class Found(NamedTuple):
+    """What `find_words` found for a phrase: the words the model draws as it, and its nearby words."""
+
+    synonyms: tuple[str, ...]
+    neighbours: tuple[str, ...]
+
+
+def find_words(backend: Backend, phrase: str, template: str, exclude: Collection[str] = (),
+               seed: int = 0, stop: Callable[[], bool] | None = None) -> Found:
     """The words ``backend``'s model draws as ``phrase``: candidates (`candidate_words`, less ``exclude``)
     whose guidance direction in ``template`` ("a photo of {}") has cosine >= ``THRESHOLD`` with the
-    phrase's, nearest token first. Needs a backend with ``text_token_embeddings()``."""
+    phrase's, nearest token first; and the ``NEARBY`` nearest of the others. Needs a backend with
+    ``text_token_embeddings()``."""
     table = backend.text_token_embeddings()[0].weight
     ids = backend.tokenize(phrase)[1:-1]
     words = candidate_words(table, ids, backend.tokenize, exclude=exclude)
     if not words:
-        return ()
+        return Found((), ())
     dirs = guidance_directions(backend, [template.replace("{}", w) for w in [phrase, *words]], seed, stop)
-    cos = torch.nn.functional.cosine_similarity(dirs[1:], dirs[:1])
-    return tuple(w for w, c in zip(words, cos.tolist()) if c >= THRESHOLD)
+    alike = [c >= THRESHOLD for c in torch.nn.functional.cosine_similarity(dirs[1:], dirs[:1]).tolist()]
+    return Found(tuple(w for w, a in zip(words, alike) if a), tuple(w for w, a in zip(words, alike) if not a)[:NEARBY])
 
 
-def with_model_synonyms(backend: Backend, spec: ErasureSpec, skip: Collection[str] = (),
-                        progress: Callable[[str, int, int], None] | None = None,
-                        stop: Callable[[], bool] | None = None) -> ErasureSpec:
-    """``spec`` with each concept's `find_synonyms` as its ``found_synonyms`` (concepts in ``skip``, e.g. those
-    a project already holds, and settings ``synonyms`` "none" are left as they are). A word that is another
-    concept's phrase or on the retain list is not taken: the user's lists win. ``progress(label, done,
-    total)`` hears of each concept searched; ``stop()``: see `guidance_directions`."""
-    taken = [c.phrase for c in spec.concepts] + list(spec.retain)
-    todo = {c.phrase for c in spec.concepts if c.phrase not in skip and spec.settings_for(c).synonyms == "model"}
+def searched(spec: ErasureSpec, concept: Concept) -> bool:
+    """Whether `with_model_words` searches for ``concept``'s words (setting ``synonyms`` "model")."""
+    return spec.settings_for(concept).synonyms == "model"
+
+
+def with_model_words(backend: Backend, spec: ErasureSpec, skip: Collection[str] = (),
+                     progress: Callable[[str, int, int], None] | None = None,
+                     stop: Callable[[], bool] | None = None) -> ErasureSpec:
+    """``spec`` with each concept's `find_words` as its ``found_synonyms`` and ``found_neighbours`` (those only
+    for a type with a fixed list to keep); concepts in ``skip`` (e.g. those a project already holds) and
+    those `searched` leaves out are left as they are. Another concept's phrase or word and a retain entry is neither:
+    the user's lists win. ``progress(label, done, total)`` hears of each concept searched; ``stop()``:
+    see `guidance_directions`."""
+    taken = [*(w for c in spec.concepts for w in (c.phrase, *c.phrase.split())), *spec.retain]
     concepts = []
     for c in spec.concepts:
-        if c.phrase in todo:
+        if c.phrase not in skip and searched(spec, c):
             if progress is not None:
                 progress(PROGRESS_LABEL, len(concepts), len(spec.concepts))
-            found = find_synonyms(backend, c.phrase, get_type(c.type).train_prompt, taken, stop=stop)
-            c = replace(c, found_synonyms=found)
-            log.info("the model's own synonyms of %r, erased with it: %s", c.phrase,
-                     ", ".join(c.found_synonyms) or "none found")
+            found = find_words(backend, c.phrase, get_type(c.type).train_prompt, taken, stop=stop)
+            # a type without a kind of its own to keep (no fixed list: `toy`) keeps no nearby words either
+            c = replace(c, found_synonyms=found.synonyms, found_neighbours=found.neighbours if get_type(c.type).protect
+                        else ())
+            log.info("the model's own synonyms of %r, erased with it: %s; its nearby words, kept by the default "
+                     "protection: %s", c.phrase, ", ".join(found.synonyms) or "none",
+                     ", ".join(found.neighbours) or "none")
         concepts.append(c)
     return replace(spec, concepts=tuple(concepts))
+

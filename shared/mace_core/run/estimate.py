@@ -15,14 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from ..model.backend import Backend
-from ..method.concepts import Concept, ErasureSpec, Settings, anchor_prompt_sets, concept_prompts, settings_hash
+from ..method.concepts import (Concept, ErasureSpec, Settings, anchor_prompt_sets, concept_prompts, get_type,
+                               settings_hash)
 from ..errors import MaceError
 from ..method.erase import general_missing, retain_missing
 from ..method.masks import draw_batch
 from ..method.objectives import grad_rows, unet_passes
 from ..method.prior import float32_text, prior_missing
 from ..method.project import Project
-from ..method.synonyms import search_calls
+from ..method.synonyms import NEARBY, search_calls, searched
 from ..method.train import predict_for_backward
 
 HEADROOM = 0.95  # share of the GPU's memory a run may plan on (the allocator's fragmentation takes some)
@@ -78,16 +79,26 @@ def unet_calls(spec: ErasureSpec, closed_form_only: bool = False, project: Proje
     """UNet calls of a run, counted in batch-of-one units: the synonym search, drawing (CFG doubles), training
     (per step and sample, the objective's passes: mace 1, abo 3 (+1 with an alternative), mace-authors
     1, esd 3, ant 8; a differentiated pass counts as one), hardening; with ``project``, only what is left."""
-    return _calls(_left(_planned(spec, project), project), closed_form_only)
+    spec = _planned(spec, project)
+    return _calls(spec, _left(spec, project), closed_form_only)
 
 
-def _searches(left: list[tuple[Concept, Settings, bool, bool, int]]) -> int:
-    """Concepts whose own synonyms `erase` looks for before stage 1: those not yet encoded, searching on."""
-    return sum(1 for _, s, encode, _, _ in left if encode and s.synonyms == "model")
+def _searches(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]]) -> int:
+    """Concepts whose own words `erase` looks for before stage 1: those not yet encoded, searching on."""
+    return sum(1 for c, _, encode, _, _ in left if encode and searched(spec, c))
 
 
-def _calls(left: list[tuple[Concept, Settings, bool, bool, int]], closed_form_only: bool) -> int:
-    n = search_calls() * _searches(left)
+def _kept(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]]) -> int:
+    """Phrases stage 1 keeps: those known now, and each searched concept's nearby words under the default
+    protection (found by the search, so unknown before it)."""
+    if spec.retain or spec.settings_for().protection != "type":
+        return len(spec.protected()[0])
+    new = sum(1 for c, _, encode, _, _ in left if encode and searched(spec, c) and get_type(c.type).protect)
+    return len(spec.protected()[0]) + NEARBY * new
+
+
+def _calls(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]], closed_form_only: bool) -> int:
+    n = search_calls() * _searches(spec, left)
     if closed_form_only:
         return n
     for _, s, _, train, rounds in left:
@@ -113,7 +124,7 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     text = backend.encode([""])
     cuda = backend.device.type == "cuda"
     left = _left(spec, project)
-    calls = _calls(left, closed_form_only)
+    calls = _calls(spec, left, closed_form_only)
     step = 0.0
     if calls or cuda:  # a run without UNet calls on the CPU needs no UNet timing (3 passes: a minute there)
         if cuda:
@@ -131,9 +142,9 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     enc = (time.perf_counter() - t0) / 8
     captions, prior_s = _prior_cost(backend, spec, project, prior_dir)
     prompts = _stage1_encodings([c for c, _, encode, _, _ in left if encode])
-    prompts += search_calls() * _searches(left)  # the search encodes its prompt once a UNet call
+    prompts += search_calls() * _searches(spec, left)  # the search encodes its prompt once a UNet call
     if retain_missing(spec, project.load_priors()[1] if project is not None else {}):
-        prompts += len(spec.protected()[0]) * len(concept_prompts(spec.concepts[0]))  # kept, in the templates
+        prompts += _kept(spec, left) * len(concept_prompts(spec.concepts[0]))  # kept, in the templates
     peak = None
     if cuda:
         resident = torch.cuda.memory_allocated()
