@@ -732,6 +732,7 @@ def test_refine_node_turns_the_default_protection_off_like_the_cli(comfyui, tiny
     """Refine (CFR)'s `protection` widget: 'none' refines as `mace erase --closed-form-only --protection
     none` does, records it in the file, and differs from the type's default protection."""
     from mace_core.cli.main import main
+    from mace_core.method.concepts import get_type
     from mace_core.model.checkpoint import load_checkpoint
 
     def refine(tag: str, **kw) -> dict:
@@ -751,7 +752,9 @@ def test_refine_node_turns_the_default_protection_off_like_the_cli(comfyui, tiny
     cli = load_checkpoint(tmp_path / "cli.safetensors")
     assert json.loads(off.metadata["mace.settings"])["protection"] == "none"
     assert json.loads(off.metadata["mace.protected"])["phrases"] == []
-    assert len(json.loads(default.metadata["mace.protected"])["phrases"]) == 79  # 80 common objects but "cat"
+    nearby = json.loads(default.metadata["mace.concepts"])[0]["found_neighbours"]  # found by the search
+    assert json.loads(default.metadata["mace.protected"])["phrases"] == [  # 80 common objects but "cat"
+        p for p in get_type("object").protect if p != "cat"] + nearby
     kv = [k for k in cli.tensors if _is_kv(k)]
     for k in kv:
         wc, wo = cli.tensors[k].float(), off.tensors[k].float()

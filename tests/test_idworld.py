@@ -290,8 +290,9 @@ def test_erasing_one_name_keeps_the_other_names_in_scenes(judge, tmp_path):
     erases "Bill Marlow" and the nickname the model also draws him by ("Ace", found by the synonym search,
     never given), and keeps every other identity recognisable in held-out scene prompts, words after the
     name that no template has (benchmarks/ablation.py's context and nickname prompts). A regression gate,
-    not the issue's target (a drop of at most 2 points, missed): measured 81.0% -> 67.5% (without the
-    synonym search 72.2%, the nickname then kept), the erased name and the nickname 0%."""
+    not the issue's target (a drop of at most 2 points, missed): measured 81.0% -> 69.8% (with the shared-name
+    list instead of the nearby words 67.5%; without the synonym search 72.2%, the nickname then kept), the
+    erased name and the nickname 0%."""
     from idworld import ID_MODEL
     from mace_core.method.concepts import ErasureSpec, make_concept
     from mace_core.method.erase import erase
@@ -317,7 +318,7 @@ def test_erasing_one_name_keeps_the_other_names_in_scenes(judge, tmp_path):
     others = list(NAMES[1:])
     before, after = accuracy(base, others, 1), accuracy(erased, others, 1)
     print(f"other names in scenes: {before:.1f}% -> {after:.1f}%")
-    assert before - after <= 16.0, (before, after)
+    assert before - after <= 14.0, (before, after)
     assert accuracy(erased, [gone] * 4, 2) == 0.0
     assert "ace" in json.loads(res.metadata["mace.concepts"])[0]["found_synonyms"]
     nick = generate(erased, [f"a photo of {world.NICKNAMES[gone]}"] * 4, list(range(4)), steps=25, guidance=5.0)
