@@ -103,7 +103,7 @@ def test_default_protection_of_each_type_named_and_without_the_erased():
                                      found_neighbours=["holt", "dizzy"])))
     kept, source = spec.protected()
     assert kept == tuple(p for p in preset if p != keep) + ("holt", "dizzy")
-    assert source == f"default protection of celebrity ({len(preset) + 1} phrases)"
+    assert source == f"default protection of celebrity ({len(preset) + 1} phrases, 2 of them the model's nearby words)"
     # the user's retain list replaces it; protection 'none' turns it off
     assert ErasureSpec(spec.concepts, ("Bill Murray",)).protected() == (("Bill Murray",), "retain list")
     assert ErasureSpec(spec.concepts, (), {"protection": "none"}).protected() == ((), "")

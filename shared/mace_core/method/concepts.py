@@ -313,7 +313,7 @@ class ErasureSpec:
     def protected(self) -> tuple[tuple[str, ...], str]:
         """What stage 1 keeps and where that comes from: the retain list ("retain list"), else, with
         protection "type", every concept type's default protection less the phrases being erased
-        ("default protection of <types>"), else nothing."""
+        ("default protection of <types> (N phrases, K of them the model's nearby words)"), else nothing."""
         if self.retain:
             return self.retain, "retain list"
         if not self.concepts or self.settings_for().protection != "type":
@@ -322,7 +322,9 @@ class ErasureSpec:
         kinds = list(dict.fromkeys(c.type for c in self.concepts))
         kept = tuple(dict.fromkeys(x for c in self.concepts for x in get_type(c.type).protection_of(c)
                                    if x.casefold() not in erased))
-        return kept, (f"default protection of {', '.join(kinds)} ({len(kept)} phrases)" if kept else "")
+        nearby = len(set(kept) - {x for c in self.concepts for x in get_type(c.type).protect})
+        of_model = f", {nearby} of them the model's nearby words" if nearby else ""
+        return kept, (f"default protection of {', '.join(kinds)} ({len(kept)} phrases{of_model})" if kept else "")
 
     def to_dict(self) -> dict:
         return {"concepts": [c.to_dict() for c in self.concepts], "retain": list(self.retain),
