@@ -119,31 +119,6 @@ def test_the_nearby_words_are_the_nearest_candidates_not_taken(toy):
     assert found.synonyms and not set(found.synonyms) & set(found.neighbours)
 
 
-def test_a_word_drawn_as_another_concept_of_the_run_is_not_kept():
-    """The partition on directions built by hand: a word along the phrase's direction is a synonym, one along
-    another erased concept's is neither kept nor taken, the rest are kept, nearest first."""
-    e = torch.eye(4, dtype=torch.float32)
-    dirs = torch.stack([e[0], e[0] + 0.1 * e[3], e[1], e[2] + 0.5 * e[0], e[3]])  # the phrase, then four words
-    words = ["alike", "other's", "apart", "far"]
-    assert syn._partition(words, dirs) == syn.Found(("alike",), ("other's", "apart", "far"))
-    assert syn._partition(words, dirs, others=torch.stack([e[1] + 0.2 * e[2]])) == syn.Found(("alike",),
-                                                                                             ("apart", "far"))
-
-
-def test_a_run_keeps_no_nearby_word_the_model_draws_as_another_concept_of_it(toy):
-    """Two concepts searched together: each one's nearby words are, by their own directions computed here
-    again, below the threshold against both phrases."""
-    _, be = toy
-    spec = syn.with_model_words(be, ErasureSpec((make_concept("square", "", "object"),
-                                                  make_concept("heart", "", "object"))))
-    template = get_type("object").train_prompt
-    for c in spec.concepts:
-        assert c.found_neighbours and c.found_synonyms
-        d = syn.guidance_directions(be, [template.format(w) for w in ("square", "heart", *c.found_neighbours)])
-        cos = torch.nn.functional.normalize(d[2:], dim=1) @ torch.nn.functional.normalize(d[:2], dim=1).T
-        assert float(cos.max()) < syn.THRESHOLD, (c.phrase, cos)
-
-
 @pytest.mark.parametrize("setting", ["model", "none"])
 def test_a_run_records_the_words_it_found_and_keeps_the_nearby_ones(toy, tmp_path, setting):
     """The synonyms erased and the nearby words are in the output's metadata and the project; with no retain

@@ -142,29 +142,14 @@ def find_words(backend: Backend, phrase: str, template: str, exclude: Collection
     whose guidance direction in ``template`` ("a photo of {}") has cosine >= ``THRESHOLD`` with the
     phrase's, nearest token first; and the ``NEARBY`` nearest of the others. Needs a backend with
     ``text_token_embeddings()``."""
-    return _partition(*_search(backend, phrase, template, exclude, seed, stop))
-
-
-def _search(backend: Backend, phrase: str, template: str, exclude: Collection[str], seed: int,
-            stop: Callable[[], bool] | None) -> tuple[list[str], torch.Tensor]:
-    """The phrase's candidates and the directions [1 + N, D] of the phrase (first) and of each candidate."""
     table = backend.text_token_embeddings()[0].weight
-    words = candidate_words(table, backend.tokenize(phrase)[1:-1], backend.tokenize, exclude=exclude)
-    prompts = [template.replace("{}", w) for w in [phrase, *words]] if words else [template.replace("{}", phrase)]
-    return words, guidance_directions(backend, prompts, seed, stop)
-
-
-def _partition(words: list[str], dirs: torch.Tensor, others: torch.Tensor | None = None) -> Found:
-    """``words`` split by their directions ``dirs[1:]`` against the phrase's ``dirs[0]``: alike (synonyms) or
-    not (nearby words, the ``NEARBY`` nearest); a word drawn as any of ``others`` [K, D] (the other concepts'
-    phrases erased in the same run) is not kept: a nickname found near one erased name may be another's."""
-    unit = torch.nn.functional.normalize(dirs, dim=1)
-    alike = (unit[1:] @ unit[0]) >= THRESHOLD  # [N]
-    elsewhere = torch.zeros_like(alike)
-    if others is not None and len(others):
-        elsewhere = (unit[1:] @ torch.nn.functional.normalize(others, dim=1).T >= THRESHOLD).any(dim=1)
-    return Found(tuple(w for w, a in zip(words, alike.tolist()) if a),
-                 tuple(w for w, a, e in zip(words, alike.tolist(), elsewhere.tolist()) if not (a or e))[:NEARBY])
+    ids = backend.tokenize(phrase)[1:-1]
+    words = candidate_words(table, ids, backend.tokenize, exclude=exclude)
+    if not words:
+        return Found((), ())
+    dirs = guidance_directions(backend, [template.replace("{}", w) for w in [phrase, *words]], seed, stop)
+    alike = [c >= THRESHOLD for c in torch.nn.functional.cosine_similarity(dirs[1:], dirs[:1]).tolist()]
+    return Found(tuple(w for w, a in zip(words, alike) if a), tuple(w for w, a in zip(words, alike) if not a)[:NEARBY])
 
 
 def searched(spec: ErasureSpec, concept: Concept) -> bool:
@@ -177,31 +162,22 @@ def with_model_words(backend: Backend, spec: ErasureSpec, skip: Collection[str] 
                      stop: Callable[[], bool] | None = None) -> ErasureSpec:
     """``spec`` with each concept's `find_words` as its ``found_synonyms`` and ``found_neighbours`` (those only
     for a type with a fixed list to keep); concepts in ``skip`` (e.g. those a project already holds) and
-    those `searched` leaves out are left as they are. Another concept's phrase or word and a retain entry is
-    neither (the user's lists win), and a word drawn as another concept of the run is not kept.
-    ``progress(label, done, total)`` hears of each concept searched; ``stop()``: see `guidance_directions`."""
+    those `searched` leaves out are left as they are. Another concept's phrase or word and a retain entry is neither:
+    the user's lists win. ``progress(label, done, total)`` hears of each concept searched; ``stop()``:
+    see `guidance_directions`."""
     taken = [*(w for c in spec.concepts for w in (c.phrase, *c.phrase.split())), *spec.retain]
-    todo = [c for c in spec.concepts if c.phrase not in skip and searched(spec, c)]
-    searches = {}
-    for i, c in enumerate(todo):
-        if progress is not None:
-            progress(PROGRESS_LABEL, i, len(todo))
-        searches[c.phrase] = _search(backend, c.phrase, get_type(c.type).train_prompt, taken, 0, stop)
     concepts = []
     for c in spec.concepts:
-        if c.phrase in searches:
-            words, dirs = searches[c.phrase]
-            # the other phrases' directions, where drawn in the same template (comparable only there)
-            template = get_type(c.type).train_prompt
-            others = [searches[o.phrase][1][0] for o in todo if o.phrase != c.phrase
-                      and get_type(o.type).train_prompt == template]
-            found = _partition(words, dirs, torch.stack(others) if others else None)
+        if c.phrase not in skip and searched(spec, c):
+            if progress is not None:
+                progress(PROGRESS_LABEL, len(concepts), len(spec.concepts))
+            found = find_words(backend, c.phrase, get_type(c.type).train_prompt, taken, stop=stop)
             # a type without a kind of its own to keep (no fixed list: `toy`) keeps no nearby words either
             c = replace(c, found_synonyms=found.synonyms, found_neighbours=found.neighbours if get_type(c.type).protect
                         else ())
             log.info("the model's own synonyms of %r, erased with it: %s; its nearby words, kept by the default "
                      "protection: %s", c.phrase, ", ".join(found.synonyms) or "none",
-                     ", ".join(c.found_neighbours) or "none")
+                     ", ".join(found.neighbours) or "none")
         concepts.append(c)
     return replace(spec, concepts=tuple(concepts))
 
