@@ -258,6 +258,12 @@ class ConceptType:
         """A hash of the templates: stage-1 sums and LoRAs made with other templates are recomputed."""
         return hashlib.sha256("\n".join(self.templates).encode()).hexdigest()[:16]
 
+    @property
+    def keeps_nearby_words(self) -> bool:
+        """Whether the default protection keeps a concept's nearby words: only a type with a fixed list of its
+        own kind does (`toy` has none, and its world's untrained words draw shapes: benchmarks/RESULTS.md)."""
+        return bool(self.protect)
+
     def protection_of(self, concept: "Concept") -> tuple[str, ...]:
         """What this type keeps, without a retain list, when ``concept`` is erased: its fixed list (the
         names, artists or objects a model usually knows) and the concept's nearby words, those the model

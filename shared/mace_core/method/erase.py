@@ -289,8 +289,10 @@ def retain_missing(spec: ErasureSpec, meta: Mapping[str, str]) -> bool:
 
 
 def _general(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Path | None = None,
-             prog: Progress | None = None, stop: Callable[[], bool] | None = None) -> None:
-    """The project's general prior ("general", and "general_pooled" for SDXL), computed if `general_missing`."""
+             prog: Progress | None = None, stop: Callable[[], bool] | None = None
+             ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The project's priors and their metadata, with the general prior ("general", and "general_pooled" for
+    SDXL) computed and stored if `general_missing`."""
     priors, meta = project.load_priors()
     if general_missing(spec, priors, meta):
         run = spec.settings_for()
@@ -299,14 +301,14 @@ def _general(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: P
             priors["general" if name == "context" else "general_pooled"] = g
         meta["general"] = prior_captions(run.prior_captions)[1]
         project.save_priors(priors, meta)
+    return priors, meta
 
 
 def _priors(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Path | None = None,
             prog: Progress | None = None, stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
     """Per-token general and retain-list Grams ("general", "domain", and their "_pooled" twins for
     SDXL), stored in the project so that re-fusion needs no model."""
-    _general(backend, project, spec, prior_dir, prog, stop)
-    priors, meta = project.load_priors()
+    priors, meta = _general(backend, project, spec, prior_dir, prog, stop)
     kept, _ = spec.protected()
     if retain_missing(spec, meta):
         # the sum of each kept phrase's own mean Gram: `domain` weighs per kept concept, so a long

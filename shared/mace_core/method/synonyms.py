@@ -33,8 +33,8 @@ squares; "mps", 0.92 with circle, circles), so keeping them held circle back (CF
 The synonyms are erased with the phrase by stage 1 (`Concept.found_synonyms`: the same templates, the
 same anchor), the nearby words kept with the type's fixed list (`Concept.found_neighbours`,
 `ConceptType.protection_of`; a retain list replaces both, ``protection`` "none" drops both); both are
-logged and recorded in the output's metadata. The setting ``synonyms`` "none" turns the search off. The synonyms a user lists (`Concept.synonyms`) stay what
-evaluation tests.
+logged and recorded in the output's metadata. The setting ``synonyms`` "none" turns the search off. The
+synonyms a user lists (`Concept.synonyms`) stay what evaluation tests.
 """
 
 from __future__ import annotations
@@ -162,8 +162,8 @@ def with_model_words(backend: Backend, spec: ErasureSpec, skip: Collection[str] 
                      stop: Callable[[], bool] | None = None) -> ErasureSpec:
     """``spec`` with each concept's `find_words` as its ``found_synonyms`` and ``found_neighbours`` (those only
     for a type with a fixed list to keep); concepts in ``skip`` (e.g. those a project already holds) and
-    those `searched` leaves out are left as they are. Another concept's phrase or word and a retain entry is neither:
-    the user's lists win. ``progress(label, done, total)`` hears of each concept searched; ``stop()``:
+    those `searched` leaves out are left as they are. Another concept's phrase or word and a retain entry is
+    neither: the user's lists win. ``progress(label, done, total)`` hears of each concept searched; ``stop()``:
     see `guidance_directions`."""
     taken = [*(w for c in spec.concepts for w in (c.phrase, *c.phrase.split())), *spec.retain]
     concepts = []
@@ -172,12 +172,9 @@ def with_model_words(backend: Backend, spec: ErasureSpec, skip: Collection[str] 
             if progress is not None:
                 progress(PROGRESS_LABEL, len(concepts), len(spec.concepts))
             found = find_words(backend, c.phrase, get_type(c.type).train_prompt, taken, stop=stop)
-            # a type without a kind of its own to keep (no fixed list: `toy`) keeps no nearby words either
-            c = replace(c, found_synonyms=found.synonyms, found_neighbours=found.neighbours if get_type(c.type).protect
-                        else ())
+            nearby = found.neighbours if get_type(c.type).keeps_nearby_words else ()
+            c = replace(c, found_synonyms=found.synonyms, found_neighbours=nearby)
             log.info("the model's own synonyms of %r, erased with it: %s; its nearby words, kept by the default "
-                     "protection: %s", c.phrase, ", ".join(found.synonyms) or "none",
-                     ", ".join(found.neighbours) or "none")
+                     "protection: %s", c.phrase, ", ".join(found.synonyms) or "none", ", ".join(nearby) or "none")
         concepts.append(c)
     return replace(spec, concepts=tuple(concepts))
-

@@ -93,7 +93,7 @@ def _kept(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int
     protection (found by the search, so unknown before it)."""
     if spec.retain or spec.settings_for().protection != "type":
         return len(spec.protected()[0])
-    new = sum(1 for c, _, encode, _, _ in left if encode and searched(spec, c) and get_type(c.type).protect)
+    new = _searches(spec, [row for row in left if get_type(row[0].type).keeps_nearby_words])
     return len(spec.protected()[0]) + NEARBY * new
 
 
