@@ -108,17 +108,17 @@ def _word_position(backend: Backend, phrase: str) -> int:
     return min(len(backend.tokenize(RANK_TEMPLATE.format(phrase))), 77) - 2
 
 
-def vocabulary_path(folder: str | Path, text_key: str) -> Path:
-    key = hashlib.sha256(f"{text_key}|words|{WORDS_VERSION}|{RANK_TEMPLATE}".encode())
-    return Path(folder) / f"words-{key.hexdigest()[:24]}.safetensors"
+def vocabulary_path(backend: Backend, folder: str | Path | None = None) -> Path:
+    """The cache file of ``backend``'s text encoder's `Vocabulary` in ``folder`` (default `prior.default_prior_dir`)."""
+    key = hashlib.sha256(f"{backend.text_encoder_key()}|words|{WORDS_VERSION}|{RANK_TEMPLATE}".encode())
+    return Path(folder if folder is not None else default_prior_dir()) / f"words-{key.hexdigest()[:24]}.safetensors"
 
 
 def vocabulary_cost(backend: Backend, folder: str | Path | None = None) -> tuple[int, float]:
     """(words, seconds) `vocabulary_encodings` still has to encode (0 when kept): all whole words (the read-back
     check comes later: an upper bound), timed on one batch encoded as it encodes them (a smaller one would
     time the overhead on a small model, not the encoder)."""
-    path = vocabulary_path(folder if folder is not None else default_prior_dir(), backend.text_encoder_key())
-    if path.is_file():
+    if vocabulary_path(backend, folder).is_file():
         return 0, 0.0
     ids, length = whole_words(), _word_position(backend, "word") + 1
     batch = WORDS_BATCH.get(backend.device.type, WORDS_BATCH["cpu"])
@@ -143,7 +143,7 @@ def vocabulary_encodings(backend: Backend, folder: str | Path | None = None,
 
     from ..files import save_tensors
 
-    path = vocabulary_path(folder if folder is not None else default_prior_dir(), backend.text_encoder_key())
+    path = vocabulary_path(backend, folder)
     if path.is_file():
         try:
             t = load_file(str(path))
@@ -160,7 +160,8 @@ def vocabulary_encodings(backend: Backend, folder: str | Path | None = None,
             if progress is not None:
                 progress(WORDS_LABEL, s, len(ids))
             if stop is not None and stop():
-                raise InterruptedRun(f"stopped while encoding the model's vocabulary ({s}/{len(ids)}); nothing was kept")
+                raise InterruptedRun(f"stopped while encoding the model's vocabulary ({s}/{len(ids)}); "
+                                     "nothing was kept")
             text = backend.encode([RANK_TEMPLATE.format(vocab[i][:-4]) for i in ids[s:s + batch]], length)
             rows.append(torch.nn.functional.normalize(text.context[:, length - 1].float(), dim=1).cpu())
     out = Vocabulary(torch.tensor(ids, dtype=torch.long), torch.cat(rows))
