@@ -272,10 +272,8 @@ class ComfyBackend:
         return ids + [end]
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str], length: int | None = None) -> TextBatch:
-        """ComfyUI's CLIP encodes all 77 positions; ``length`` cuts them afterwards."""
-        text = self._encode(prompts)
-        return text if length is None else TextBatch(text.context[:, :length], text.ids[:, :length], text.pooled)
+    def encode(self, prompts: Sequence[str]) -> TextBatch:
+        return self._encode(prompts)
 
     def encode_with_grad(self, prompts: Sequence[str]) -> TextBatch:
         """`encode` inside autograd (the soft-token attack optimises token embeddings through it;

@@ -155,7 +155,7 @@ def test_restore_is_exact_for_stage_one(tmp_path):
 def test_estimate_counts_unet_calls_and_prints_before_running(tmp_path, capsys):
     from mace_core.run.estimate import unet_calls
 
-    search = (2 * 24 + 2) * 4  # the search: up to 24 candidates of each ranking, the phrase and "", 4 timesteps
+    search = (24 + 2) * 4  # the synonym search: 24 candidates, the phrase and "", at 4 timesteps
     spec = ErasureSpec((make_concept("cat"), make_concept("dog")), (),
                        {"images": 3, "sample_steps": 10, "steps": 20, "batch_size": 2})
     assert unet_calls(spec) == 2 * (search + 3 * 10 * 2 + 20 * 2)
@@ -191,12 +191,12 @@ def test_estimate_peak_follows_low_vram_and_a_too_small_gpu_is_refused_with_advi
     check_fits(est, torch.device("cpu"))  # a CPU run is never refused
 
 
-def test_estimate_counts_the_nearby_words_the_search_adds_to_what_is_kept(tmp_path):
+def test_estimate_counts_the_nearby_words_the_search_adds_to_what_is_kept():
     """Before the search its nearby words are unknown, so the estimate counts NEARBY of them a new concept
     (encoded in every template) on top of the fixed list, with the search's own encodings; a retain list,
-    or a type without a fixed list, adds none. The vocabulary's first encoding is counted until it is kept."""
+    or a type without a fixed list, adds none."""
     from mace_core.method.concepts import concept_prompts, get_type
-    from mace_core.method.synonyms import NEARBY, search_calls, vocabulary_encodings, whole_words
+    from mace_core.method.synonyms import NEARBY, search_calls
     from mace_core.run.estimate import estimate
 
     be = DiffusersBackend.from_checkpoint(load_checkpoint(tiny_file("sd1")), device="cpu")
@@ -208,21 +208,10 @@ def test_estimate_counts_the_nearby_words_the_search_adds_to_what_is_kept(tmp_pa
     templates = len(concept_prompts(star))
     assert prompts(star, synonyms="none") == prompts(star, protection="none", synonyms="none") + len(
         get_type("celebrity").protect) * templates
-    search = search_calls() + 1  # and the phrase read once to rank the vocabulary
-    assert prompts(star) - prompts(star, synonyms="none") == search + NEARBY * templates
-    assert prompts(star, ("Bill Murray",)) - prompts(star, ("Bill Murray",), synonyms="none") == search
+    assert prompts(star) - prompts(star, synonyms="none") == search_calls() + NEARBY * templates
+    assert prompts(star, ("Bill Murray",)) - prompts(star, ("Bill Murray",), synonyms="none") == search_calls()
     toy = make_concept("circle", "", "toy")
-    assert prompts(toy) - prompts(toy, synonyms="none") == search
-
-    def first_use(**over):
-        return estimate(be, ErasureSpec((toy,), (), over), closed_form_only=True, repeats=1, prior_dir=tmp_path)
-
-    est = first_use()
-    assert est.vocabulary_words == len(whole_words()) and est.vocabulary_seconds > 0
-    assert f"the model's vocabulary, first use of this text encoder: {len(whole_words())} words" in est.describe()
-    assert first_use(synonyms="none").vocabulary_words == 0
-    vocabulary_encodings(be, tmp_path)
-    assert first_use().vocabulary_words == 0 and "vocabulary" not in first_use().describe()
+    assert prompts(toy) - prompts(toy, synonyms="none") == search_calls()
 
 
 def test_estimate_of_a_resumed_or_extended_project_counts_only_what_is_left(tmp_path):
@@ -233,7 +222,7 @@ def test_estimate_of_a_resumed_or_extended_project_counts_only_what_is_left(tmp_
     over = {"images": 2, "sample_steps": 3, "steps": 4}
     cat, dog = make_concept("cat"), make_concept("dog")
     train = 2 * 3 * 2 + 4  # a concept's drawing (CFG doubles) and training
-    one = (2 * 24 + 2) * 4 + train  # and, before stage 1, the search for its synonyms (a new concept only)
+    one = (24 + 2) * 4 + train  # and, before stage 1, the search for its synonyms (a new concept only)
     proj = Project(tmp_path / "p")
     assert unet_calls(ErasureSpec((cat,), (), over), project=proj) == one  # nothing there yet
     rep = erase(be, ErasureSpec((cat,), (), over), proj, ck.sha256).report

@@ -85,10 +85,7 @@ def run(comfyui, tiny64, tmp_path_factory):
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny64.name}},
         "2": _concepts("cat\n# dog is mapped to a horse\ndog | a horse", "e2e", retain="house"),
-        # the search for the model's own words off in both: on this random model most candidates sit at the
-        # threshold, where two hosts' UNets (the same weights, other kernels) decide a word apart
-        "3": {"class_type": "MACERefine", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["2", 0],
-                                                     "synonyms": "none"}},
+        "3": {"class_type": "MACERefine", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["2", 0]}},
         "4": _train(["3", 0]),
         "5": {"class_type": "MACEFuse", "inputs": {"model": ["1", 0], "loras": ["4", 0]}},
         "6": {"class_type": "MACESaveCheckpoint", "inputs": {"model": ["5", 0], "clip": ["1", 1], "vae": ["1", 2],
@@ -111,7 +108,7 @@ def run(comfyui, tiny64, tmp_path_factory):
     rc = main(["erase", str(tiny64.path), "--concept", "cat", "--concept", "dog | a horse", "--retain", "house",
                "--type", "object", "--steps", str(FAST["steps"]), "--images", str(FAST["images"]),
                "--sample-steps", str(FAST["sample_steps"]), "--seed", str(FAST["seed"]), "--device", "cpu",
-               "--synonyms", "none", "--out", str(cli_out), "--work-dir", str(work / "project")])
+               "--out", str(cli_out), "--work-dir", str(work / "project")])
     assert rc == 0
     return SimpleNamespace(graph=graph, out=out, reference=reference, cli_out=cli_out, cli_work=work / "project")
 
@@ -343,11 +340,10 @@ def test_one_shot_node_estimates_runs_low_vram_and_deletes_its_training_images(c
     with caplog.at_level(logging.INFO, logger="mace.comfyui"):
         out = comfyui.run(g)
     model, images, report = out["3"]
-    # per concept: the synonym search (up to 50 prompts at 4 timesteps), drawing (CFG doubles), training
-    calls = 2 * (50 * 4 + FAST["images"] * FAST["sample_steps"] * 2 + FAST["steps"])
-    # seconds, or minutes on a loaded machine (it read "2.1 min" beside another job); the vocabulary's first
-    # encoding follows the ms when this ComfyUI has not kept it yet
-    assert re.search(rf"estimate: estimated [\d.]+ (s|min) \({calls} UNet calls at \d+ ms[;)]", report), report
+    # per concept: the synonym search (26 prompts at 4 timesteps), drawing (CFG doubles), training
+    calls = 2 * (26 * 4 + FAST["images"] * FAST["sample_steps"] * 2 + FAST["steps"])
+    # seconds, or minutes on a loaded machine (it read "2.1 min" beside another job)
+    assert re.search(rf"estimate: estimated [\d.]+ (s|min) \({calls} UNet calls at \d+ ms\)", report), report
     assert any(f"({calls} UNet calls at" in r.getMessage() for r in caplog.records)  # in the log, before the run
     assert "deleted 6 training image files" in report  # 2 concepts x (image, mask, latents)
     assert images.shape == (2, 64, 128, 3)  # the preview was taken before the images went

@@ -25,7 +25,6 @@ from mace_core.model.diffusers_backend import DiffusersBackend
 from mace_core.errors import InterruptedRun
 from mace_core.run.estimate import estimate
 from mace_core.method.project import Project
-from mace_core.method.synonyms import PROGRESS_LABEL, WORDS_LABEL, vocabulary_encodings
 from tiny import one_thread, tiny_file
 
 
@@ -129,9 +128,6 @@ def test_each_phase_is_announced_when_it_starts(backend, tmp_path, monkeypatch):
     # the priors come first: a first use names the general prior from its start, not after every concept
     assert at_start["prior"] == ""
     assert labels[0] == prior.PRIOR_LABEL
-    # then the vocabulary's first encoding, before the search that reads it
-    assert labels.index(WORDS_LABEL) > labels.index(prior.PRIOR_LABEL) and labels[-1] != WORDS_LABEL
-    assert max(i for i, l in enumerate(labels) if l == WORDS_LABEL) < labels.index(PROGRESS_LABEL)
     assert at_start["kept"] == erase_mod.KEPT_LABEL
     assert at_start["stats"] == "encoding the concepts (stage 1)"
     nearby = Project(tmp_path / "p").spec().concepts[0].found_neighbours  # kept too, found by the search
@@ -148,7 +144,6 @@ def test_estimate_counts_the_prompts_stage_1_encodes(backend, tmp_path, monkeypa
     """Three celebrities share one set of ordinary-name anchors, encoded once (the estimate counted it once
     per name); the retain list's prompts too. Counted against the encodings a closed-form erase makes."""
     prior.general_prior(backend, backend.text_encoder_key(), folder=tmp_path)  # kept: no prior encoding
-    vocabulary_encodings(backend, tmp_path)  # nor the vocabulary's (counted apart, in words)
     names = ("Tom Cruise", "Bill Murray", "Keanu Reeves")
     spec = ErasureSpec(tuple(make_concept(n, ctype="celebrity") for n in names), ("Emma Stone",), {})
     assert len({get_type("celebrity").stage1_anchors(c) for c in spec.concepts}) == 1  # what the case is about

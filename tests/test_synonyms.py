@@ -1,5 +1,4 @@
-"""The model's own words (method/synonyms.py): the vocabulary's encodings against the text encoder run by
-hand, candidates against a brute-force ranking, guidance
+"""The model's own words (method/synonyms.py): candidates against a brute-force ranking, guidance
 directions against the diffusers UNet run by hand, what the toy world's model draws for the synonyms
 found (its judge), the nearby words as the candidates not taken, stage 1's sums with found synonyms
 against the sums of each word's pairs, and a run's metadata, protection and setting."""
@@ -11,7 +10,6 @@ import json
 import pytest
 import torch
 
-from mace_core.errors import InterruptedRun
 from mace_core.model.checkpoint import load_checkpoint
 from mace_core.model.diffusers_backend import DiffusersBackend
 from mace_core.method import synonyms as syn
@@ -33,72 +31,19 @@ def toy():
     return ck, DiffusersBackend.from_checkpoint(ck, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def words(toy, tmp_path_factory):
-    return syn.vocabulary_encodings(toy[1], tmp_path_factory.mktemp("words"))
-
-
-def _by_hand(be, prompts: list[str], pos: int) -> torch.Tensor:
-    """[N, D] the toy text encoder's output at ``pos``, all 77 positions encoded, without the backend."""
-    ids = be.components.tokenizers[0](prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return be.components.text_encoders[0](ids).last_hidden_state[:, pos]
-
-
-def test_the_vocabulary_is_every_whole_word_read_at_its_position_and_kept(toy, words, tmp_path):
-    """Its words are the tokenizer's whole alphabetic words that read back as their token, by id; its rows
-    the encoder's output at the word in "a photo of {}" with all 77 positions encoded (the cache encodes only
-    the first five: causal, the same numbers); a second use reads the file instead of encoding."""
-    _, be = toy
-    vocab = be.components.tokenizers[0].get_vocab()  # the loaded tokenizer's own map, token -> id
-    want = sorted(i for t, i in vocab.items() if t.endswith("</w>") and t[:-4].isascii() and t[:-4].isalpha()
-                  and be.tokenize(t[:-4])[1:-1] == [i])
-    assert words.ids.tolist() == want
-    inv = {i: t[:-4] for t, i in vocab.items()}
-    rows = torch.randperm(len(want), generator=torch.Generator().manual_seed(0))[:64]
-    hand = _by_hand(be, [f"a photo of {inv[want[r]]}" for r in rows.tolist()], 4)
-    torch.testing.assert_close(words.encodings[rows], torch.nn.functional.normalize(hand, dim=1), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(syn.phrase_encoding(be, "red square"), _by_hand(be, ["a photo of red square"], 5)[0],
-                               rtol=1e-5, atol=1e-5)
-
-    syn.vocabulary_encodings(be, tmp_path)
-    assert len(list(tmp_path.iterdir())) == 1
-    assert syn.vocabulary_cost(be, tmp_path) == (0, 0.0)
-    encode = be.encode
-    be.encode = lambda *a, **k: pytest.fail("a kept vocabulary was encoded again")
-    try:
-        again = syn.vocabulary_encodings(be, tmp_path)
-    finally:
-        be.encode = encode
-    assert torch.equal(again.ids, words.ids) and torch.equal(again.encodings, words.encodings)
-
-
-def test_stopping_the_vocabulary_between_batches_keeps_nothing(toy, tmp_path):
-    _, be = toy
-    seen: list[int] = []
-    with pytest.raises(InterruptedRun, match="vocabulary"):
-        syn.vocabulary_encodings(be, tmp_path, progress=lambda label, done, total: seen.append(done),
-                                 stop=lambda: len(seen) > 2)
-    assert seen == [0, syn.WORDS_BATCH["cpu"], 2 * syn.WORDS_BATCH["cpu"]]
-    assert not list(tmp_path.iterdir())
-
-
-def test_candidates_are_the_nearest_read_words_and_the_nearest_tokens(toy, words):
-    """``CANDIDATES`` nearest by the encoder's reading, and as many nearest in the token table; brute force over
-    the tokenizer's vocabulary, the phrase's token and excluded words left out."""
+def test_candidates_are_the_nearest_whole_words_that_read_back_as_their_token(toy):
     _, be = toy
     table = be.text_token_embeddings()[0].weight.detach().float()
     ids = be.tokenize("square")[1:-1]
-    got = syn.candidate_words(words, syn.phrase_encoding(be, "square"), table, ids, n=10, exclude=["Box"])
-    vocab = {i: t[:-4] for t, i in be.components.tokenizers[0].get_vocab().items()}
-    rows = [(i, vocab[i]) for i in words.ids.tolist() if i not in ids and vocab[i] != "box"]
-    query = _by_hand(be, ["a photo of square"], 4)[0]
-    read = {i: float(words.encodings[j] @ query) for j, i in enumerate(words.ids.tolist())}
+    got = syn.candidate_words(table, ids, be.tokenize, n=10, exclude=["Box"])
+    # brute force: every vocabulary entry by its cosine with the phrase's token, best first
+    vocab = be.components.tokenizers[0].get_vocab()  # the loaded tokenizer's own map, token -> id
     unit = table / table.norm(dim=1, keepdim=True)
-    assert got.read == [w for i, w in sorted(rows, key=lambda r: -read[r[0]])][:10]
-    assert got.near == [w for i, w in sorted(rows, key=lambda r: -float(unit[r[0]] @ unit[ids[0]]))][:10]
-    assert got.all() == got.read + [w for w in got.near if w not in got.read]
-    assert "box" not in got.all() and "square" not in got.all()
+    ranked = sorted(vocab.items(), key=lambda kv: -float(unit[kv[1]] @ unit[ids[0]]))
+    want = [t[:-4] for t, i in ranked if i not in ids and t.endswith("</w>") and t[:-4].isascii()
+            and t[:-4].isalpha() and t[:-4] != "box" and be.tokenize(t[:-4])[1:-1] == [i]][:10]
+    assert got == want
+    assert "box" not in got and "square" not in got
 
 
 def test_guidance_directions_match_the_unet_run_by_hand(toy):
@@ -125,7 +70,7 @@ def test_guidance_directions_match_the_unet_run_by_hand(toy):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_the_words_found_are_the_world_synonym_and_draw_the_shape(toy, words):
+def test_the_words_found_are_the_world_synonym_and_draw_the_shape(toy):
     """On the toy world: each shape's synonym is found for it ("box" for square), no other shape's name is,
     and the judge sees the shape in most images of the words found (measured: 236 of 260 images, 91%; its
     untrained words draw some shape, and those the search takes mostly draw this one)."""
@@ -133,7 +78,7 @@ def test_the_words_found_are_the_world_synonym_and_draw_the_shape(toy, words):
     judge = Judge.load()
     hits = []
     for shape in ("square", "heart"):
-        found = syn.find_words(be, shape, TEMPLATE, words).synonyms
+        found = syn.find_words(be, shape, TEMPLATE).synonyms
         assert SYNONYMS[shape] in found
         assert not set(found) & (set(SHAPES) | set(SYNONYMS.values())) - {SYNONYMS[shape]}
         for word in found:
@@ -158,18 +103,18 @@ def test_stage1_maps_each_found_synonym_onto_the_anchor_like_the_phrase(toy, tmp
     assert stage1_key(c) != stage1_key(make_concept("square", "a thing", "toy"))
 
 
-def test_the_nearby_words_are_the_nearest_table_candidates_not_taken(toy, words):
+def test_the_nearby_words_are_the_nearest_candidates_not_taken(toy):
     """Every candidate is either taken (cosine >= THRESHOLD with the phrase's direction, checked here from the
-    directions) or, among the NEARBY nearest in the token table of the rest, kept; the two never share a word."""
+    directions) or, among the NEARBY nearest of the rest, kept; the two never share a word."""
     _, be = toy
-    found = syn.find_words(be, "heart", TEMPLATE, words, exclude=["valentine"])
-    cands = syn.candidate_words(words, syn.phrase_encoding(be, "heart"), be.text_token_embeddings()[0].weight,
-                                be.tokenize("heart")[1:-1], exclude=["valentine"])
-    dirs = syn.guidance_directions(be, [TEMPLATE.format(w) for w in ["heart", *cands.all()]])
-    cos = dict(zip(cands.all(), torch.nn.functional.cosine_similarity(dirs[1:], dirs[:1]).tolist()))
+    found = syn.find_words(be, "heart", TEMPLATE, exclude=["valentine"])
+    words = syn.candidate_words(be.text_token_embeddings()[0].weight, be.tokenize("heart")[1:-1], be.tokenize,
+                                exclude=["valentine"])
+    dirs = syn.guidance_directions(be, [TEMPLATE.format(w) for w in ["heart", *words]])
+    cos = dict(zip(words, torch.nn.functional.cosine_similarity(dirs[1:], dirs[:1]).tolist()))
     assert "valentine" not in found.synonyms + found.neighbours
-    assert found.synonyms == tuple(w for w in cands.all() if cos[w] >= syn.THRESHOLD)
-    assert found.neighbours == tuple(w for w in cands.near if cos[w] < syn.THRESHOLD)[:syn.NEARBY]
+    assert found.synonyms == tuple(w for w in words if cos[w] >= syn.THRESHOLD)
+    assert found.neighbours == tuple(w for w in words if cos[w] < syn.THRESHOLD)[:syn.NEARBY]
     assert len(found.neighbours) == syn.NEARBY  # this phrase has enough of both
     assert found.synonyms and not set(found.synonyms) & set(found.neighbours)
 

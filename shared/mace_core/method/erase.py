@@ -83,7 +83,7 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
             # the model's own synonyms and nearby words of each new concept, before the project records it
             # (a concept it already holds keeps those it was erased with)
             known = {c.phrase for c in project.spec().concepts} if project.exists() else set()
-            spec = with_model_words(backend, spec, skip=known, progress=prog, stop=stop, folder=prior_dir)
+            spec = with_model_words(backend, spec, skip=known, progress=prog, stop=stop)
             project.open(base_sha256, base_name, backend.family_name, spec)
             # what is kept, with the words found: the synonyms are erased, so not kept, and the nearby
             # words kept (re-encoded only if the list changed)

@@ -81,10 +81,8 @@ class Backend(Protocol):
     def tokenize(self, prompt: str) -> list[int]:
         """Token ids of one prompt with start/end tokens and no padding."""
 
-    def encode(self, prompts: Sequence[str], length: int | None = None) -> TextBatch:
-        """Encode prompts (padded to T tokens) with the layer the UNet samples with; ``length``: only the
-        first ``length`` positions (every SD text encoder is causal, so they are the same numbers; a
-        backend may compute all T and cut)."""
+    def encode(self, prompts: Sequence[str]) -> TextBatch:
+        """Encode prompts (padded to T tokens) with the layer the UNet samples with."""
 
     def cross_attention(self) -> list[CrossAttentionLayer]:
         """Every attn2 layer, in UNet order."""

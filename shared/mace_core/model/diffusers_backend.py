@@ -124,17 +124,16 @@ class DiffusersBackend:
         return list(token_ids(self.components.tokenizers[0], prompt))
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str], length: int | None = None) -> TextBatch:
-        return self.encode_with_grad(prompts, length)
+    def encode(self, prompts: Sequence[str]) -> TextBatch:
+        return self.encode_with_grad(prompts)
 
-    def encode_with_grad(self, prompts: Sequence[str], length: int | None = None) -> TextBatch:
-        """`encode` inside autograd (the embedding attack optimises token embeddings through it); ``length``
-        runs the encoders on the first positions only (causal: the vocabulary's encodings cost a tenth)."""
+    def encode_with_grad(self, prompts: Sequence[str]) -> TextBatch:
+        """`encode` inside autograd (the embedding attack optimises token embeddings through it)."""
         self._text_in_graph = torch.is_grad_enabled()
         self._use("text")
         contexts, pooled, ids0 = [], None, None
         for te, tok, spec in zip(self.components.text_encoders, self.components.tokenizers, self.family.text_encoders):
-            ids = padded_ids(tok, prompts)[:, :length].to(self.device)
+            ids = padded_ids(tok, prompts).to(self.device)
             ids0 = ids if ids0 is None else ids0
             out = te(ids, output_hidden_states=True)
             h = out.hidden_states[spec.layer]

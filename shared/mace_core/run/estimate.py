@@ -23,7 +23,7 @@ from ..method.masks import draw_batch
 from ..method.objectives import grad_rows, unet_passes
 from ..method.prior import float32_text, prior_missing
 from ..method.project import Project
-from ..method.synonyms import NEARBY, search_calls, searched, vocabulary_cost
+from ..method.synonyms import NEARBY, search_calls, searched
 from ..method.train import predict_for_backward
 
 HEADROOM = 0.95  # share of the GPU's memory a run may plan on (the allocator's fragmentation takes some)
@@ -38,17 +38,12 @@ class Estimate:
     low_vram: bool = False  # whether the run already uses low-VRAM mode (its peak is the low one)
     prior_captions: int = 0  # captions the general prior still has to encode (first use of the encoder)
     prior_seconds: float = 0.0  # their share of ``seconds``
-    vocabulary_words: int = 0  # words the synonym search still has to encode (first use of the encoder)
-    vocabulary_seconds: float = 0.0  # their share of ``seconds``
     text_encodings: int = 0  # prompts stage 1 encodes (concepts, their anchors, what is kept), prior not included
 
     def describe(self) -> str:
         mem = f", peak GPU memory ~{self.peak_gb:.1f} GB" if self.peak_gb is not None else ""
         prior = (f"; includes the general prior, first use of this text encoder: {self.prior_captions} captions, "
                  f"~{_duration(self.prior_seconds)}" if self.prior_captions else "")
-        if self.vocabulary_words:
-            prior += (f"; includes the model's vocabulary, first use of this text encoder: {self.vocabulary_words} "
-                      f"words, ~{_duration(self.vocabulary_seconds)}")
         return (f"estimated {_duration(self.seconds)} ({self.unet_calls} UNet calls at "
                 f"{self.step_seconds * 1000:.0f} ms{prior}){mem}")
 
@@ -146,10 +141,8 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     backend.encode(["a photo of a cat"] * 8)
     enc = (time.perf_counter() - t0) / 8
     captions, prior_s = _prior_cost(backend, spec, project, prior_dir)
-    words, words_s = vocabulary_cost(backend, prior_dir) if _searches(spec, left) else (0, 0.0)
     prompts = _stage1_encodings([c for c, _, encode, _, _ in left if encode])
-    # the search encodes its prompt once a UNet call, and reads the phrase once to rank the vocabulary
-    prompts += (search_calls() + 1) * _searches(spec, left)
+    prompts += search_calls() * _searches(spec, left)  # the search encodes its prompt once a UNet call
     if retain_missing(spec, project.load_priors()[1] if project is not None else {}):
         prompts += _kept(spec, left) * len(concept_prompts(spec.concepts[0]))  # kept, in the templates
     peak = None
@@ -158,8 +151,7 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
         act = torch.cuda.max_memory_allocated() - resident  # one no-grad pass's activations, batch 1
         grad_act = _backward_activations(backend, x, t, text, low_vram) if train_rows(spec, closed_form_only) else 0
         peak = peak_gb(spec, resident, act, grad_act, closed_form_only, size)
-    return Estimate(calls * step + prompts * enc + prior_s + words_s, peak, calls, step, low_vram, captions, prior_s,
-                    vocabulary_words=words, vocabulary_seconds=words_s, text_encodings=prompts)
+    return Estimate(calls * step + prompts * enc + prior_s, peak, calls, step, low_vram, captions, prior_s, prompts)
 
 
 def _stage1_encodings(concepts: list[Concept]) -> int:
