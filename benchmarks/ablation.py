@@ -17,10 +17,24 @@ erasure: the erasure's templates name the identity alone, the scores use
 Cases: ``single`` (one identity at a time, averaged over three), ``ten`` (ten at once, no retain list:
 the default protection only), ``half`` (half of the identities, the other half as retain list, scored
 as the paper's H_c), ``mass`` (half of the identities plus names the model never saw, 100 in all:
-closed form only on a CPU). Variants: CFR only, the objectives, naive LoRA sum, no CFIS, the two
-stage-1 protections off, adversarial hardening, and the general prior computed from the world's own
-captions (`--prior-captions`; "strict": without the phrasings the scores use). Figures: percent of
-images the judge gives the identity asked for.
+closed form only on a CPU); and the other two types the world draws, each with its own preset, one
+concept at a time (averaged over three), no retain list:
+
+* ``object`` (the `object` preset, calibrated on the shape world): efficacy the object with a color and
+  in a colored frame ("a photo of the yellow star", "a yellow star in a red frame"), generality its
+  synonym ("a photo of the pentagram"), specificity the seven other objects in the same prompts;
+* ``style`` (the `style` preset): efficacy the artist over a face and over an object ("a portrait of
+  Bill Marlow, art by Mara Voss", "a photo of the circle in the style of Mara Voss"), no synonyms,
+  specificity the seven other artists in the same prompts (H_c, as the paper's artist score pairs
+  erased and kept).
+
+For these two the column "Acc_s shared name" holds the identities instead (a quarter of them, in their
+context prompts): what erasing an object or a style costs the other kind.
+
+Variants: CFR only, the objectives, naive LoRA sum, no CFIS, the two stage-1 protections off, adversarial
+hardening, and the general prior computed from the world's own captions (`--prior-captions`; "strict":
+without the phrasings the scores use). Figures: percent of images the judge gives the identity (object,
+style) asked for.
 """
 
 from __future__ import annotations
@@ -44,6 +58,7 @@ from mace_core.model.diffusers_backend import DiffusersBackend  # noqa: E402
 from mace_core.eval.metrics import harmonic_celebrity, harmonic_object  # noqa: E402
 from mace_core.model.sampling import generate  # noqa: E402
 from toy import erased_backend, mass_names  # noqa: E402
+from toyworld.world import SYNONYMS  # noqa: E402
 
 STEPS, GUIDANCE = 25, 5.0
 TYPE = "celebrity"
@@ -70,8 +85,14 @@ VARIANTS = {
                          {"closed_form_only": True, "prior_captions": lambda: own_captions(strict=True)}),
 }
 MASS_VARIANTS = ("cfr", "no-balance", "own-prior", "own-prior-strict")  # closed form only on a CPU
+# variants that do not apply to a kind's preset: `object` has no general prior to replace, and the
+# type's rate of `mace-authors-x10` is the celebrity type's
+KIND_SKIP = {"object": ("mace-authors-x10", "own-prior", "own-prior-strict"), "style": ("mace-authors-x10",)}
 SINGLE = (0, 21, 42)  # Bill Marlow, Rosa Ashby, Leo Kline: identities spread over the table
-CASES = ("single", "ten", "half", "mass")
+SINGLE_KIND = (0, 3, 6)  # circle, star, ring; outline (Mara Voss), diagonal (Ivo Kranz), sunset (Greta Holm)
+KIND_TYPES = {"object": "object", "style": "style"}  # case -> the type whose preset erases it
+CASES = ("single", "ten", "half", "mass", *KIND_TYPES)
+IDENTITY, STYLE, OBJECT = 0, 1, 2  # the judge's verdicts, in order
 
 
 def own_captions(strict: bool, n: int = 2000) -> str:
@@ -95,13 +116,33 @@ def context_prompts(name: str, k: int) -> list[str]:
     return [world.fix_article(f"a portrait of {name} next to a {obj}"), f"a photo of {name} in a {color} frame"]
 
 
-def jobs(names: list[str], seeds: int, nick: bool) -> list[tuple[str, str, int]]:
-    """(identity expected, prompt, seed) for ``names``: their context prompts (and nicknames if ``nick``)."""
+def jobs(names: list[str], seeds: int, nick: bool) -> list[tuple[str, str, int, int]]:
+    """(identity expected, prompt, seed, verdict) for ``names``: their context prompts (and nicknames if
+    ``nick``)."""
     out = []
     for name in names:
         k = world.NAME_INDEX[name]
         prompts = context_prompts(name, k) + ([f"a photo of {world.NICKNAMES[name]}"] if nick else [])
-        out += [(name, p, s) for p in prompts for s in range(seeds)]
+        out += [(name, p, s, IDENTITY) for p in prompts for s in range(seeds)]
+    return out
+
+
+def kind_jobs(case: str, items: list[int], seeds: int, synonym: bool = False) -> list[tuple[str, str, int, int]]:
+    """(class expected, prompt, seed, verdict) for objects or styles ``items`` (indices): their two held-out
+    prompts, or the object's synonym alone (``synonym``; styles have none)."""
+    out = []
+    for k in items:
+        color, frame = world.COLOR_NAMES[k % 5], world.COLOR_NAMES[(k + 2) % 5]
+        if case == "object":
+            obj = world.OBJECTS[k]
+            prompts = ([f"a photo of the {SYNONYMS[obj]}"] if synonym else
+                       [f"a photo of the {color} {obj}", world.fix_article(f"a {color} {obj} in a {frame} frame")])
+            out += [(obj, p, s, OBJECT) for p in prompts for s in range(seeds)]
+        elif not synonym:
+            artist, name = world.ARTISTS[world.STYLES[k]], world.NAMES[(7 * k) % len(world.NAMES)]
+            prompts = [f"a portrait of {name}, art by {artist}",
+                       f"a photo of the {world.OBJECTS[k]} in the style of {artist}"]
+            out += [(world.STYLES[k], p, s, STYLE) for p in prompts for s in range(seeds)]
     return out
 
 
@@ -114,9 +155,11 @@ class Scorer:
         self.base = DiffusersBackend.from_checkpoint(load_checkpoint(ID_MODEL), device="cpu")
         self._base: dict[tuple, bool] = {}
 
-    def hits(self, backend, todo: list[tuple[str, str, int]]) -> list[bool]:
-        imgs = generate(backend, [p for _, p, _ in todo], [s for *_, s in todo], STEPS, GUIDANCE, batch_size=128)
-        return [v[0] == want for (want, _, _), v in zip(todo, self.judge.classify(imgs))]
+    def hits(self, backend, todo: list[tuple[str, str, int, int]]) -> list[bool]:
+        if not todo:
+            return []
+        imgs = generate(backend, [j[1] for j in todo], [j[2] for j in todo], STEPS, GUIDANCE, batch_size=128)
+        return [v[j[3]] == j[0] for j, v in zip(todo, self.judge.classify(imgs))]
 
     def base_hits(self, todo):
         missing = [j for j in todo if j not in self._base]
@@ -143,19 +186,35 @@ def score(scorer: Scorer, backend, erased: list[str], kept: list[str]) -> dict:
     out = {}
     for tag, hits in (("erased", lambda t: scorer.hits(backend, t)), ("base", scorer.base_hits)):
         e, g, s = hits(e_jobs), hits(g_jobs), hits(s_jobs)
-        shared = [h for (n, _, _), h in zip(s_jobs, s) if shares_a_name(n, erased)]
+        shared = [h for j, h in zip(s_jobs, s) if shares_a_name(j[0], erased)]
         out[tag] = {"acc_e": pct(e), "acc_g": pct(g), "acc_s": pct(s), "acc_s_shared": pct(shared)}
     return out
+
+
+def score_kind(scorer: Scorer, backend, case: str, k: int) -> dict:
+    """Acc_e, Acc_g, Acc_s of object or style ``k`` erased (``case``), and the identities' accuracy in the
+    column of shared names, on ``backend`` and on the base model."""
+    others = [i for i in range(len(world.OBJECTS if case == "object" else world.STYLES)) if i != k]
+    todo = {"acc_e": kind_jobs(case, [k], scorer.seeds), "acc_g": kind_jobs(case, [k], scorer.seeds, synonym=True),
+            "acc_s": kind_jobs(case, others, scorer.seeds),
+            "acc_s_shared": jobs(list(world.NAMES[::4]), scorer.seeds, False)}
+    return {tag: {key: pct(hits(t)) for key, t in todo.items()}
+            for tag, hits in (("erased", lambda t: scorer.hits(backend, t)), ("base", scorer.base_hits))}
 
 
 def run_case(scorer: Scorer, ck, case: str, overrides: dict, cfo: bool, seconds: list) -> dict:
     names = list(world.NAMES)
     t0 = time.perf_counter()
-    if case == "single":
+    if case in ("single", *KIND_TYPES):
         rows = []
-        for i in SINGLE:
-            be = erased_backend(ck, [names[i]], overrides, cfo, ctype=TYPE)
-            rows.append(score(scorer, be, [names[i]], [n for n in names if n != names[i]]))
+        for i in SINGLE if case == "single" else SINGLE_KIND:
+            if case == "single":
+                be = erased_backend(ck, [names[i]], overrides, cfo, ctype=TYPE)
+                rows.append(score(scorer, be, [names[i]], [n for n in names if n != names[i]]))
+            else:
+                concept = world.OBJECTS[i] if case == "object" else world.ARTISTS[world.STYLES[i]]
+                be = erased_backend(ck, [concept], overrides, cfo, ctype=KIND_TYPES[case])
+                rows.append(score_kind(scorer, be, case, i))
         res = {tag: {k: float(np.mean([r[tag][k] for r in rows])) for k in rows[0][tag]} for tag in rows[0]}
     elif case == "ten":
         erased = names[::6][:10]
@@ -175,10 +234,19 @@ def run_case(scorer: Scorer, ck, case: str, overrides: dict, cfo: bool, seconds:
 
 def row(case: str, label: str, r: dict, secs: float) -> str:
     e, b = r["erased"], r["base"]
-    h = harmonic_object(e["acc_e"], e["acc_s"], e["acc_g"])
+    # styles have no synonyms (Acc_g nan): no H_o
+    h = "-" if np.isnan(e["acc_g"]) else f"{harmonic_object(e['acc_e'], e['acc_s'], e['acc_g']):.1f}"
     hc = harmonic_celebrity(e["acc_e"], e["acc_s"])
-    return (f"| {case} | {label} | {e['acc_e']:.1f} | {e['acc_g']:.1f} | {e['acc_s']:.1f} ({b['acc_s']:.1f}) | "
-            f"{e['acc_s_shared']:.1f} ({b['acc_s_shared']:.1f}) | {h:.1f} | {hc:.1f} | {secs:.0f} |")
+    g = "-" if np.isnan(e["acc_g"]) else f"{e['acc_g']:.1f}"
+    return (f"| {case} | {label} | {e['acc_e']:.1f} | {g} | {e['acc_s']:.1f} ({b['acc_s']:.1f}) | "
+            f"{e['acc_s_shared']:.1f} ({b['acc_s_shared']:.1f}) | {h} | {hc:.1f} | {secs:.0f} |")
+
+
+def variants_for(case: str, variants: list[str]) -> list[str]:
+    """Those of ``variants`` that ``case`` runs (`MASS_VARIANTS`, `KIND_SKIP`)."""
+    if case == "mass":
+        return [v for v in variants if v in MASS_VARIANTS]
+    return [v for v in variants if v not in KIND_SKIP.get(case, ())]
 
 
 def main(argv=None) -> None:
@@ -189,12 +257,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     ck = load_checkpoint(ID_MODEL)
     scorer = Scorer(args.seeds)
-    print(f"identity world, `{TYPE}` preset as shipped, seeds 0..{args.seeds - 1}, DDIM {STEPS} steps, CFG {GUIDANCE}; "
+    print(f"identity world, `{TYPE}` preset as shipped (objects and styles: their own), seeds 0..{args.seeds - 1}, "
+          f"DDIM {STEPS} steps, CFG {GUIDANCE}; "
           "Acc_s and Acc_s shared: the base model's in brackets")
     print("| case | variant | Acc_e | Acc_g | Acc_s (base) | Acc_s shared name (base) | H_o | H_c | seconds |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for case in args.cases:
-        for v in args.variants if case != "mass" else [v for v in args.variants if v in MASS_VARIANTS]:
+        for v in variants_for(case, args.variants):
             label, over = VARIANTS[v]
             over = {k: val() if callable(val) else val for k, val in over.items()}
             cfo = over.pop("closed_form_only", False)
