@@ -20,7 +20,7 @@ as the paper's H_c), ``mass`` (half of the identities plus names the model never
 closed form only on a CPU); and the other two types the world draws, each with its own preset, one
 concept at a time (averaged over three), no retain list:
 
-* ``object`` (the `object` preset, calibrated on the shape world): efficacy the object with a color and
+* ``object`` (the `object` preset, the authors' object settings): efficacy the object with a color and
   in a colored frame ("a photo of the yellow star", "a yellow star in a red frame"), generality its
   synonym ("a photo of the pentagram"), specificity the seven other objects in the same prompts;
 * ``style`` (the `style` preset): efficacy the artist over a face and over an object ("a portrait of
