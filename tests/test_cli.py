@@ -156,10 +156,11 @@ def test_estimate_counts_unet_calls_and_prints_before_running(tmp_path, capsys):
     from mace_core.run.estimate import unet_calls
 
     search = (24 + 2) * 4  # the synonym search: 24 candidates, the phrase and "", at 4 timesteps
+    check = (12 + 1) * 4  # once for the object type's fixed list: 12 of its entries and ""
     spec = ErasureSpec((make_concept("cat"), make_concept("dog")), (),
                        {"images": 3, "sample_steps": 10, "steps": 20, "batch_size": 2})
-    assert unet_calls(spec) == 2 * (search + 3 * 10 * 2 + 20 * 2)
-    assert unet_calls(spec, closed_form_only=True) == 2 * search
+    assert unet_calls(spec) == 2 * (search + 3 * 10 * 2 + 20 * 2) + check
+    assert unet_calls(spec, closed_form_only=True) == 2 * search + check
     assert unet_calls(ErasureSpec(spec.concepts, (), {"synonyms": "none"}), closed_form_only=True) == 0
     abo = ErasureSpec((make_concept("cat"),), (), {"images": 1, "sample_steps": 5, "steps": 4, "objective": "abo",
                                                    "robust_rounds": 2, "attack_steps": 7, "synonyms": "none"})
@@ -193,10 +194,10 @@ def test_estimate_peak_follows_low_vram_and_a_too_small_gpu_is_refused_with_advi
 
 def test_estimate_counts_the_nearby_words_the_search_adds_to_what_is_kept():
     """Before the search its nearby words are unknown, so the estimate counts NEARBY of them a new concept
-    (encoded in every template) on top of the fixed list, with the search's own encodings; a retain list,
-    or a type without a fixed list, adds none."""
+    (encoded in every template) on top of the fixed list, with the search's own encodings and the fixed
+    list's check; a retain list, or a type without a fixed list, adds none."""
     from mace_core.method.concepts import concept_prompts, get_type
-    from mace_core.method.synonyms import NEARBY, search_calls
+    from mace_core.method.synonyms import NEARBY, check_calls, search_calls
     from mace_core.run.estimate import estimate
 
     be = DiffusersBackend.from_checkpoint(load_checkpoint(tiny_file("sd1")), device="cpu")
@@ -208,7 +209,8 @@ def test_estimate_counts_the_nearby_words_the_search_adds_to_what_is_kept():
     templates = len(concept_prompts(star))
     assert prompts(star, synonyms="none") == prompts(star, protection="none", synonyms="none") + len(
         get_type("celebrity").protect) * templates
-    assert prompts(star) - prompts(star, synonyms="none") == search_calls() + NEARBY * templates
+    # the search, its nearby words, and the check of the fixed list they join
+    assert prompts(star) - prompts(star, synonyms="none") == search_calls() + check_calls() + NEARBY * templates
     assert prompts(star, ("Bill Murray",)) - prompts(star, ("Bill Murray",), synonyms="none") == search_calls()
     toy = make_concept("circle", "", "toy")
     assert prompts(toy) - prompts(toy, synonyms="none") == search_calls()
@@ -222,7 +224,8 @@ def test_estimate_of_a_resumed_or_extended_project_counts_only_what_is_left(tmp_
     over = {"images": 2, "sample_steps": 3, "steps": 4}
     cat, dog = make_concept("cat"), make_concept("dog")
     train = 2 * 3 * 2 + 4  # a concept's drawing (CFG doubles) and training
-    one = (24 + 2) * 4 + train  # and, before stage 1, the search for its synonyms (a new concept only)
+    # and, before stage 1, the search for its synonyms and the check of the fixed list (a new concept only)
+    one = (24 + 2) * 4 + (12 + 1) * 4 + train
     proj = Project(tmp_path / "p")
     assert unet_calls(ErasureSpec((cat,), (), over), project=proj) == one  # nothing there yet
     rep = erase(be, ErasureSpec((cat,), (), over), proj, ck.sha256).report

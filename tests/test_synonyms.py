@@ -153,3 +153,29 @@ def test_the_search_draws_latents_no_wider_than_its_cap():
     be.resolution = 128 * be.vae_scale
     d = syn.guidance_directions(be, ["a photo of a cat"])
     assert d.shape == (1, len(syn.TIMESTEPS) * be.latent_channels * syn.MAX_SIDE ** 2)
+
+
+def test_the_fixed_list_check_says_whether_the_model_tells_its_entries_apart(toy, caplog):
+    """`drawn_alike` is the mean cosine over every two prompts' directions (computed here from the directions).
+    The shape world's model draws the object type's list as different shapes (its untrained words draw
+    different shapes: mean 0.36 when measured), so an object run is warned of nothing; it draws the style
+    type's artists, names it never saw in a prompt of a kind it never saw, as one thing (0.998): a style run
+    with no retain list names that list in its log; a retain list, or the search off, checks nothing."""
+    _, be = toy
+    obj, style = get_type("object"), get_type("style")
+    prompts = [obj.train_prompt.replace("{}", w) for w in obj.protect[:syn.LIST_SAMPLE]]
+    d = torch.nn.functional.normalize(syn.guidance_directions(be, prompts), dim=1)
+    n = len(prompts)
+    pairs = [float(d[i] @ d[j]) for i in range(n) for j in range(n) if i != j]
+    assert syn.drawn_alike(be, prompts) == pytest.approx(sum(pairs) / len(pairs), abs=1e-5)
+    assert syn.drawn_alike(be, prompts) < syn.THRESHOLD
+
+    cat, artist = make_concept("cat", "", "object"), make_concept("Claude Monet", "", "style")
+    assert syn.unknown_lists(be, ErasureSpec((cat,)), [cat]) == {}
+    with caplog.at_level("WARNING", logger="mace.synonyms"):
+        got = syn.unknown_lists(be, ErasureSpec((cat, artist)), [cat, artist])
+    assert list(got) == ["style"] and got["style"] >= syn.THRESHOLD
+    assert [r.getMessage() for r in caplog.records if "style type's default list" in r.getMessage()]
+    assert syn.unknown_lists(be, ErasureSpec((artist,), ("Van Gogh",)), [artist]) == {}
+    assert syn.unknown_lists(be, ErasureSpec((artist,), (), {"synonyms": "none"}), [artist]) == {}
+    assert syn.unknown_lists(be, ErasureSpec((artist,), (), {"protection": "none"}), [artist]) == {}

@@ -28,7 +28,7 @@ from .harden import adversarial_stats
 from .masks import draw_batch, draw_concept, phrase_token_mask, save_data
 from .prior import general_prior, mean_grams, prior_captions
 from .project import Project
-from .synonyms import with_model_words
+from .synonyms import unknown_lists, with_model_words
 from .refine import ConceptStats, apply_map, apply_pooled, concept_stats, context_map, overlap, pooled_map
 from .train import LoRA, train_lora
 
@@ -70,6 +70,7 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
     stop = should_stop or (lambda: False)
     rank, world, barrier = _world()
     validate(spec, backend.tokenize)
+    unknown: dict[str, float] = {}
     stage = StageLog(backend.device)
 
     with stage("refine"):
@@ -84,6 +85,8 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
             # (a concept it already holds keeps those it was erased with)
             known = {c.phrase for c in project.spec().concepts} if project.exists() else set()
             spec = with_model_words(backend, spec, skip=known, progress=prog, stop=stop)
+            # whether the model knows the fixed lists the default protection keeps (said, not changed)
+            unknown = unknown_lists(backend, spec, [c for c in spec.concepts if c.phrase not in known], stop)
             project.open(base_sha256, base_name, backend.family_name, spec)
             # what is kept, with the words found: the synonyms are erased, so not kept, and the nearby
             # words kept (re-encoded only if the list changed)
@@ -147,6 +150,7 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
     meta = erasure_metadata(spec, base_sha256, base_name, closed_form_only)
     return ErasureResult(weights, meta, {"timings": stage.seconds, "peak_memory_gb": stage.peak_gb,
                                          "reused_loras": reused, "robust": rounds,
+                                         "unknown_lists": unknown,
                                          "losses": {c.phrase: project.lora_losses(c) for c in spec.concepts}})
 
 

@@ -30,6 +30,13 @@ keep them: the shape world's `toy` type keeps nothing of its own kind, and there
 untrained ones that draw a shape all the same (its judge: "edward", cosine 0.69 with square, draws
 squares; "mps", 0.92 with circle, circles), so keeping them held circle back (CFR Acc_e 5 -> 35).
 
+The same test tells whether the model knows a type's fixed list at all (`unknown_lists`): a model that
+never learnt the famous names, artists or objects the list names draws them all as one thing (its
+fallback), and keeping them keeps nothing of what it draws (on the identity world the three lists' entries
+reach a mean pairwise cosine of 0.97-1.00, its own names 0.70, objects 0.69, artists 0.38; on the shape
+world the celebrity and object lists 0.17 and 0.36: its untrained words draw different shapes). The run
+says so in its log and report, with what to give instead.
+
 The synonyms are erased with the phrase by stage 1 (`Concept.found_synonyms`: the same templates, the
 same anchor), the nearby words kept with the type's fixed list (`Concept.found_neighbours`,
 `ConceptType.protection_of`; a retain list replaces both, ``protection`` "none" drops both); both are
@@ -54,6 +61,7 @@ from .concepts import Concept, ErasureSpec, get_type
 THRESHOLD = 0.95
 CANDIDATES = 24
 NEARBY = 16  # of the candidates not taken, the nearest kept by the default protection
+LIST_SAMPLE = 12  # the fixed list's first entries drawn to tell whether the model knows the list
 TIMESTEPS = (900, 700, 500, 300)
 MAX_SIDE = 32  # latent pixels: the comparison needs each prompt's direction, not a full-size image
 PROGRESS_LABEL = "finding the model's own words for each concept"
@@ -104,6 +112,11 @@ def search_calls() -> int:
     return (CANDIDATES + 2) * len(TIMESTEPS)
 
 
+def check_calls() -> int:
+    """UNet calls of one fixed list's check (`unknown_lists`), in the units of `search_calls`."""
+    return (LIST_SAMPLE + 1) * len(TIMESTEPS)
+
+
 @torch.no_grad()
 def guidance_directions(backend: Backend, prompts: list[str], seed: int = 0,
                         stop: Callable[[], bool] | None = None) -> torch.Tensor:
@@ -150,6 +163,42 @@ def find_words(backend: Backend, phrase: str, template: str, exclude: Collection
     dirs = guidance_directions(backend, [template.replace("{}", w) for w in [phrase, *words]], seed, stop)
     alike = [c >= THRESHOLD for c in torch.nn.functional.cosine_similarity(dirs[1:], dirs[:1]).tolist()]
     return Found(tuple(w for w, a in zip(words, alike) if a), tuple(w for w, a in zip(words, alike) if not a)[:NEARBY])
+
+
+def drawn_alike(backend: Backend, prompts: list[str], seed: int = 0, stop: Callable[[], bool] | None = None) -> float:
+    """The mean cosine between the guidance directions (`guidance_directions`) of every two of ``prompts``
+    (at least two): 1 when the model draws them all as one thing."""
+    d = torch.nn.functional.normalize(guidance_directions(backend, prompts, seed, stop), dim=1)
+    n = len(prompts)
+    cos = d @ d.T
+    return float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
+
+
+def checked_lists(spec: ErasureSpec, concepts: Collection[Concept]) -> list[str]:
+    """The types whose fixed list `unknown_lists` checks for ``concepts`` (those a run searches): the types
+    with one, where the run keeps it (no retain list, protection "type")."""
+    if spec.retain or spec.settings_for().protection != "type":
+        return []
+    return list(dict.fromkeys(c.type for c in concepts if searched(spec, c) and get_type(c.type).protect))
+
+
+def unknown_lists(backend: Backend, spec: ErasureSpec, concepts: Collection[Concept],
+                  stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """Of `checked_lists`, the types whose list the model draws as one thing, with the mean cosine between the
+    directions of its first ``LIST_SAMPLE`` entries in the type's training prompt (>= ``THRESHOLD``, the
+    search's "drawn as the same thing"); each also logged as a warning that says what to give instead."""
+    out = {}
+    for t in checked_lists(spec, concepts):
+        ctype = get_type(t)
+        alike = drawn_alike(backend, [ctype.train_prompt.replace("{}", w) for w in ctype.protect[:LIST_SAMPLE]],
+                            stop=stop)
+        if alike >= THRESHOLD:
+            out[t] = alike
+            log.warning("this model draws the %s type's default list as one thing (mean guidance cosine %.3f between "
+                        "%d of its entries): it does not know them, and keeping them keeps little of what it draws; "
+                        "give what it should keep as a retain list, or its own captions as general prior captions",
+                        t, alike, min(LIST_SAMPLE, len(ctype.protect)))
+    return out
 
 
 def searched(spec: ErasureSpec, concept: Concept) -> bool:

@@ -23,7 +23,7 @@ from ..method.masks import draw_batch
 from ..method.objectives import grad_rows, unet_passes
 from ..method.prior import float32_text, prior_missing
 from ..method.project import Project
-from ..method.synonyms import NEARBY, search_calls, searched
+from ..method.synonyms import NEARBY, check_calls, checked_lists, search_calls, searched
 from ..method.train import predict_for_backward
 
 HEADROOM = 0.95  # share of the GPU's memory a run may plan on (the allocator's fragmentation takes some)
@@ -76,7 +76,7 @@ def _left(spec: ErasureSpec, project: Project | None) -> list[tuple[Concept, Set
 
 
 def unet_calls(spec: ErasureSpec, closed_form_only: bool = False, project: Project | None = None) -> int:
-    """UNet calls of a run, counted in batch-of-one units: the synonym search, drawing (CFG doubles), training
+    """UNet calls of a run, counted in batch-of-one units: the synonym search and the fixed lists' check, drawing (CFG doubles), training
     (per step and sample, the objective's passes: mace 1, abo 3 (+1 with an alternative), mace-authors
     1, esd 3, ant 8; a differentiated pass counts as one), hardening; with ``project``, only what is left."""
     spec = _planned(spec, project)
@@ -86,6 +86,13 @@ def unet_calls(spec: ErasureSpec, closed_form_only: bool = False, project: Proje
 def _searches(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]]) -> int:
     """Concepts whose own words `erase` looks for before stage 1: those not yet encoded, searching on."""
     return sum(1 for c, _, encode, _, _ in left if encode and searched(spec, c))
+
+
+def _probes(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]]) -> int:
+    """UNet calls (each with one text encoding) of what `erase` asks the model before stage 1: the synonym
+    search of each concept not yet encoded, and the check of each fixed list kept for them."""
+    new = [c for c, _, encode, _, _ in left if encode]
+    return search_calls() * _searches(spec, left) + check_calls() * len(checked_lists(spec, new))
 
 
 def _kept(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]]) -> int:
@@ -98,7 +105,7 @@ def _kept(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int
 
 
 def _calls(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]], closed_form_only: bool) -> int:
-    n = search_calls() * _searches(spec, left)
+    n = _probes(spec, left)
     if closed_form_only:
         return n
     for _, s, _, train, rounds in left:
@@ -142,7 +149,7 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     enc = (time.perf_counter() - t0) / 8
     captions, prior_s = _prior_cost(backend, spec, project, prior_dir)
     prompts = _stage1_encodings([c for c, _, encode, _, _ in left if encode])
-    prompts += search_calls() * _searches(spec, left)  # the search encodes its prompt once a UNet call
+    prompts += _probes(spec, left)
     if retain_missing(spec, project.load_priors()[1] if project is not None else {}):
         prompts += _kept(spec, left) * len(concept_prompts(spec.concepts[0]))  # kept, in the templates
     peak = None
