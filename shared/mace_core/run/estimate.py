@@ -76,9 +76,10 @@ def _left(spec: ErasureSpec, project: Project | None) -> list[tuple[Concept, Set
 
 
 def unet_calls(spec: ErasureSpec, closed_form_only: bool = False, project: Project | None = None) -> int:
-    """UNet calls of a run, counted in batch-of-one units: the synonym search and the fixed lists' check, drawing (CFG doubles), training
-    (per step and sample, the objective's passes: mace 1, abo 3 (+1 with an alternative), mace-authors
-    1, esd 3, ant 8; a differentiated pass counts as one), hardening; with ``project``, only what is left."""
+    """UNet calls of a run, counted in batch-of-one units: the synonym search and the fixed lists' check,
+    drawing (CFG doubles), training (per step and sample, the objective's passes: mace 1, abo 3 (+1 with an
+    alternative), mace-authors 1, esd 3, ant 8; a differentiated pass counts as one), hardening; with
+    ``project``, only what is left."""
     spec = _planned(spec, project)
     return _calls(spec, _left(spec, project), closed_form_only)
 
