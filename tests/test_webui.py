@@ -859,3 +859,22 @@ def test_browser_erase_in_the_standalone_app(tiny_model, tmp_path):
     assert _erased(out) == ["cat"]
     assert (tiny_model.parent / "mace" / "tiny-no-cat" / "manifest.json").is_file()
     assert not list((tiny_model.parent / "mace" / "tiny-no-cat").rglob("*.png"))  # deleted when done
+
+
+def test_the_tab_says_when_the_model_does_not_know_the_default_list(tmp_path, one_thread):
+    """The shape world's model never saw an artist, in a prompt of a kind it never saw: it draws the style
+    type's artists as one thing, and the tab's result says so beside what was kept (with the cosine the run
+    reported), while the erasure itself is made as always."""
+    from toyworld import TOY_MODEL
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    model = Path(shutil.copy(TOY_MODEL, folder / "toy.safetensors"))
+    host = StandaloneHost(model, device="cpu")
+    form = actions.EraseForm(checkpoint=model.name, concepts="Claude Monet", ctype="style", out_name="no-monet",
+                             previews=False, closed_form_only=True)
+    res = actions.run_erase(host, form)
+    kept = next(line for line in res.message.split("\n\n") if line.startswith("Erased:"))
+    assert "Kept: default protection of style" in kept
+    assert re.search(r"the model draws the default list of style \((0\.9[5-9]\d|1\.000)\) as one thing", kept), kept
+    assert _erased(res.path) == ["Claude Monet"]

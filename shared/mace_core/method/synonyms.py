@@ -201,6 +201,16 @@ def unknown_lists(backend: Backend, spec: ErasureSpec, concepts: Collection[Conc
     return out
 
 
+def unknown_note(unknown: dict[str, float]) -> str:
+    """What a run's report adds to what it kept when `unknown_lists` found lists the model does not know: ""
+    for none."""
+    if not unknown:
+        return ""
+    lists = ", ".join(f"{t} ({c:.3f})" for t, c in unknown.items())
+    return (f"; the model draws the default list of {lists} as one thing (mean guidance cosine): it does not know "
+            "them, so give a retain list or its own captions")
+
+
 def searched(spec: ErasureSpec, concept: Concept) -> bool:
     """Whether `with_model_words` searches for ``concept``'s words (setting ``synonyms`` "model")."""
     return spec.settings_for(concept).synonyms == "model"

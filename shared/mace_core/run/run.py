@@ -24,6 +24,7 @@ from ..model.backend import Backend
 from ..method.concepts import ErasureSpec, Settings, validate
 from ..method import erase as stages  # called through the module: hosts' tests wrap `erase.erase`
 from ..method.erase import ErasureResult, Progress, _world, describe_stages, save_result
+from ..method.synonyms import unknown_note
 from ..errors import MaceError
 from .estimate import Estimate, check_fits, estimate, gpu_memory_gb, refusal
 from ..method.project import Project
@@ -75,7 +76,7 @@ class Report:
     reused: list[str]
     deleted: tuple[int, int] | None = None
     details: dict = field(default_factory=dict)  # `erase.ErasureResult.report`
-    protection: str = ""  # what stage 1 kept, in words (`Plan.protection`)
+    protection: str = ""  # what stage 1 kept, in words (`Plan.protection`; and any list the model did not know)
 
     @property
     def erased_words(self) -> str:
@@ -153,7 +154,8 @@ def _execute(p: Plan, backend: Backend, progress, should_stop, before_cleanup) -
             deleted = p.project.delete_generated_images()
     return Report(res.weights, res.metadata, p.project.root, output, res.erased,
                   json.loads(res.metadata["mace.retain"]), p.estimate.describe(), describe_stages(res.report),
-                  list(res.report.get("reused_loras", [])), deleted, res.report, p.protection)
+                  list(res.report.get("reused_loras", [])), deleted, res.report,
+                  p.protection + unknown_note(res.report.get("unknown_lists", {})))
 
 
 def refuse(project: Project, weights: dict[str, torch.Tensor], name: str, sha256: str | None = None,
