@@ -90,8 +90,8 @@ MASS_VARIANTS = ("cfr", "no-balance", "own-prior", "own-prior-strict")  # closed
 KIND_SKIP = {"object": ("mace-authors-x10", "own-prior", "own-prior-strict"), "style": ("mace-authors-x10",)}
 SINGLE = (0, 21, 42)  # Bill Marlow, Rosa Ashby, Leo Kline: identities spread over the table
 SINGLE_KIND = (0, 3, 6)  # circle, star, ring; outline (Mara Voss), diagonal (Ivo Kranz), sunset (Greta Holm)
-KIND_TYPES = {"object": "object", "style": "style"}  # case -> the type whose preset erases it
-CASES = ("single", "ten", "half", "mass", *KIND_TYPES)
+KINDS = ("object", "style")  # cases named for the type whose preset erases them
+CASES = ("single", "ten", "half", "mass", *KINDS)
 IDENTITY, STYLE, OBJECT = 0, 1, 2  # the judge's verdicts, in order
 
 
@@ -127,19 +127,25 @@ def jobs(names: list[str], seeds: int, nick: bool) -> list[tuple[str, str, int, 
     return out
 
 
+def kind_concept(case: str, k: int) -> str:
+    """The phrase a kind's case erases for index ``k``: the object, or the artist of the style."""
+    return world.OBJECTS[k] if case == "object" else world.ARTISTS[world.STYLES[k]]
+
+
 def kind_jobs(case: str, items: list[int], seeds: int, synonym: bool = False) -> list[tuple[str, str, int, int]]:
     """(class expected, prompt, seed, verdict) for objects or styles ``items`` (indices): their two held-out
     prompts, or the object's synonym alone (``synonym``; styles have none)."""
     out = []
     for k in items:
-        color, frame = world.COLOR_NAMES[k % 5], world.COLOR_NAMES[(k + 2) % 5]
+        n = len(world.COLOR_NAMES)
+        color, frame = world.COLOR_NAMES[k % n], world.COLOR_NAMES[(k + 2) % n]
         if case == "object":
-            obj = world.OBJECTS[k]
+            obj = kind_concept(case, k)
             prompts = ([f"a photo of the {SYNONYMS[obj]}"] if synonym else
                        [f"a photo of the {color} {obj}", world.fix_article(f"a {color} {obj} in a {frame} frame")])
             out += [(obj, p, s, OBJECT) for p in prompts for s in range(seeds)]
         elif not synonym:
-            artist, name = world.ARTISTS[world.STYLES[k]], world.NAMES[(7 * k) % len(world.NAMES)]
+            artist, name = kind_concept(case, k), world.NAMES[(7 * k) % len(world.NAMES)]
             prompts = [f"a portrait of {name}, art by {artist}",
                        f"a photo of the {world.OBJECTS[k]} in the style of {artist}"]
             out += [(world.STYLES[k], p, s, STYLE) for p in prompts for s in range(seeds)]
@@ -205,16 +211,13 @@ def score_kind(scorer: Scorer, backend, case: str, k: int) -> dict:
 def run_case(scorer: Scorer, ck, case: str, overrides: dict, cfo: bool, seconds: list) -> dict:
     names = list(world.NAMES)
     t0 = time.perf_counter()
-    if case in ("single", *KIND_TYPES):
-        rows = []
-        for i in SINGLE if case == "single" else SINGLE_KIND:
-            if case == "single":
-                be = erased_backend(ck, [names[i]], overrides, cfo, ctype=TYPE)
-                rows.append(score(scorer, be, [names[i]], [n for n in names if n != names[i]]))
-            else:
-                concept = world.OBJECTS[i] if case == "object" else world.ARTISTS[world.STYLES[i]]
-                be = erased_backend(ck, [concept], overrides, cfo, ctype=KIND_TYPES[case])
-                rows.append(score_kind(scorer, be, case, i))
+    if case in ("single", *KINDS):
+        if case == "single":
+            rows = [score(scorer, erased_backend(ck, [names[i]], overrides, cfo, ctype=TYPE), [names[i]],
+                          [n for n in names if n != names[i]]) for i in SINGLE]
+        else:
+            rows = [score_kind(scorer, erased_backend(ck, [kind_concept(case, i)], overrides, cfo, ctype=case), case, i)
+                    for i in SINGLE_KIND]
         res = {tag: {k: float(np.mean([r[tag][k] for r in rows])) for k in rows[0][tag]} for tag in rows[0]}
     elif case == "ten":
         erased = names[::6][:10]
