@@ -175,7 +175,7 @@ def test_the_fixed_list_check_says_whether_the_model_tells_its_entries_apart(toy
     with caplog.at_level("WARNING", logger="mace.synonyms"):
         got = syn.unknown_lists(be, ErasureSpec((cat, artist)), [cat, artist])
     assert list(got) == ["style"] and got["style"] >= syn.THRESHOLD
-    assert [r.getMessage() for r in caplog.records if "style type's default list" in r.getMessage()]
+    assert [r.getMessage() for r in caplog.records if "default list of style (" in r.getMessage()]
     assert syn.unknown_lists(be, ErasureSpec((artist,), ("Van Gogh",)), [artist]) == {}
     assert syn.unknown_lists(be, ErasureSpec((artist,), (), {"synonyms": "none"}), [artist]) == {}
     assert syn.unknown_lists(be, ErasureSpec((artist,), (), {"protection": "none"}), [artist]) == {}

@@ -186,7 +186,7 @@ def unknown_lists(backend: Backend, spec: ErasureSpec, concepts: Collection[Conc
                   stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Of `checked_lists`, the types whose list the model draws as one thing, with the mean cosine between the
     directions of its first ``LIST_SAMPLE`` entries in the type's training prompt (>= ``THRESHOLD``, the
-    search's "drawn as the same thing"); each also logged as a warning that says what to give instead."""
+    search's "drawn as the same thing"); logged as a warning (`unknown_note`)."""
     out = {}
     for t in checked_lists(spec, concepts):
         ctype = get_type(t)
@@ -194,21 +194,20 @@ def unknown_lists(backend: Backend, spec: ErasureSpec, concepts: Collection[Conc
                             stop=stop)
         if alike >= THRESHOLD:
             out[t] = alike
-            log.warning("this model draws the %s type's default list as one thing (mean guidance cosine %.3f between "
-                        "%d of its entries): it does not know them, and keeping them keeps little of what it draws; "
-                        "give what it should keep as a retain list, or its own captions as general prior captions",
-                        t, alike, min(LIST_SAMPLE, len(ctype.protect)))
+    if out:
+        log.warning("%s", unknown_note(out))
     return out
 
 
 def unknown_note(unknown: dict[str, float]) -> str:
-    """What a run's report adds to what it kept when `unknown_lists` found lists the model does not know: ""
-    for none."""
+    """The one sentence, for the log and a run's report, naming the lists `unknown_lists` found the model does
+    not know, with what to give instead: "" for none."""
     if not unknown:
         return ""
     lists = ", ".join(f"{t} ({c:.3f})" for t, c in unknown.items())
-    return (f"; the model draws the default list of {lists} as one thing (mean guidance cosine): it does not know "
-            "them, so give a retain list or its own captions")
+    return (f"the model draws the default list of {lists} as one thing (mean guidance cosine between {LIST_SAMPLE} "
+            "of its entries): it does not know them, and keeping them keeps little of what it draws; give what it "
+            "should keep as a retain list, or its own captions as general prior captions")
 
 
 def searched(spec: ErasureSpec, concept: Concept) -> bool:

@@ -155,7 +155,7 @@ def _execute(p: Plan, backend: Backend, progress, should_stop, before_cleanup) -
     return Report(res.weights, res.metadata, p.project.root, output, res.erased,
                   json.loads(res.metadata["mace.retain"]), p.estimate.describe(), describe_stages(res.report),
                   list(res.report.get("reused_loras", [])), deleted, res.report,
-                  p.protection + unknown_note(res.report.get("unknown_lists", {})))
+                  "; ".join(filter(None, (p.protection, unknown_note(res.report.get("unknown_lists", {}))))))
 
 
 def refuse(project: Project, weights: dict[str, torch.Tensor], name: str, sha256: str | None = None,
