@@ -13,7 +13,7 @@ from mace_core.model.checkpoint import load_checkpoint
 from mace_core.method.concepts import ErasureSpec, concept_prompts, get_type, make_concept
 from mace_core.method.corpus import CORPUS_FILE, subject_captions
 from mace_core.model.diffusers_backend import DiffusersBackend
-from mace_core.method.erase import _priors, refine_weights
+from mace_core.method.erase import _general, _kept, refine_weights
 from mace_core.method.prior import mean_grams
 from mace_core.method.project import Project
 from mace_core.method.refine import ConceptStats, overlap
@@ -78,7 +78,7 @@ def test_retain_prior_weighs_per_kept_concept(backend):
     kept = ("a dog", "a red car", "a tall tree")
     spec = ErasureSpec((make_concept("a cat", "", "object"),), kept, {"domain": 1.0})
     with tempfile.TemporaryDirectory() as d:
-        pri = _priors(backend, Project(d), spec)
+        pri = _kept(backend, Project(d), spec, *_general(backend, Project(d), spec))
     c = spec.concepts[0]
     want = sum(mean_grams(backend, concept_prompts(c, r))["context"] for r in kept)
     torch.testing.assert_close(pri["domain"], want, rtol=1e-9, atol=1e-12)
@@ -126,7 +126,8 @@ def test_nearby_words_are_kept_like_retain_entries(backend, tmp_path):
     e = backend.encode(["a photo of Bill Lee"]).context[0].double()
 
     def refined(name: str, spec: ErasureSpec) -> dict[str, torch.Tensor]:
-        priors = _priors(backend, Project(tmp_path / name), spec, tmp_path / "prior")
+        project = Project(tmp_path / name)
+        priors = _kept(backend, project, spec, *_general(backend, project, spec, tmp_path / "prior"))
         return refine_weights(original, [st], spec.settings_for(), priors)
 
     def moved(new: dict[str, torch.Tensor]) -> float:

@@ -80,7 +80,7 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
             project.check_base(base_sha256, base_name)
             # the priors first: a text encoder's first use computes the general prior (minutes on a CPU),
             # and the progress must name it from the start rather than after every concept's search
-            _general(backend, project, project.merged(spec), prior_dir, prog, stop)
+            priors, meta = _general(backend, project, project.merged(spec), prior_dir, prog, stop)
             # the model's own synonyms and nearby words of each new concept, before the project records it
             # (a concept it already holds keeps those it was erased with)
             known = {c.phrase for c in project.spec().concepts} if project.exists() else set()
@@ -90,8 +90,10 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
             project.open(base_sha256, base_name, backend.family_name, spec)
             # what is kept, with the words found: the synonyms are erased, so not kept, and the nearby
             # words kept (re-encoded only if the list changed)
-            _priors(backend, project, project.spec(), prior_dir, prog, stop)
+            priors = _kept(backend, project, project.spec(), priors, meta, prog, stop)
         barrier()
+        if rank:  # the priors rank 0 stored before the barrier
+            priors = project.load_priors()[0]
         spec = project.spec()  # a project accumulates: earlier concepts stay erased
         mine = [c for i, c in enumerate(spec.concepts) if i % world == rank]
         run = spec.settings_for()
@@ -101,7 +103,6 @@ def erase(backend: Backend, spec: ErasureSpec, project: Project, base_sha256: st
             _stats(backend, project, c, anchors, stop)
         barrier()
         stats = {c.phrase: _stats(backend, project, c, anchors) for c in spec.concepts}
-        priors = _priors(backend, project, spec, prior_dir, prog, stop)
         prog("refining (stage 1)", 0, 1)
         original = backend.original_weights()
         refined = refine_weights(original, list(stats.values()), run, priors)
@@ -308,11 +309,12 @@ def _general(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: P
     return priors, meta
 
 
-def _priors(backend: Backend, project: Project, spec: ErasureSpec, prior_dir: Path | None = None,
-            prog: Progress | None = None, stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
-    """Per-token general and retain-list Grams ("general", "domain", and their "_pooled" twins for
-    SDXL), stored in the project so that re-fusion needs no model."""
-    priors, meta = _general(backend, project, spec, prior_dir, prog, stop)
+def _kept(backend: Backend, project: Project, spec: ErasureSpec, priors: dict[str, torch.Tensor],
+          meta: dict[str, str], prog: Progress | None = None, stop: Callable[[], bool] | None = None
+          ) -> dict[str, torch.Tensor]:
+    """``priors`` (the project's, with their metadata ``meta``: `_general`'s) with the retain-list Grams
+    ("domain", and "domain_pooled" for SDXL) computed and stored if `retain_missing`: per-token general and
+    retain-list Grams kept in the project so that re-fusion needs no model."""
     kept, _ = spec.protected()
     if retain_missing(spec, meta):
         # the sum of each kept phrase's own mean Gram: `domain` weighs per kept concept, so a long
