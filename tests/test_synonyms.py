@@ -5,6 +5,7 @@ against the sums of each word's pairs, and a run's metadata, protection and sett
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from mace_core.model.checkpoint import load_checkpoint
 from mace_core.model.diffusers_backend import DiffusersBackend
 from mace_core.method import synonyms as syn
-from mace_core.method.concepts import ErasureSpec, concept_prompts, get_type, make_concept, stage1_key
+from mace_core.method.concepts import ErasureSpec, concept_prompts, concept_types, get_type, make_concept, stage1_key
 from mace_core.method.erase import _stats, erase
 from mace_core.method.project import Project
 from mace_core.method.refine import concept_stats
@@ -179,3 +180,15 @@ def test_the_fixed_list_check_says_whether_the_model_tells_its_entries_apart(toy
     assert syn.unknown_lists(be, ErasureSpec((artist,), ("Van Gogh",)), [artist]) == {}
     assert syn.unknown_lists(be, ErasureSpec((artist,), (), {"synonyms": "none"}), [artist]) == {}
     assert syn.unknown_lists(be, ErasureSpec((artist,), (), {"protection": "none"}), [artist]) == {}
+
+
+def test_the_unknown_list_note_counts_the_entries_drawn(monkeypatch):
+    """The note names, per type, how many of its list's entries were drawn: the sample for a long list, the
+    whole list for one shorter than the sample (a type whose list was edited down to 5 names)."""
+    types = concept_types()
+    monkeypatch.setitem(types, "style", dataclasses.replace(types["style"], protect=types["style"].protect[:5]))
+    assert len(types["celebrity"].protect) > syn.LIST_SAMPLE
+    note = syn.unknown_note({"celebrity": 0.991, "style": 0.998})
+    assert f"celebrity (0.991 between its first {syn.LIST_SAMPLE} entries)" in note
+    assert "style (0.998 between its first 5 entries)" in note
+    assert syn.unknown_note({}) == ""

@@ -204,10 +204,12 @@ def unknown_note(unknown: dict[str, float]) -> str:
     not know, with what to give instead: "" for none."""
     if not unknown:
         return ""
-    lists = ", ".join(f"{t} ({c:.3f})" for t, c in unknown.items())
-    return (f"the model draws the default list of {lists} as one thing (mean guidance cosine between {LIST_SAMPLE} "
-            "of its entries): it does not know them, and keeping them keeps little of what it draws; give what it "
-            "should keep as a retain list, or its own captions as general prior captions")
+    # a user-registered type's list may be shorter than the sample: name the entries actually drawn
+    lists = ", ".join(f"{t} ({c:.3f} between its first {min(LIST_SAMPLE, len(get_type(t).protect))} entries)"
+                      for t, c in unknown.items())
+    return (f"the model draws the default list of {lists} as one thing (mean guidance cosine): it does not know "
+            "them, and keeping them keeps little of what it draws; give what it should keep as a retain list, or "
+            "its own captions as general prior captions")
 
 
 def searched(spec: ErasureSpec, concept: Concept) -> bool:
