@@ -876,5 +876,6 @@ def test_the_tab_says_when_the_model_does_not_know_the_default_list(tmp_path, on
     res = actions.run_erase(host, form)
     kept = next(line for line in res.message.split("\n\n") if line.startswith("Erased:"))
     assert "Kept: default protection of style" in kept
-    assert re.search(r"the model draws the default list of style \((0\.9[5-9]\d|1\.000) between its first 12 entries\) as one thing", kept), kept
+    assert re.search(r"the model draws the default list of style \((0\.9[5-9]\d|1\.000) between its first 12 "
+                     r"entries\) as one thing", kept), kept
     assert _erased(res.path) == ["Claude Monet"]

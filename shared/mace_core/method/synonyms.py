@@ -204,7 +204,7 @@ def unknown_note(unknown: dict[str, float]) -> str:
     not know, with what to give instead: "" for none."""
     if not unknown:
         return ""
-    # a user-registered type's list may be shorter than the sample: name the entries actually drawn
+    # a type's list may be shorter than the sample (types.yaml is editable): name the entries actually drawn
     lists = ", ".join(f"{t} ({c:.3f} between its first {min(LIST_SAMPLE, len(get_type(t).protect))} entries)"
                       for t, c in unknown.items())
     return (f"the model draws the default list of {lists} as one thing (mean guidance cosine): it does not know "
