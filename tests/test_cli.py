@@ -157,10 +157,11 @@ def test_estimate_counts_unet_calls_and_prints_before_running(tmp_path, capsys):
 
     search = (24 + 2) * 4  # the synonym search: 24 candidates, the phrase and "", at 4 timesteps
     check = (12 + 1) * 4  # once for the object type's fixed list: 12 of its entries and ""
+    compare = 4  # once: the subjectless prompt the two concepts' nearby words are compared against
     spec = ErasureSpec((make_concept("cat"), make_concept("dog")), (),
                        {"images": 3, "sample_steps": 10, "steps": 20, "batch_size": 2})
-    assert unet_calls(spec) == 2 * (search + 3 * 10 * 2 + 20 * 2) + check
-    assert unet_calls(spec, closed_form_only=True) == 2 * search + check
+    assert unet_calls(spec) == 2 * (search + 3 * 10 * 2 + 20 * 2) + check + compare
+    assert unet_calls(spec, closed_form_only=True) == 2 * search + check + compare
     assert unet_calls(ErasureSpec(spec.concepts, (), {"synonyms": "none"}), closed_form_only=True) == 0
     abo = ErasureSpec((make_concept("cat"),), (), {"images": 1, "sample_steps": 5, "steps": 4, "objective": "abo",
                                                    "robust_rounds": 2, "attack_steps": 7, "synonyms": "none"})
@@ -195,9 +196,10 @@ def test_estimate_peak_follows_low_vram_and_a_too_small_gpu_is_refused_with_advi
 def test_estimate_counts_the_nearby_words_the_search_adds_to_what_is_kept():
     """Before the search its nearby words are unknown, so the estimate counts NEARBY of them a new concept
     (encoded in every template) on top of the fixed list, with the search's own encodings and the fixed
-    list's check; a retain list, or a type without a fixed list, adds none."""
+    list's check, and for two such concepts the subjectless prompt their nearby words are compared against; a
+    retain list, or a type without a fixed list, adds none."""
     from mace_core.method.concepts import concept_prompts, get_type
-    from mace_core.method.synonyms import NEARBY, check_calls, search_calls
+    from mace_core.method.synonyms import NEARBY, TIMESTEPS, check_calls, search_calls
     from mace_core.run.estimate import estimate
 
     be = DiffusersBackend.from_checkpoint(load_checkpoint(tiny_file("sd1")), device="cpu")
@@ -214,6 +216,13 @@ def test_estimate_counts_the_nearby_words_the_search_adds_to_what_is_kept():
     assert prompts(star, ("Bill Murray",)) - prompts(star, ("Bill Murray",), synonyms="none") == search_calls()
     toy = make_concept("circle", "", "toy")
     assert prompts(toy) - prompts(toy, synonyms="none") == search_calls()
+    # two names: two searches, one check, and the subjectless prompt their nearby words are compared against
+    pair = (star, make_concept("Brad Pitt", "", "celebrity"))
+
+    def both(**over) -> int:
+        return estimate(be, ErasureSpec(pair, (), over), closed_form_only=True, repeats=1).text_encodings
+
+    assert both() - both(synonyms="none") == 2 * search_calls() + check_calls() + len(TIMESTEPS) + 2 * NEARBY * templates
 
 
 def test_estimate_of_a_resumed_or_extended_project_counts_only_what_is_left(tmp_path):

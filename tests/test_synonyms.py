@@ -145,6 +145,40 @@ def test_a_run_records_the_words_it_found_and_keeps_the_nearby_ones(toy, tmp_pat
         assert stored.found_neighbours == tuple(meta["found_neighbours"])
 
 
+def test_a_nearby_word_drawn_as_another_name_erased_is_not_kept():
+    """On the identity world, Bill Kessler's nickname "flash" is none of his candidates but one of Leo Moreau's
+    nearby words, drawn as Bill Kessler (cosine 0.98): erasing both, it is not kept. "Brad Pitt", a name that
+    world never learnt, draws its fallback (the subjectless prompt's direction), as do many words it never
+    learnt ("close", one of Bill Kessler's nearby words): he witnesses nothing, and they stay kept. Checked
+    against the rule computed here from `find_words` and the directions."""
+    from idworld import ID_MODEL
+
+    be = DiffusersBackend.from_checkpoint(load_checkpoint(ID_MODEL), device="cpu")
+    names = ["Bill Kessler", "Leo Moreau", "Brad Pitt"]
+    template = get_type("celebrity").train_prompt
+    found = {n: syn.find_words(be, n, template, [w for m in names for w in (m, *m.split())]) for n in names}
+    fallback = torch.nn.functional.normalize(syn.guidance_directions(be, [template.replace(" {}", "")]), dim=1)[0]
+    known = [n for n in names if float(found[n].directions[0] @ fallback) < syn.THRESHOLD]
+    assert known == ["Bill Kessler", "Leo Moreau"]
+    got = syn.with_model_words(be, ErasureSpec(tuple(make_concept(n, "", "celebrity") for n in names)))
+    for c in got.concepts:
+        f = found[c.phrase]
+        assert c.found_synonyms == f.synonyms
+        want = [w for w, d in zip(f.neighbours, f.directions[1:])
+                if all(float(d @ found[m].directions[0]) < syn.THRESHOLD for m in known if m != c.phrase)]
+        assert list(c.found_neighbours) == want
+    nearby = {c.phrase: c.found_neighbours for c in got.concepts}
+    assert "flash" in found["Leo Moreau"].neighbours and "flash" not in nearby["Leo Moreau"]
+    assert "close" in nearby["Bill Kessler"]
+    assert float(found["Bill Kessler"].directions[1 + found["Bill Kessler"].neighbours.index("close")]
+                 @ found["Brad Pitt"].directions[0]) >= syn.THRESHOLD
+    # one name alone, or with a retain list: nothing compared, every nearby word recorded
+    alone = syn.with_model_words(be, ErasureSpec((make_concept("Leo Moreau", "", "celebrity"),)))
+    assert "flash" in alone.concepts[0].found_neighbours
+    kept = syn.with_model_words(be, ErasureSpec(tuple(make_concept(n, "", "celebrity") for n in names), ("Tom Holt",)))
+    assert "flash" in kept.concepts[1].found_neighbours
+
+
 def test_the_search_draws_latents_no_wider_than_its_cap():
     """A model drawn at 1024 px (a 128-wide latent) is compared on a MAX_SIDE-wide one: a full-size
     SDXL latent would cost 16 times more, and quadratic self-attention at 128 x 128 on small models."""

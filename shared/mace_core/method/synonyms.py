@@ -17,7 +17,9 @@ names. The model itself says which words are which:
   so the direction is the prompt's alone), against the phrase's. A word the model draws as the concept
   points the same way: cosine >= ``THRESHOLD``, a synonym; the nearest ``NEARBY`` of the others are
   what the model draws near the concept but not as it: on the identity world mostly other people's
-  names and nicknames, on SD other people, related objects, near-miss words.
+  names and nicknames, on SD other people, related objects, near-miss words. Erasing several phrases, a
+  nearby word of one that the model draws as another (cosine >= ``THRESHOLD``: a nickname the other's own
+  candidates miss) is not kept (`drawn_as_another`).
 
 ``THRESHOLD`` was set on the shape world (benchmarks/RESULTS.md, "The model's own synonyms"), never on
 the identity world: there, distinct shapes' directions reach at most 0.93 (heart / diamond), the world's
@@ -143,10 +145,13 @@ def guidance_directions(backend: Backend, prompts: list[str], seed: int = 0,
 
 
 class Found(NamedTuple):
-    """What `find_words` found for a phrase: the words the model draws as it, and its nearby words."""
+    """What `find_words` found for a phrase: the words the model draws as it, its nearby words, and
+    ``directions`` [1 + len(neighbours), F], unit rows: the guidance directions of the phrase and of each
+    nearby word (`guidance_directions`), for `drawn_as_another`."""
 
     synonyms: tuple[str, ...]
     neighbours: tuple[str, ...]
+    directions: torch.Tensor
 
 
 def find_words(backend: Backend, phrase: str, template: str, exclude: Collection[str] = (),
@@ -158,11 +163,47 @@ def find_words(backend: Backend, phrase: str, template: str, exclude: Collection
     table = backend.text_token_embeddings()[0].weight
     ids = backend.tokenize(phrase)[1:-1]
     words = candidate_words(table, ids, backend.tokenize, exclude=exclude)
-    if not words:
-        return Found((), ())
-    dirs = guidance_directions(backend, [template.replace("{}", w) for w in [phrase, *words]], seed, stop)
-    alike = [c >= THRESHOLD for c in torch.nn.functional.cosine_similarity(dirs[1:], dirs[:1]).tolist()]
-    return Found(tuple(w for w, a in zip(words, alike) if a), tuple(w for w, a in zip(words, alike) if not a)[:NEARBY])
+    dirs = torch.nn.functional.normalize(
+        guidance_directions(backend, [template.replace("{}", w) for w in [phrase, *words]], seed, stop), dim=1)
+    alike = (dirs[1:] @ dirs[0] >= THRESHOLD).tolist()
+    near = [i for i, a in enumerate(alike) if not a][:NEARBY]
+    return Found(tuple(w for w, a in zip(words, alike) if a), tuple(words[i] for i in near),
+                 dirs[[0, *(i + 1 for i in near)]])
+
+
+def subjectless(template: str) -> str:
+    """``template`` with no subject ("a photo of the {}" -> "a photo of the"): what the model draws when the
+    subject's tokens carry nothing, its fallback."""
+    return " ".join(template.replace("{}", " ").split())
+
+
+def drawn_as_another(backend: Backend, found: dict[str, tuple[str, Found]], seed: int = 0,
+                     stop: Callable[[], bool] | None = None) -> dict[str, tuple[str, ...]]:
+    """For each phrase of ``found`` (phrase -> (template, `Found`)), its nearby words that the model draws as
+    another phrase of the run searched in the same template (cosine >= ``THRESHOLD``). Such a word is that
+    phrase's by the search's own test (one name's nickname that its own candidates miss can be another erased
+    name's nearby word), and keeping it would hold back what the run erases. A phrase the model draws as the
+    template's `subjectless` prompt is no witness: a name it never learnt draws its fallback, as do the words
+    it never learnt, and two fallbacks alike say nothing of each other. One `guidance_directions` call per
+    template shared by two phrases or more; phrases with none to drop are left out."""
+    by_template: dict[str, list[str]] = {}
+    for phrase, (template, _) in found.items():
+        by_template.setdefault(template, []).append(phrase)
+    out = {}
+    for template, phrases in by_template.items():
+        if len(phrases) < 2:
+            continue
+        fallback = torch.nn.functional.normalize(guidance_directions(backend, [subjectless(template)], seed, stop),
+                                                 dim=1)[0]
+        known = [p for p in phrases if float(found[p][1].directions[0] @ fallback) < THRESHOLD]
+        for p in phrases:
+            others = [found[q][1].directions[0] for q in known if q != p]
+            words = found[p][1]
+            if others and words.neighbours:
+                alike = (words.directions[1:] @ torch.stack(others).T >= THRESHOLD).any(dim=1).tolist()
+                if any(alike):
+                    out[p] = tuple(w for w, a in zip(words.neighbours, alike) if a)
+    return out
 
 
 def drawn_alike(backend: Backend, prompts: list[str], seed: int = 0, stop: Callable[[], bool] | None = None) -> float:
@@ -174,12 +215,24 @@ def drawn_alike(backend: Backend, prompts: list[str], seed: int = 0, stop: Calla
     return float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
 
 
+def keeps_nearby(spec: ErasureSpec, concept: Concept) -> bool:
+    """Whether the run keeps ``concept``'s nearby words and its type's fixed list: a searched concept whose type
+    has a list, no retain list, protection "type"."""
+    return (not spec.retain and spec.settings_for().protection == "type" and searched(spec, concept)
+            and get_type(concept.type).keeps_nearby_words)
+
+
 def checked_lists(spec: ErasureSpec, concepts: Collection[Concept]) -> list[str]:
     """The types whose fixed list `unknown_lists` checks for ``concepts`` (those a run searches): the types
-    with one, where the run keeps it (no retain list, protection "type")."""
-    if spec.retain or spec.settings_for().protection != "type":
-        return []
-    return list(dict.fromkeys(c.type for c in concepts if searched(spec, c) and get_type(c.type).protect))
+    with one, where the run keeps it (`keeps_nearby`)."""
+    return list(dict.fromkeys(c.type for c in concepts if keeps_nearby(spec, c)))
+
+
+def compared_templates(spec: ErasureSpec, concepts: Collection[Concept]) -> list[str]:
+    """The templates whose subjectless prompt `drawn_as_another` draws for ``concepts`` (those a run searches):
+    those of two concepts or more whose nearby words the run keeps (`keeps_nearby`)."""
+    templates = [get_type(c.type).train_prompt for c in concepts if keeps_nearby(spec, c)]
+    return [t for t in dict.fromkeys(templates) if templates.count(t) > 1]
 
 
 def unknown_lists(backend: Backend, spec: ErasureSpec, concepts: Collection[Concept],
@@ -226,15 +279,22 @@ def with_model_words(backend: Backend, spec: ErasureSpec, skip: Collection[str] 
     neither: the user's lists win. ``progress(label, done, total)`` hears of each concept searched; ``stop()``:
     see `guidance_directions`."""
     taken = [*(w for c in spec.concepts for w in (c.phrase, *c.phrase.split())), *spec.retain]
+    todo = [c for c in spec.concepts if c.phrase not in skip and searched(spec, c)]
+    found: dict[str, tuple[str, Found]] = {}
+    for i, c in enumerate(todo):
+        if progress is not None:
+            progress(PROGRESS_LABEL, i, len(todo))
+        template = get_type(c.type).train_prompt
+        found[c.phrase] = template, find_words(backend, c.phrase, template, taken, stop=stop)
+    dropped = drawn_as_another(backend, {c.phrase: found[c.phrase] for c in todo if keeps_nearby(spec, c)}, stop=stop)
     concepts = []
     for c in spec.concepts:
-        if c.phrase not in skip and searched(spec, c):
-            if progress is not None:
-                progress(PROGRESS_LABEL, len(concepts), len(spec.concepts))
-            found = find_words(backend, c.phrase, get_type(c.type).train_prompt, taken, stop=stop)
-            nearby = found.neighbours if get_type(c.type).keeps_nearby_words else ()
-            c = replace(c, found_synonyms=found.synonyms, found_neighbours=nearby)
+        if c.phrase in found:
+            words, off = found[c.phrase][1], dropped.get(c.phrase, ())
+            nearby = tuple(w for w in words.neighbours if w not in off) if get_type(c.type).keeps_nearby_words else ()
+            c = replace(c, found_synonyms=words.synonyms, found_neighbours=nearby)
             log.info("the model's own synonyms of %r, erased with it: %s; its nearby words, kept by the default "
-                     "protection: %s", c.phrase, ", ".join(found.synonyms) or "none", ", ".join(nearby) or "none")
+                     "protection: %s%s", c.phrase, ", ".join(words.synonyms) or "none", ", ".join(nearby) or "none",
+                     f" (not kept, drawn as another phrase erased: {', '.join(off)})" if off else "")
         concepts.append(c)
     return replace(spec, concepts=tuple(concepts))

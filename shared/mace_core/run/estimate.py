@@ -23,7 +23,7 @@ from ..method.masks import draw_batch
 from ..method.objectives import grad_rows, unet_passes
 from ..method.prior import float32_text, prior_missing
 from ..method.project import Project
-from ..method.synonyms import NEARBY, check_calls, checked_lists, search_calls, searched
+from ..method.synonyms import NEARBY, TIMESTEPS, check_calls, checked_lists, compared_templates, search_calls, searched
 from ..method.train import predict_for_backward
 
 HEADROOM = 0.95  # share of the GPU's memory a run may plan on (the allocator's fragmentation takes some)
@@ -91,9 +91,11 @@ def _searches(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool,
 
 def _probes(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]]) -> int:
     """UNet calls (each with one text encoding) of what `erase` asks the model before stage 1: the synonym
-    search of each concept not yet encoded, and the check of each fixed list kept for them."""
+    search of each concept not yet encoded, the check of each fixed list kept for them, and the subjectless
+    prompt of each template whose nearby words are compared across them."""
     new = [c for c, _, encode, _, _ in left if encode]
-    return search_calls() * _searches(spec, left) + check_calls() * len(checked_lists(spec, new))
+    return (search_calls() * _searches(spec, left) + check_calls() * len(checked_lists(spec, new))
+            + len(TIMESTEPS) * len(compared_templates(spec, new)))
 
 
 def _kept(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]]) -> int:
