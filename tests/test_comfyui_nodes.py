@@ -341,8 +341,9 @@ def test_one_shot_node_estimates_runs_low_vram_and_deletes_its_training_images(c
         out = comfyui.run(g)
     model, images, report = out["3"]
     # per concept: the synonym search (26 prompts at 4 timesteps), drawing (CFG doubles), training; once the
-    # check of the object type's fixed list (13 prompts at 4 timesteps)
-    calls = 2 * (26 * 4 + FAST["images"] * FAST["sample_steps"] * 2 + FAST["steps"]) + 13 * 4
+    # check of the object type's fixed list (13 prompts at 4 timesteps) and the subjectless prompt the two
+    # concepts' nearby words are compared against (4 timesteps)
+    calls = 2 * (26 * 4 + FAST["images"] * FAST["sample_steps"] * 2 + FAST["steps"]) + 13 * 4 + 4
     # seconds, or minutes on a loaded machine (it read "2.1 min" beside another job)
     assert re.search(rf"estimate: estimated [\d.]+ (s|min) \({calls} UNet calls at \d+ ms\)", report), report
     assert any(f"({calls} UNet calls at" in r.getMessage() for r in caplog.records)  # in the log, before the run

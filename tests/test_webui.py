@@ -707,8 +707,9 @@ def test_estimate_then_a_low_vram_run_that_deletes_its_training_images(tiny_mode
     text = actions.estimate_run(host, form)
     calls = unet_calls(actions.build_spec(form))
     # each concept: the synonym search (26 prompts at 4 timesteps), drawing (CFG doubles), training; and once
-    # the check of the object type's fixed list (13 prompts at 4 timesteps)
-    assert calls == 2 * (26 * 4 + 1 * 2 * 2 + 3) + 13 * 4 and f"({calls} UNet calls at" in text
+    # the check of the object type's fixed list (13 prompts at 4 timesteps) and the subjectless prompt the two
+    # concepts' nearby words are compared against (4 timesteps)
+    assert calls == 2 * (26 * 4 + 1 * 2 * 2 + 3) + 13 * 4 + 4 and f"({calls} UNet calls at" in text
     assert "estimated" in text
     assert "Too large" not in text  # a CPU run is never refused
     assert not host.projects_folder().exists()  # estimating writes nothing
