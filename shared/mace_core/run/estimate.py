@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.backend import Backend
-from ..method.concepts import (Concept, ErasureSpec, Settings, anchor_prompt_sets, concept_prompts, get_type,
+from ..method.concepts import (Concept, ErasureSpec, Settings, anchor_prompt_sets, concept_prompts,
                                settings_hash)
 from ..errors import MaceError
 from ..method.erase import general_missing, retain_missing
@@ -23,7 +23,8 @@ from ..method.masks import draw_batch
 from ..method.objectives import grad_rows, unet_passes
 from ..method.prior import float32_text, prior_missing
 from ..method.project import Project
-from ..method.synonyms import NEARBY, TIMESTEPS, check_calls, checked_lists, compared_templates, search_calls, searched
+from ..method.synonyms import (NEARBY, TIMESTEPS, check_calls, checked_lists, compared_templates, keeps_nearby,
+                               search_calls, searched)
 from ..method.train import predict_for_backward
 
 HEADROOM = 0.95  # share of the GPU's memory a run may plan on (the allocator's fragmentation takes some)
@@ -101,9 +102,7 @@ def _probes(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, i
 def _kept(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]]) -> int:
     """Phrases stage 1 keeps: those known now, and each searched concept's nearby words under the default
     protection (found by the search, so unknown before it)."""
-    if spec.retain or spec.settings_for().protection != "type":
-        return len(spec.protected()[0])
-    new = _searches(spec, [row for row in left if get_type(row[0].type).keeps_nearby_words])
+    new = sum(1 for c, _, encode, _, _ in left if encode and keeps_nearby(spec, c))
     return len(spec.protected()[0]) + NEARBY * new
 
 
