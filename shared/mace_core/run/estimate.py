@@ -85,25 +85,24 @@ def unet_calls(spec: ErasureSpec, closed_form_only: bool = False, project: Proje
     return _calls(spec, _left(spec, project), closed_form_only)
 
 
-def _searches(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]]) -> int:
-    """Concepts whose own words `erase` looks for before stage 1: those not yet encoded, searching on."""
-    return sum(1 for c, _, encode, _, _ in left if encode and searched(spec, c))
+def _new(left: list[tuple[Concept, Settings, bool, bool, int]]) -> list[Concept]:
+    """The concepts of ``left`` not yet encoded: those `erase` searches, checks and encodes before stage 1."""
+    return [c for c, _, encode, _, _ in left if encode]
 
 
 def _probes(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]]) -> int:
     """UNet calls (each with one text encoding) of what `erase` asks the model before stage 1: the synonym
-    search of each concept not yet encoded, the check of each fixed list kept for them, and the subjectless
-    prompt of each template whose nearby words are compared across them."""
-    new = [c for c, _, encode, _, _ in left if encode]
-    return (search_calls() * _searches(spec, left) + check_calls() * len(checked_lists(spec, new))
+    search of each concept not yet encoded (searching on), the check of each fixed list kept for them, and the
+    subjectless prompt of each template whose nearby words are compared across them."""
+    new = _new(left)
+    return (search_calls() * sum(searched(spec, c) for c in new) + check_calls() * len(checked_lists(spec, new))
             + len(TIMESTEPS) * len(compared_templates(spec, new)))
 
 
 def _kept(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]]) -> int:
     """Phrases stage 1 keeps: those known now, and each searched concept's nearby words under the default
     protection (found by the search, so unknown before it)."""
-    new = sum(1 for c, _, encode, _, _ in left if encode and keeps_nearby(spec, c))
-    return len(spec.protected()[0]) + NEARBY * new
+    return len(spec.protected()[0]) + NEARBY * sum(keeps_nearby(spec, c) for c in _new(left))
 
 
 def _calls(spec: ErasureSpec, left: list[tuple[Concept, Settings, bool, bool, int]], closed_form_only: bool) -> int:
@@ -150,7 +149,7 @@ def estimate(backend: Backend, spec: ErasureSpec, closed_form_only: bool = False
     backend.encode(["a photo of a cat"] * 8)
     enc = (time.perf_counter() - t0) / 8
     captions, prior_s = _prior_cost(backend, spec, project, prior_dir)
-    prompts = _stage1_encodings([c for c, _, encode, _, _ in left if encode])
+    prompts = _stage1_encodings(_new(left))
     prompts += _probes(spec, left)
     if retain_missing(spec, project.load_priors()[1] if project is not None else {}):
         prompts += _kept(spec, left) * len(concept_prompts(spec.concepts[0]))  # kept, in the templates
